@@ -1,0 +1,75 @@
+"""`protorkd <command>`: parses flags, configures logging, calls the library.
+
+Each command lives in its own module exposing `add_parser(subparsers)`, which registers the
+command's flags and sets `func` to a `run(args) -> int` callable. Errors a user can fix (bad flags,
+missing files, unknown names) end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from protorkd import __version__
+from protorkd.errors import UsageError
+
+# command name -> module exposing add_parser(subparsers); imported lazily so `--help` stays fast.
+COMMANDS = {
+    "train": "protorkd.commands.train",
+    "demo-data": "protorkd.commands.demo_data",
+    "cache-teacher": "protorkd.commands.cache_teacher",
+    "eval": "protorkd.commands.eval",
+    "watch": "protorkd.commands.watch",
+    "elevater": "protorkd.commands.elevater",
+    "gather-cc": "protorkd.data.gather_cc",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse's default also prints usage)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="protorkd", description="Distill compact vision-language encoders and measure them.")
+    parser.add_argument("--version", action="version", version=f"protorkd {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    wanted = [a for a in argv if a in COMMANDS][:1] or list(COMMANDS)
+    for name, module_name in COMMANDS.items():
+        if name not in wanted:
+            subparsers.add_parser(name, help=f"see `protorkd {name} --help`")
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.startswith(module_name):
+                continue  # command not built yet
+            raise
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["train", *argv]  # `protorkd` alone runs the main job
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as error:
+        print(f"protorkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protorkd {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `protorkd` command; each exposes `add_parser(subparsers)`."""

@@ -1,0 +1,140 @@
+"""Distributed state and the few collectives the library uses.
+
+Everything runs with world size 1 and no process group; the collectives below are then identities.
+The state comes from the environment that torchrun or SLURM sets (RANK/WORLD_SIZE/LOCAL_RANK or
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistState:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def state_from_env(env: dict[str, str] | None = None) -> DistState:
+    """Read rank, local rank and world size from torchrun's or SLURM's variables."""
+    env = dict(os.environ) if env is None else env
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return DistState(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]))
+    if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
+        return DistState(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
+    return DistState()
+
+
+def init_process_group(state: DistState, device_type: str) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) when more than one process runs."""
+    if not state.distributed or dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ and "SLURM_NODELIST" in os.environ:
+        # SLURM without torchrun: the first host of the allocation is the rendezvous point.
+        import subprocess
+
+        host = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_NODELIST"]], text=True)
+        os.environ["MASTER_ADDR"] = host.split()[0]
+        os.environ.setdefault("MASTER_PORT", "29500")
+    os.environ.setdefault("RANK", str(state.rank))
+    os.environ.setdefault("WORLD_SIZE", str(state.world_size))
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=state.rank, world_size=state.world_size)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_initialized() else 0
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    """Barrier then destroy the group; without this gloo workers often abort at interpreter exit."""
+    if is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_cat(tensor: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
+    """Concatenate `tensor` ([B, ...]) from every rank along dim 0, in rank order.
+
+    Ranks may hold different B (a batch that lost unreadable samples): rows are padded to the largest
+    B for the collective and the padding is removed again. With `with_grad`, gradients flow back to
+    every rank's slice (torch.distributed.nn); otherwise only the local slice keeps its gradient.
+    """
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
+    counts = [int(size.item()) for size in sizes]
+    largest = max(counts)
+    padded = tensor
+    if tensor.shape[0] < largest:
+        padding = tensor.new_zeros((largest - tensor.shape[0], *tensor.shape[1:]))
+        padded = torch.cat([tensor, padding], dim=0)
+    if with_grad:
+        import torch.distributed.nn as dist_nn
+
+        gathered = list(dist_nn.all_gather(padded))
+    else:
+        gathered = [torch.zeros_like(padded) for _ in range(world_size())]
+        dist.all_gather(gathered, padded.contiguous())
+        gathered[rank()] = padded
+    return torch.cat([part[:count] for part, count in zip(gathered, counts)], dim=0)
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of `tensor` over ranks (no gradient); identity without a process group."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced)
+    return reduced / world_size()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    reduced = tensor.detach().clone()
+    dist.all_reduce(reduced)
+    return reduced
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Broadcast in place from `src`; returns the tensor for chaining."""
+    if is_initialized() and world_size() > 1:
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_initialized() or world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

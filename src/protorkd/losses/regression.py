@@ -1,0 +1,34 @@
+"""Feature regression: the student's normalised features regressed onto the teacher's (SimReg)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protorkd.losses.base import LossInputs
+
+PENALTIES = {
+    "mse": F.mse_loss,
+    "l1": F.l1_loss,
+    "smooth_l1": F.smooth_l1_loss,
+}
+
+
+class SimReg(nn.Module):
+    """mean_i penalty(normalize(s_i) - normalize(t_i)), the teacher detached.
+
+    penalty is MSE (SimReg), L1 (SimReg-L1) or smooth L1 (SimReg-SmoothL1), averaged over all elements.
+    """
+
+    def __init__(self, penalty: str = "mse", weight: float = 1.0) -> None:
+        super().__init__()
+        if penalty not in PENALTIES:
+            raise ValueError(f"unknown penalty {penalty!r}; valid: {', '.join(PENALTIES)}")
+        self.penalty = penalty
+        self.weight = weight
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        student = F.normalize(inputs.student_features, dim=-1)
+        teacher = F.normalize(inputs.teacher_features.detach(), dim=-1)
+        return {"distill_loss": self.weight * PENALTIES[self.penalty](student, teacher)}
