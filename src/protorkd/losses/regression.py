@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protorkd.losses.base import LossInputs
+from protorkd.losses.common import student_teacher
 
 PENALTIES = {
     "mse": F.mse_loss,
@@ -18,7 +19,8 @@ PENALTIES = {
 class SimReg(nn.Module):
     """mean_i penalty(normalize(s_i) - normalize(t_i)), the teacher detached.
 
-    penalty is MSE (SimReg), L1 (SimReg-L1) or smooth L1 (SimReg-SmoothL1), averaged over all elements.
+    penalty is MSE (SimReg), L1 (SimReg-L1) or smooth L1 (SimReg-SmoothL1), averaged over all elements
+    of the global batch (gathered under DDP, see `losses.common`).
     """
 
     def __init__(self, penalty: str = "mse", weight: float = 1.0) -> None:
@@ -29,6 +31,5 @@ class SimReg(nn.Module):
         self.weight = weight
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student = F.normalize(inputs.student_features, dim=-1)
-        teacher = F.normalize(inputs.teacher_features.detach(), dim=-1)
+        student, teacher = student_teacher(inputs)
         return {"distill_loss": self.weight * PENALTIES[self.penalty](student, teacher)}

@@ -1,0 +1,221 @@
+"""The built-in demo corpus: procedurally drawn scenes with varied captions, from Python packages alone.
+
+Scenes hold 1-3 shapes of one kind and colour, in two sizes, anywhere on a plain or noisy background.
+Captions describe them in varied natural language. Everything is a deterministic function of a seed.
+`write_demo_corpus` writes it in exactly the CC3M layout a user must produce for real data:
+
+    ROOT/train.tsv                         filepath<TAB>title, paths relative to ROOT
+    ROOT/images/<shard>/<row>.jpg
+    ROOT/eval/shapes/{train,test}/<class>/*.jpg   held-out split with class labels (linear probe, zero-shot)
+    ROOT/eval/shapes/captions_test.json     COCO-format captions of the test images (retrieval)
+    ROOT/eval/zeroshot_metadata.json        {"shapes": {"classes": [...], "templates": [...]}}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "ring", "hexagon")
+PLURALS = {"cross": "crosses"}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (240, 220, 40),
+    "purple": (150, 60, 200),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "cyan": (40, 210, 220),
+}
+BACKGROUNDS = {"black": (15, 15, 15), "gray": (110, 110, 110), "dark blue": (20, 25, 70), "brown": (90, 60, 35)}
+COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
+ZEROSHOT_TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "a {} shape.", "an image with a {} in it.")
+IMAGE_SIZE = 64
+SUPERSAMPLE = 2
+CORPUS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    colour: str
+    background: str
+    count: int
+    size: str  # "small" | "large"
+    centres: tuple[tuple[float, float], ...]
+    rotation: float
+    noise: bool
+
+
+def sample_scene(rng: random.Random, shape: str | None = None) -> Scene:
+    shape = shape or rng.choice(SHAPES)
+    count = rng.choice((1, 1, 2, 3))
+    size = rng.choice(("small", "large")) if count == 1 else "small"
+    radius = 0.15 if size == "small" else 0.28
+    centres: list[tuple[float, float]] = []
+    for _ in range(200):
+        if len(centres) == count:
+            break
+        x, y = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
+        if all(math.hypot(x - cx, y - cy) > 2.1 * radius for cx, cy in centres):
+            centres.append((x, y))
+    colour = rng.choice(list(COLOURS))
+    background = rng.choice([b for b in BACKGROUNDS if not (b == "gray" and colour == "white")])
+    return Scene(shape, colour, background, len(centres), size, tuple(centres), rng.uniform(-0.3, 0.3), rng.random() < 0.5)
+
+
+def _polygon(cx: float, cy: float, r: float, sides: int, rotation: float, inner: float = 1.0) -> list[tuple]:
+    points = []
+    steps = sides * (2 if inner != 1.0 else 1)
+    for i in range(steps):
+        angle = rotation - math.pi / 2 + 2 * math.pi * i / steps
+        radius = r if i % 2 == 0 or inner == 1.0 else r * inner
+        points.append((cx + radius * math.cos(angle), cy + radius * math.sin(angle)))
+    return points
+
+
+def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
+    size = IMAGE_SIZE * SUPERSAMPLE
+    image = Image.new("RGB", (size, size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    if scene.noise:  # a few faint blobs so backgrounds are not constant
+        for _ in range(6):
+            x, y, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(4, 14)
+            tint = tuple(min(255, c + rng.randint(10, 35)) for c in BACKGROUNDS[scene.background])
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=tint)
+    colour = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[scene.colour])
+    r = (0.13 if scene.size == "small" else 0.26) * size
+    for cx, cy in scene.centres:
+        cx, cy = cx * size, cy * size
+        rot = scene.rotation
+        if scene.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif scene.shape == "ring":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=colour, width=max(2, int(r * 0.35)))
+        elif scene.shape == "square":
+            draw.polygon(_polygon(cx, cy, r * 1.25, 4, rot + math.pi / 4), fill=colour)
+        elif scene.shape == "diamond":
+            draw.polygon([(cx, cy - r * 1.2), (cx + r * 0.75, cy), (cx, cy + r * 1.2), (cx - r * 0.75, cy)], fill=colour)
+        elif scene.shape == "triangle":
+            draw.polygon(_polygon(cx, cy, r * 1.2, 3, rot), fill=colour)
+        elif scene.shape == "star":
+            draw.polygon(_polygon(cx, cy, r * 1.25, 5, rot, inner=0.45), fill=colour)
+        elif scene.shape == "hexagon":
+            draw.polygon(_polygon(cx, cy, r * 1.1, 6, rot + math.pi / 6), fill=colour)
+        elif scene.shape == "cross":
+            w = r * 0.38
+            draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+            draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+    return image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+
+
+def _position(scene: Scene) -> str:
+    x = sum(c[0] for c in scene.centres) / scene.count
+    y = sum(c[1] for c in scene.centres) / scene.count
+    vertical = "top" if y < 0.38 else "bottom" if y > 0.62 else ""
+    horizontal = "left" if x < 0.38 else "right" if x > 0.62 else ""
+    if vertical and horizontal:
+        return f"in the {vertical} {horizontal} corner"
+    if vertical or horizontal:
+        return f"on the {vertical or horizontal}" if horizontal else f"at the {vertical}"
+    return "in the middle"
+
+
+def caption_scene(scene: Scene, rng: random.Random) -> str:
+    noun = scene.shape if scene.count == 1 else PLURALS.get(scene.shape, scene.shape + "s")
+    count = COUNT_WORDS[scene.count]
+    article = "an" if scene.colour[0] in "aeiou" else "a"
+    a_size = "a" if scene.count == 1 else count
+    templates = [
+        f"{a_size} {scene.size} {scene.colour} {noun} {_position(scene)}",
+        f"{count} {scene.colour} {noun} on a {scene.background} background",
+        f"a picture of {count} {scene.colour} {noun}",
+        f"{scene.colour} {noun} {_position(scene)}, {scene.background} background",
+        f"there {'is' if scene.count == 1 else 'are'} {count} {noun} here, coloured {scene.colour}",
+        f"{article} {scene.colour} {scene.shape} drawing" if scene.count == 1 else f"several {scene.colour} {noun}",
+        f"simple graphic: {count} {scene.size} {noun}, {scene.colour} on {scene.background}",
+        f"{noun} ({scene.colour}) {_position(scene)}",
+    ]
+    return rng.choice(templates)
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("PROTORKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "protorkd")
+    return Path(base)
+
+
+def demo_corpus_dir(size: int, seed: int, cache_root: Path | None = None) -> Path:
+    return (cache_root or default_cache_root()) / f"demo-v{CORPUS_VERSION}-n{size}-seed{seed}"
+
+
+def write_demo_corpus(
+    out: Path, *, size: int = 10240, seed: int = 0, eval_per_class: int = 100, progress: bool = True
+) -> Path:
+    """Write the demo corpus into `out` (atomically: built in a sibling folder, then renamed). Returns `out`."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if (out / "train.tsv").exists():
+        return out
+    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "images").mkdir(parents=True)
+    rng = random.Random(seed)
+    rows = []
+    for row in tqdm(range(size), desc="demo corpus", disable=not progress, mininterval=1.0):
+        scene = sample_scene(rng)
+        relative = f"images/{row // 1000:03d}/{row:06d}.jpg"
+        (tmp / relative).parent.mkdir(exist_ok=True)
+        draw_scene(scene, rng).save(tmp / relative, quality=92)
+        rows.append((relative, caption_scene(scene, rng)))
+    with open(tmp / "train.tsv", "w", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t", quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+        writer.writerow(["filepath", "title"])
+        writer.writerows(rows)
+    _write_heldout(tmp / "eval", random.Random(seed + 1_000_003), eval_per_class)
+    (tmp / "README.txt").write_text(
+        "ProtoRKD demo corpus (generated by `protorkd demo-data`). train.tsv is the CC3M-style training corpus;\n"
+        "eval/ is a downstream data root with the held-out 'shapes' dataset.\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_heldout(root: Path, rng: random.Random, per_class: int) -> None:
+    """Class-labelled train/test folders plus COCO-format captions for the test images."""
+    images, annotations = [], []
+    for split, count in (("train", per_class), ("test", per_class)):
+        for shape in SHAPES:
+            folder = root / "shapes" / split / shape
+            folder.mkdir(parents=True)
+            for i in range(count):
+                scene = sample_scene(rng, shape)
+                name = f"{shape}_{i:04d}.jpg"
+                draw_scene(scene, rng).save(folder / name, quality=92)
+                if split == "test":
+                    image_id = len(images)
+                    images.append({"id": image_id, "file_name": f"{shape}/{name}"})
+                    for _ in range(2):
+                        annotations.append(
+                            {"id": len(annotations), "image_id": image_id, "caption": caption_scene(scene, rng)}
+                        )
+    (root / "shapes" / "captions_test.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    metadata = {"shapes": {"classes": sorted(SHAPES), "templates": list(ZEROSHOT_TEMPLATES)}}  # label order
+    (root / "zeroshot_metadata.json").write_text(json.dumps(metadata, indent=1))
+
+
+def ensure_demo_corpus(size: int = 10240, seed: int = 0, cache_root: Path | None = None) -> Path:
+    """The cached demo corpus folder, generated on first use."""
+    return write_demo_corpus(demo_corpus_dir(size, seed, cache_root), size=size, seed=seed)

@@ -1,0 +1,525 @@
+"""`protorkd gather-cc`: download CC3M (caption<TAB>url) into a training TSV or webdataset shards.
+
+One asyncio event loop keeps `concurrency` rows in flight (aiohttp; fetching is network-bound),
+worker threads decode and shrink the images (gather_image), and every finished row is appended to
+`DIR/state.jsonl` at once, so a killed run resumes where it stopped and ends with the same output
+as an uninterrupted one. Outputs, all written atomically (tmp + os.replace):
+
+- `--format tsv`: `DIR/images/<shard>/<row>.jpg` and `DIR/train.tsv` (title, filepath; input order),
+  plus `DIR/train_subset<N>_seed<S>.tsv` with `--subset N --seed S`.
+- `--format webdataset`: `DIR/00000.tar ...` (`{key}.jpg/.txt/.json`), `DIR/sizes.json`.
+- Both: `DIR/stats.json` with the failure breakdown.
+
+Why not img2dataset: see docs/gather_cc.md (its pins conflict with ours, and it lacks a byte cap,
+row-level resume and an input-ordered TSV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import functools
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from protorkd import __version__
+from protorkd.data.gather_fetch import fetch, is_transient, make_session
+from protorkd.data.gather_image import DEFAULT_MAX_PIXELS, ImageOutcome, process_image
+from protorkd.data.gather_rows import BLANK, OK, PENDING, STATE_VERSION, Row, StateLog, iter_rows, scan_tsv
+from protorkd.data.gather_shards import pack_shard, shard_name, shards_spec, write_sizes
+from protorkd.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER_AGENT = f"Mozilla/5.0 (compatible; protorkd-gather-cc/{__version__})"
+FORMATS = ("tsv", "webdataset")
+
+
+def image_relpath(index: int, shard_size: int) -> str:
+    """Where row `index`'s JPEG lives, relative to the output folder."""
+    return f"images/{index // shard_size:05d}/{index:09d}.jpg"
+
+
+def gather_cc(
+    tsv_path: str | Path,
+    out_dir: str | Path,
+    *,
+    output_format: str = "tsv",
+    concurrency: int = 128,
+    timeout: float = 20.0,
+    retries: int = 2,
+    backoff: float = 1.0,
+    max_bytes: int = 20_000_000,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int = 512,
+    min_side: int = 64,
+    jpeg_quality: int = 90,
+    shard_size: int = 10_000,
+    workers: int | None = None,
+    subset: int | None = None,
+    seed: int = 0,
+    retry_failed: bool = False,
+    user_agent: str = DEFAULT_USER_AGENT,
+    progress: bool = True,
+) -> dict:
+    """Gather the images of a CC3M-style URL list into `out_dir`; returns the stats also in stats.json.
+
+    Resumes from `out_dir/state.jsonl` when present. `retry_failed` re-attempts rows whose recorded
+    failure may be transient (timeouts, connection and DNS errors, HTTP 429/5xx); in webdataset
+    format only rows of shards not yet written.
+    """
+    _check_settings(output_format, concurrency, timeout, retries, max_bytes, max_side, min_side, shard_size, subset)
+    tsv_path, out_dir = Path(tsv_path), Path(out_dir)
+    num_lines, blank_lines = scan_tsv(tsv_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = {
+        "version": STATE_VERSION,
+        "input_bytes": tsv_path.stat().st_size,
+        "input_lines": num_lines,
+        "format": output_format,
+        "shard_size": shard_size,
+        "max_side": max_side,
+        "min_side": min_side,
+        "max_pixels": max_pixels,
+        "jpeg_quality": jpeg_quality,
+    }
+    state = StateLog(out_dir / "state.jsonl", header, num_lines, blank_lines)
+    webdataset = output_format == "webdataset"
+    num_shards = (num_lines + shard_size - 1) // shard_size
+    packed = {s for s in range(num_shards) if (out_dir / shard_name(s)).exists()} if webdataset else set()
+    extras = state.load(keep_extras=(lambda row: row // shard_size not in packed) if webdataset else None)
+    if retry_failed:
+        transient = {code for reason, code in state.codes.items() if is_transient(reason)}
+        for index, code in enumerate(state.status):
+            if code in transient and index // shard_size not in packed:
+                state.status[index] = PENDING
+    tmp_dir = out_dir / ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+
+    gatherer = _Gatherer(
+        tsv_path,
+        out_dir,
+        state,
+        webdataset=webdataset,
+        shard_size=shard_size,
+        num_shards=num_shards,
+        packed=packed,
+        extras=extras,
+        fetch_options=dict(timeout=timeout, max_bytes=max_bytes, retries=retries, backoff=backoff),
+        image_options=dict(max_side=max_side, min_side=min_side, max_pixels=max_pixels, quality=jpeg_quality),
+        concurrency=concurrency,
+        workers=workers or os.cpu_count() or 4,
+        user_agent=user_agent,
+        progress=progress,
+    )
+    started = time.perf_counter()
+    state.open()
+    try:
+        asyncio.run(gatherer.run())
+    finally:
+        state.close()
+        gatherer.close()
+    seconds = time.perf_counter() - started
+
+    outputs = _write_outputs(tsv_path, out_dir, state, webdataset, shard_size, num_shards, subset, seed)
+    counts = state.counts()
+    ok = counts.pop("ok", 0)
+    stats = {
+        "input": str(tsv_path),
+        "format": output_format,
+        "rows": num_lines - len(blank_lines),
+        "ok": ok,
+        "failed": sum(counts.values()),
+        "failures": dict(sorted(counts.items(), key=lambda item: (-item[1], item[0]))),
+        "outputs": outputs,
+        "this_run": {
+            "rows": gatherer.finished,
+            "seconds": round(seconds, 3),
+            "rows_per_s": round(gatherer.finished / seconds, 1) if seconds > 0 else None,
+        },
+        "settings": {
+            **header,
+            "concurrency": concurrency,
+            "timeout": timeout,
+            "retries": retries,
+            "max_bytes": max_bytes,
+            "user_agent": user_agent,
+        },
+    }
+    _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info(
+        "gather-cc: %d of %d rows gathered, %d failed (%s); this run %d rows in %.1f s",
+        ok,
+        stats["rows"],
+        stats["failed"],
+        ", ".join(f"{k} {v}" for k, v in stats["failures"].items()) or "-",
+        gatherer.finished,
+        seconds,
+    )
+    if subset is not None and subset > ok:
+        raise UsageError(
+            f"--subset {subset} but only {ok} images were gathered into {out_dir}; choose N <= {ok} "
+            "(rerunning is instant: finished rows are skipped)"
+        )
+    return stats
+
+
+def _check_settings(output_format, concurrency, timeout, retries, max_bytes, max_side, min_side, shard_size, subset):
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format!r}: choose one of {', '.join(FORMATS)}")
+    for flag, value, low in (
+        ("--concurrency", concurrency, 1),
+        ("--retries", retries, 0),
+        ("--max-bytes", max_bytes, 1),
+        ("--max-side", max_side, 1),
+        ("--min-side", min_side, 0),
+        ("--shard-size", shard_size, 1),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} {value}: must be at least {low}")
+    if timeout <= 0:
+        raise UsageError(f"--timeout {timeout}: must be positive (seconds)")
+    if subset is not None and (subset < 1 or output_format != "tsv"):
+        raise UsageError(f"--subset {subset}: needs a positive N and --format tsv")
+
+
+class _Gatherer:
+    """The download loop: reads rows in order, keeps `concurrency` in flight, records each as it finishes."""
+
+    def __init__(
+        self,
+        tsv_path: Path,
+        out_dir: Path,
+        state: StateLog,
+        *,
+        webdataset: bool,
+        shard_size: int,
+        num_shards: int,
+        packed: set[int],
+        extras: dict[int, dict],
+        fetch_options: dict,
+        image_options: dict,
+        concurrency: int,
+        workers: int,
+        user_agent: str,
+        progress: bool,
+    ) -> None:
+        self.tsv_path, self.out_dir, self.state = tsv_path, out_dir, state
+        self.webdataset, self.shard_size, self.num_shards, self.packed = webdataset, shard_size, num_shards, packed
+        self.extras = extras  # ok rows of unpacked shards -> sizes (webdataset json metadata)
+        self.fetch_options, self.image_options = fetch_options, image_options
+        self.concurrency, self.user_agent = concurrency, user_agent
+        self.images = ThreadPoolExecutor(workers, thread_name_prefix="gather-image")
+        self.packer = ThreadPoolExecutor(1, thread_name_prefix="gather-pack")
+        self.pack_futures: list[Future] = []
+        # rows of each unpacked shard seen so far (webdataset) and how many are still unresolved
+        self.shard_rows: dict[int, list[Row]] = {}
+        self.unresolved = {
+            s: state.status[s * shard_size : (s + 1) * shard_size].count(PENDING)
+            for s in range(num_shards)
+            if s not in packed
+        }
+        self.current_shard = -1
+        self.made_dirs: set[int] = set()
+        self.finished = 0
+        self.rng = random.Random()
+        done = sum(state.counts().values())
+        self.ok = state.status.count(OK)
+        self.failed = done - self.ok
+        self.bar = tqdm(
+            total=len(state.status) - state.status.count(BLANK),
+            initial=done,
+            unit="row",
+            smoothing=0.05,
+            dynamic_ncols=True,
+            disable=None if progress else True,
+            desc="gather-cc",
+        )
+        self.last_postfix = self.last_log = time.monotonic()
+
+    async def run(self) -> None:
+        in_flight: set[asyncio.Task] = set()
+        async with make_session(concurrency=self.concurrency, user_agent=self.user_agent) as session:
+            for row in iter_rows(self.tsv_path):
+                shard = row.index // self.shard_size
+                if shard != self.current_shard:
+                    self._passed_shards_before(shard)
+                if shard in self.packed:
+                    continue
+                status = self.state.status[row.index]
+                if self.webdataset and status in (PENDING, OK):
+                    self.shard_rows.setdefault(shard, []).append(row)
+                if status != PENDING:
+                    continue
+                if not row.caption:
+                    self._finish(row, ImageOutcome("empty_caption"))
+                    continue
+                while len(in_flight) >= self.concurrency:
+                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        self._finish(*task.result())
+                in_flight.add(asyncio.create_task(self._gather_one(session, row)))
+            while in_flight:
+                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    self._finish(*task.result())
+        self._passed_shards_before(self.num_shards)
+        for future in self.pack_futures:
+            await asyncio.wrap_future(future)
+
+    async def _gather_one(self, session, row: Row) -> tuple[Row, ImageOutcome]:
+        """Fetch one row and turn it into a JPEG (in a worker thread); failures come back as outcomes."""
+        result = await fetch(session, row.url, rng=self.rng, **self.fetch_options)
+        if result.reason != "ok":
+            return row, ImageOutcome(result.reason)
+        shard = row.index // self.shard_size
+        destination = self.out_dir / image_relpath(row.index, self.shard_size)
+        if shard not in self.made_dirs:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            self.made_dirs.add(shard)
+        work = functools.partial(
+            process_image, result.data, destination, self.out_dir / ".tmp" / f"{row.key}.jpg", **self.image_options
+        )
+        return row, await asyncio.get_running_loop().run_in_executor(self.images, work)
+
+    def _finish(self, row: Row, outcome: ImageOutcome) -> None:
+        """Record a resolved row (state line, counters, progress) and pack its shard when it is complete."""
+        if outcome.reason == "ok":
+            sizes = dict(
+                width=outcome.width,
+                height=outcome.height,
+                original_width=outcome.original_width,
+                original_height=outcome.original_height,
+            )
+            self.state.record(row.index, "ok", **sizes)
+            if self.webdataset:
+                self.extras[row.index] = sizes
+            self.ok += 1
+        else:
+            self.state.record(row.index, outcome.reason)
+            self.failed += 1
+        self.finished += 1
+        shard = row.index // self.shard_size
+        self.unresolved[shard] -= 1
+        if shard < self.current_shard and self.unresolved[shard] == 0:
+            self._pack(shard)
+        self.bar.update()
+        now = time.monotonic()
+        if now - self.last_postfix >= 0.5:
+            self.bar.set_postfix_str(f"ok={self.ok} failed={self.failed}", refresh=False)
+            self.last_postfix = now
+        if self.bar.disable and now - self.last_log >= 60:  # no terminal (a job log): one line a minute
+            log.info("gather-cc: %d rows done (ok %d, failed %d)", self.ok + self.failed, self.ok, self.failed)
+            self.last_log = now
+
+    def _passed_shards_before(self, shard: int) -> None:
+        """The row reader moved to `shard`: every earlier shard whose rows are all resolved can be packed."""
+        self.current_shard = shard
+        for earlier in [s for s, left in self.unresolved.items() if s < shard and left == 0 and s not in self.packed]:
+            self._pack(earlier)
+
+    def _pack(self, shard: int) -> None:
+        if not self.webdataset:
+            return
+        self.packed.add(shard)
+        samples = []
+        for row in self.shard_rows.pop(shard, []):
+            if self.state.status[row.index] != OK:
+                continue
+            sizes = self.extras.pop(row.index, {})
+            samples.append(
+                {
+                    "key": row.key,
+                    "caption": row.caption,
+                    "image_path": self.out_dir / image_relpath(row.index, self.shard_size),
+                    "meta": {"row": row.index, "key": row.key, "caption": row.caption, "url": row.url, **sizes},
+                }
+            )
+        self.pack_futures.append(self.packer.submit(pack_shard, self.out_dir, shard, samples, self.out_dir / ".tmp"))
+
+    def close(self) -> None:
+        self.bar.close()
+        self.images.shutdown(wait=True, cancel_futures=True)
+        self.packer.shutdown(wait=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp_path = path.with_name(path.name + ".tmp")
+    tmp_path.write_text(text, encoding="utf-8")
+    os.replace(tmp_path, path)
+
+
+def _write_outputs(
+    tsv_path: Path,
+    out_dir: Path,
+    state: StateLog,
+    webdataset: bool,
+    shard_size: int,
+    num_shards: int,
+    subset: int | None,
+    seed: int,
+) -> dict:
+    """train.tsv (+ subset) or sizes.json; returns their names for stats.json."""
+    if webdataset:
+        if (out_dir / "images").is_dir() and not any((out_dir / "images").iterdir()):
+            (out_dir / "images").rmdir()  # every shard is packed: the staging folder is empty
+        sizes = {s: state.status[s * shard_size : (s + 1) * shard_size].count(OK) for s in range(num_shards)}
+        write_sizes(out_dir, sizes)
+        return {
+            "shards": shards_spec(num_shards),
+            "num_shards": num_shards,
+            "num_samples": sum(sizes.values()),
+            "sizes": "sizes.json",
+        }
+    outputs = {"tsv": "train.tsv"}
+    chosen: set[int] = set()
+    ok_rows = [index for index, code in enumerate(state.status) if code == OK]
+    if subset is not None and subset <= len(ok_rows):
+        chosen = set(random.Random(seed).sample(ok_rows, subset))
+        outputs["subset"] = f"train_subset{subset}_seed{seed}.tsv"
+    files = {"tsv": out_dir / "train.tsv.tmp"}
+    if chosen:
+        files["subset"] = out_dir / (outputs["subset"] + ".tmp")
+    handles = {name: open(path, "w", encoding="utf-8", newline="") for name, path in files.items()}
+    try:
+        writers = {name: csv.writer(handle, delimiter="\t", lineterminator="\n") for name, handle in handles.items()}
+        for writer in writers.values():
+            writer.writerow(["title", "filepath"])
+        for row in iter_rows(tsv_path):
+            if state.status[row.index] == OK:
+                line = [row.caption, image_relpath(row.index, shard_size)]
+                writers["tsv"].writerow(line)
+                if row.index in chosen:
+                    writers["subset"].writerow(line)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    for name, path in files.items():
+        os.replace(path, out_dir / outputs[name])
+    return outputs
+
+
+def _byte_size(text: str) -> int:
+    """`20MB`, `512k`, `1e6` or `20000000` -> bytes (decimal units)."""
+    units = {"k": 10**3, "m": 10**6, "g": 10**9}
+    cleaned = text.strip().lower().removesuffix("b")
+    try:
+        if cleaned and cleaned[-1] in units:
+            return int(float(cleaned[:-1]) * units[cleaned[-1]])
+        return int(float(cleaned))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 20MB, 512kB or 20000000") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "gather-cc",
+        help="download CC3M (caption<TAB>url) into a training TSV or webdataset shards",
+        description="Download a CC3M-style URL list (caption<TAB>url, no header) into DIR: shrunk JPEGs and "
+        "DIR/train.tsv (usable as --train-data), or webdataset shards. Resumable: rerun the same command.",
+    )
+    parser.add_argument("tsv", type=Path, help="the URL list, e.g. Train_GCC-training.tsv (caption<TAB>url, no header)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (DIR); rerunning resumes it")
+    parser.add_argument(
+        "--format",
+        dest="output_format",
+        choices=FORMATS,
+        default="tsv",
+        help="tsv: DIR/images/ + DIR/train.tsv; webdataset: DIR/00000.tar ... (default: tsv)",
+    )
+    parser.add_argument("--concurrency", type=int, default=128, help="requests in flight (default: 128)")
+    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per request attempt (default: 20)")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="extra attempts after a connection error or HTTP 429/5xx (default: 2)"
+    )
+    parser.add_argument(
+        "--backoff",
+        type=float,
+        default=1.0,
+        help="first retry waits about this many seconds, doubling each time (default: 1)",
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=_byte_size,
+        default=20_000_000,
+        help="largest response accepted, e.g. 20MB; bigger ones count as too_large (default: 20MB)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help=f"refuse images with more pixels, decompression bombs (default: {DEFAULT_MAX_PIXELS})",
+    )
+    parser.add_argument(
+        "--max-side", type=int, default=512, help="shrink so the longer side is at most this (default: 512)"
+    )
+    parser.add_argument(
+        "--min-side",
+        type=int,
+        default=64,
+        help="drop images whose shorter side is below this many pixels (default: 64)",
+    )
+    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images (default: 90)")
+    parser.add_argument(
+        "--shard-size",
+        type=int,
+        default=10_000,
+        help="input rows per images/ subfolder or per tar shard (default: 10000)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="threads decoding and resizing images (default: number of CPUs)"
+    )
+    parser.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        help="also write DIR/train_subset<N>_seed<S>.tsv with N random gathered rows (tsv format)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --subset (default: 0)")
+    parser.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="on resume, retry rows that failed with timeouts, connection/DNS errors or HTTP 429/5xx",
+    )
+    parser.add_argument("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header sent with each request")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = gather_cc(
+        args.tsv,
+        args.out,
+        output_format=args.output_format,
+        concurrency=args.concurrency,
+        timeout=args.timeout,
+        retries=args.retries,
+        backoff=args.backoff,
+        max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
+        max_side=args.max_side,
+        min_side=args.min_side,
+        jpeg_quality=args.jpeg_quality,
+        shard_size=args.shard_size,
+        workers=args.workers,
+        subset=args.subset,
+        seed=args.seed,
+        retry_failed=args.retry_failed,
+        user_agent=args.user_agent,
+    )
+    if stats["ok"] == 0:
+        log.error(
+            "gather-cc: no image could be gathered; see %s (is the network reachable?)", Path(args.out) / "stats.json"
+        )
+        return 1
+    return 0

@@ -1,0 +1,83 @@
+"""Self-supervised auxiliary terms that combine with any loss: dropout SimCSE (text) and BYOL-style MSE (image).
+
+Each is its own module returning its own named term; `LossWithAuxiliaries` adds them to a main
+loss so the loop still sees one module returning one flat dict.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protorkd.losses.base import LossInputs
+from protorkd.losses.common import gather_frozen, gather_trainable
+from protorkd.losses.contrastive import clip_loss
+
+SIMCSE_LOGIT_SCALE = 20.0  # 1 / 0.05, SimCSE's temperature (the original: exp(2.996))
+
+
+def _required(inputs: LossInputs, key: str, loss_name: str) -> torch.Tensor:
+    if key not in inputs.extra:
+        raise KeyError(f"{loss_name} needs inputs.extra[{key!r}] ([B, D] features); the training loop did not provide it")
+    return inputs.extra[key]
+
+
+class SimCSE(nn.Module):
+    """Symmetric InfoNCE between two dropout passes of the text tower, fixed logit scale 20 (Gao et al., EMNLP 2021).
+
+    Uses inputs.text_features and extra["text_features_dropout"] ([B, D]); global batch under DDP.
+    """
+
+    def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE) -> None:
+        super().__init__()
+        self.weight = weight
+        self.logit_scale = logit_scale
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        second = _required(inputs, "text_features_dropout", "SimCSE")
+        first = F.normalize(inputs.text_features, dim=-1)
+        second = F.normalize(second, dim=-1)
+        loss = clip_loss(first, second, torch.tensor(self.logit_scale, device=first.device), gather_with_grad=True)
+        return {"simcse_loss": self.weight * loss}
+
+
+class BYOL(nn.Module):
+    """mean (normalize(v2) - normalize(v1).detach())^2: the second augmented image view regressed on the first.
+
+    Uses extra["image_features_view2"] ([B, D]) against inputs.image_features; global batch under DDP.
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        view2 = gather_trainable(F.normalize(_required(inputs, "image_features_view2", "BYOL"), dim=-1))
+        view1 = gather_frozen(F.normalize(inputs.image_features, dim=-1))
+        return {"byol_loss": self.weight * F.mse_loss(view2, view1)}
+
+
+class LossWithAuxiliaries(nn.Module):
+    """The main loss plus auxiliary terms; forward merges their named terms (names must not collide)."""
+
+    def __init__(self, main: nn.Module, auxiliaries: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.main = main
+        self.auxiliaries = nn.ModuleDict(auxiliaries)
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        terms = dict(self.main(inputs))
+        for name, auxiliary in self.auxiliaries.items():
+            for key, value in auxiliary(inputs).items():
+                if key in terms:
+                    raise ValueError(f"auxiliary loss {name!r} returns {key!r}, already returned by another term")
+                terms[key] = value
+        return terms
+
+    def log_values(self) -> dict[str, float]:
+        values: dict[str, float] = {}
+        for module in (self.main, *self.auxiliaries.values()):
+            if hasattr(module, "log_values"):
+                values.update(module.log_values())
+        return values

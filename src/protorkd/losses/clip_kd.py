@@ -1,0 +1,163 @@
+"""CLIP-to-CLIP distillation (CLIP-KD; Yang et al., CVPR 2024) for a trainable CLIP student and locked CLIP teachers.
+
+Student: inputs.image_features / inputs.text_features [B, D] (both towers train, teacher="none").
+Teacher(s): extra[<teacher.image_key>] / extra[<teacher.text_key>] [B, Dt], normalised, and optionally
+extra[<teacher.logit_scale_key>] (a scalar, already exponentiated). Terms (each weighted, summed over
+teachers with per-teacher weights):
+
+* infonce: CLIP loss on the student pair, learnable student logit scale s.
+* logit (CRD / open_clip DistillClipLoss, as a KL): KL(softmax(s_t T_I T_T^T) || softmax(s S_I S_T^T))
+  row-wise, image->text and text->image, averaged.
+* fd: mean_i ||proj(S)_i - T_i||^2 per modality, averaged (proj: learnable Linear(D, Dt) followed by
+  normalisation when Dt != D, identity otherwise).
+* icl: InfoNCE of proj(S_I) against T_T and of proj(S_T) against T_I with the student scale.
+* intra: KL between teacher and student image-image (and text-text) similarity distributions,
+  the diagonal removed, teacher scale for the teacher, student scale for the student.
+* rkd: RKD (distance + angle) between student and teacher image features and text features.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protorkd.losses.base import LossInputs
+from protorkd.losses.common import drop_diagonal, gather_frozen, gather_trainable, kl_divergence
+from protorkd.losses.contrastive import MAX_LOGIT_SCALE, clip_loss
+from protorkd.losses.relational import rkd_terms
+
+
+@dataclass(frozen=True)
+class ClipTeacher:
+    """Where one teacher's features arrive in `inputs.extra`, their width and the teacher's weight."""
+
+    name: str = "teacher"
+    image_key: str = "teacher_image_features"
+    text_key: str = "teacher_text_features"
+    logit_scale_key: str = "teacher_logit_scale"
+    dim: int = -1  # -1: the student's width
+    weight: float = 1.0
+    temperature: float = 0.01  # used when extra has no logit scale for this teacher
+
+
+@dataclass(frozen=True)
+class ClipKDWeights:
+    infonce: float = 1.0
+    logit: float = 1.0
+    fd: float = 4.0
+    icl: float = 1.0
+    intra: float = 0.0
+    rkd: float = 0.0
+    rkd_distance: float = 0.5
+    rkd_angle: float = 1.0
+
+
+def _projection(dim: int, teacher_dim: int) -> nn.Module:
+    return nn.Identity() if teacher_dim == dim else nn.Linear(dim, teacher_dim, bias=False)
+
+
+class CLIPKD(nn.Module):
+    """InfoNCE on the student plus logit / feature / interactive-contrastive / intra-modal distillation."""
+
+    def __init__(
+        self,
+        dim: int,
+        teachers: Sequence[ClipTeacher] = (ClipTeacher(),),
+        weights: ClipKDWeights = ClipKDWeights(),
+        *,
+        init_temperature: float = 0.07,
+        rkd_angle_chunk: int = 0,
+    ) -> None:
+        super().__init__()
+        if not teachers:
+            raise ValueError("CLIP-KD needs at least one teacher")
+        names = [teacher.name for teacher in teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teacher names must be unique, got {names}")
+        self.teachers = tuple(dataclasses.replace(t, dim=dim if t.dim < 0 else t.dim) for t in teachers)
+        self.weights = weights
+        self.rkd_angle_chunk = rkd_angle_chunk
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.image_projections = nn.ModuleDict({t.name: _projection(dim, t.dim) for t in self.teachers})
+        self.text_projections = nn.ModuleDict({t.name: _projection(dim, t.dim) for t in self.teachers})
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        student_image = gather_trainable(inputs.image_features)
+        student_text = gather_trainable(inputs.text_features)
+        scale = self.scale()
+        terms: dict[str, torch.Tensor] = {}
+        if self.weights.infonce:
+            terms["infonce_loss"] = self.weights.infonce * clip_loss(student_image, student_text, scale)
+        for teacher in self.teachers:
+            suffix = "" if len(self.teachers) == 1 else f"/{teacher.name}"
+            for name, value in self._teacher_terms(inputs, teacher, student_image, student_text, scale).items():
+                terms[name + suffix] = teacher.weight * value
+        return terms
+
+    def _teacher_terms(
+        self,
+        inputs: LossInputs,
+        teacher: ClipTeacher,
+        student_image: torch.Tensor,
+        student_text: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        for key in (teacher.image_key, teacher.text_key):
+            if key not in inputs.extra:
+                raise KeyError(f"CLIP-KD teacher {teacher.name!r} needs inputs.extra[{key!r}] ([B, Dt] features)")
+        teacher_image = F.normalize(gather_frozen(inputs.extra[teacher.image_key]).float(), dim=-1)
+        teacher_text = F.normalize(gather_frozen(inputs.extra[teacher.text_key]).float(), dim=-1)
+        if teacher.logit_scale_key in inputs.extra:
+            teacher_scale = inputs.extra[teacher.logit_scale_key].detach().float().reshape(())
+        else:
+            teacher_scale = torch.tensor(1.0 / teacher.temperature, device=student_image.device)
+        w = self.weights
+        terms: dict[str, torch.Tensor] = {}
+        if w.logit:
+            teacher_logits = teacher_scale * teacher_image @ teacher_text.T
+            student_logits = scale * student_image @ student_text.T
+            terms["clip_kd_logit_loss"] = w.logit * 0.5 * (
+                kl_divergence(teacher_logits, student_logits) + kl_divergence(teacher_logits.T, student_logits.T)
+            )
+        if w.fd or w.icl:
+            projected_image = self._project(self.image_projections[teacher.name], student_image)
+            projected_text = self._project(self.text_projections[teacher.name], student_text)
+            if w.fd:
+                fd_image = (projected_image - teacher_image).pow(2).sum(dim=1).mean()
+                fd_text = (projected_text - teacher_text).pow(2).sum(dim=1).mean()
+                terms["clip_kd_fd_loss"] = w.fd * 0.5 * (fd_image + fd_text)
+            if w.icl:
+                labels = torch.arange(student_image.shape[0], device=student_image.device)
+                image_to_teacher_text = F.cross_entropy(scale * projected_image @ teacher_text.T, labels)
+                text_to_teacher_image = F.cross_entropy(scale * projected_text @ teacher_image.T, labels)
+                terms["clip_kd_icl_loss"] = w.icl * 0.5 * (image_to_teacher_text + text_to_teacher_image)
+        if w.intra and student_image.shape[0] > 1:
+            intra = 0.0
+            for student_side, teacher_side in ((student_image, teacher_image), (student_text, teacher_text)):
+                teacher_logits = drop_diagonal(teacher_scale * teacher_side @ teacher_side.T)
+                student_logits = drop_diagonal(scale * student_side @ student_side.T)
+                intra = intra + 0.5 * kl_divergence(teacher_logits, student_logits)
+            terms["clip_kd_intra_loss"] = w.intra * intra
+        if w.rkd:
+            image_terms = rkd_terms(student_image, teacher_image, w.rkd_distance, w.rkd_angle, self.rkd_angle_chunk)
+            text_terms = rkd_terms(student_text, teacher_text, w.rkd_distance, w.rkd_angle, self.rkd_angle_chunk)
+            terms["clip_kd_rkd_loss"] = w.rkd * 0.5 * (sum(image_terms.values()) + sum(text_terms.values()))
+        return terms
+
+    @staticmethod
+    def _project(projection: nn.Module, features: torch.Tensor) -> torch.Tensor:
+        if isinstance(projection, nn.Identity):
+            return features
+        return F.normalize(projection(features), dim=-1)
+
+    def log_values(self) -> dict[str, float]:
+        return {"temperature": float(1.0 / self.scale().detach())}

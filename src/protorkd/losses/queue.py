@@ -1,0 +1,108 @@
+"""Queue-based distillation: CompRess (Abbasi Koohpayegani et al., NeurIPS 2020) and SEED (Fang et al., ICLR 2021).
+
+The student matches the teacher's similarity distribution over a FIFO memory queue of past
+features. Queues are buffers (checkpointed with the loss); every rank enqueues the same gathered
+global batch, so all ranks hold identical queues. Only the filled part of a queue is scored: the
+originals start from random unit vectors, which would make the first queue_size / N steps distil
+similarities to noise; here the very first step has nothing to score and returns a connected 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from protorkd.losses.base import LossInputs
+from protorkd.losses.common import kl_divergence, soft_cross_entropy, student_teacher, zero_with_grad
+
+
+class FeatureQueue(nn.Module):
+    """A FIFO of the last `size` feature rows: buffers features [size, D], pointer, count."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size <= 0:
+            raise ValueError(f"queue size must be positive, got {size}")
+        self.size = size
+        self.register_buffer("features", torch.zeros(size, dim))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def filled(self) -> torch.Tensor:
+        """[M, D] copy of the rows written so far (M <= size); a copy, so later pushes do not affect autograd."""
+        return self.features[: int(self.count)].clone()
+
+    @torch.no_grad()
+    def push(self, rows: torch.Tensor) -> None:
+        """Write [N, D] rows after the newest ones, overwriting the oldest (only the last `size` if N > size)."""
+        rows = rows.detach().to(self.features.dtype)[-self.size :]
+        n = rows.shape[0]
+        positions = (int(self.pointer) + torch.arange(n, device=self.features.device)) % self.size
+        self.features[positions] = rows
+        self.pointer.fill_((int(self.pointer) + n) % self.size)
+        self.count.fill_(min(int(self.count) + n, self.size))
+
+
+class CompRess(nn.Module):
+    """KL(softmax(t Q_t^T / T) || softmax(s Q^T / T)), batchmean over the global batch.
+
+    Q is the teacher queue (CompRess-1q) or the student's own queue (CompRess-2q, `two_queues`);
+    both queues hold the features of the same past samples. T = `temperature` (0.04).
+    """
+
+    def __init__(
+        self, dim: int, queue_size: int = 65536, temperature: float = 0.04, *, two_queues: bool, weight: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.two_queues = two_queues
+        self.weight = weight
+        self.teacher_queue = FeatureQueue(queue_size, dim)
+        self.student_queue = FeatureQueue(queue_size, dim) if two_queues else None
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        student, teacher = student_teacher(inputs)
+        teacher_memory = self.teacher_queue.filled()
+        if teacher_memory.shape[0] == 0:
+            loss = zero_with_grad(student)
+        else:
+            student_memory = self.student_queue.filled() if self.student_queue is not None else teacher_memory
+            teacher_logits = teacher @ teacher_memory.T / self.temperature
+            student_logits = student @ student_memory.T / self.temperature
+            loss = kl_divergence(teacher_logits, student_logits)
+        self.teacher_queue.push(teacher)
+        if self.student_queue is not None:
+            self.student_queue.push(student)
+        return {"distill_loss": self.weight * loss}
+
+
+class SEED(nn.Module):
+    """CE(softmax([<t,t>, t Q^T] / T_t), log_softmax([<s,t>, s Q^T] / T_s)) over a teacher queue Q.
+
+    The first logit is the positive pair; T_s = 0.07, T_t = 1e-4 (a nearly one-hot teacher).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        queue_size: int = 65536,
+        student_temperature: float = 0.07,
+        teacher_temperature: float = 1e-4,
+        *,
+        weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.student_temperature = student_temperature
+        self.teacher_temperature = teacher_temperature
+        self.weight = weight
+        self.queue = FeatureQueue(queue_size, dim)
+
+    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        student, teacher = student_teacher(inputs)
+        memory = self.queue.filled()
+        student_logits = torch.cat([(student * teacher).sum(1, keepdim=True), student @ memory.T], dim=1)
+        teacher_logits = torch.cat([(teacher * teacher).sum(1, keepdim=True), teacher @ memory.T], dim=1)
+        teacher_probs = torch.softmax(teacher_logits / self.teacher_temperature, dim=1)
+        loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
+        self.queue.push(teacher)
+        return {"distill_loss": self.weight * loss}

@@ -1,0 +1,122 @@
+"""The assembled dual encoder: image tower + text tower + projection heads into a joint space."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from protorkd.models.image_towers import ImageTower
+from protorkd.models.text_towers import TextTower
+
+
+class DualEncoder(nn.Module):
+    """`encode_image` / `encode_text` return L2-normalised joint features [B, D]; evaluation uses only these.
+
+    A locked tower is frozen (requires_grad False), stays in eval mode whatever `train()` is called
+    with, and runs under `torch.no_grad()`. Heads stay trainable (they sit on top of a locked teacher's
+    features, which the training loop may read from a cache instead of running the tower).
+    """
+
+    def __init__(
+        self,
+        image_tower: ImageTower,
+        text_tower: TextTower,
+        image_head: nn.Module,
+        text_head: nn.Module,
+        *,
+        lock_image: bool = False,
+        lock_text: bool = False,
+        embed_dim: int,
+    ) -> None:
+        super().__init__()
+        self.image_tower = image_tower
+        self.text_tower = text_tower
+        self.image_head = image_head
+        self.text_head = text_head
+        self.lock_image = lock_image
+        self.lock_text = lock_text
+        self.embed_dim = embed_dim
+        for tower, locked in ((image_tower, lock_image), (text_tower, lock_text)):
+            if locked:
+                tower.requires_grad_(False)
+                tower.eval()
+
+    def train(self, mode: bool = True) -> DualEncoder:
+        super().train(mode)
+        if self.lock_image:
+            self.image_tower.eval()
+        if self.lock_text:
+            self.text_tower.eval()
+        return self
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        tokens: dict[str, torch.Tensor] | None = None,
+        *,
+        image_backbone_features: torch.Tensor | None = None,
+        text_backbone_features: torch.Tensor | None = None,
+        images_view2: torch.Tensor | None = None,
+        text_views: int = 1,
+    ) -> dict[str, torch.Tensor]:
+        """One training forward (so DistributedDataParallel sees every trainable parameter's use).
+
+        Each side comes from raw inputs (`images` / `tokens`) or from cached backbone features of a locked
+        teacher. Returns normalised joint features: "image_features", "text_features" [B, D], plus
+        "image_features_view2" (a second augmented view) and "text_features_dropout" (a second pass of a
+        trainable text tower, different dropout) when asked for.
+        """
+        out: dict[str, torch.Tensor] = {}
+        if image_backbone_features is not None:
+            out["image_features"] = self.project_image(image_backbone_features)
+        elif images is not None:
+            out["image_features"] = self.encode_image(images)
+        if text_backbone_features is not None:
+            out["text_features"] = self.project_text(text_backbone_features)
+        elif tokens is not None:
+            out["text_features"] = self.encode_text(tokens)
+            if text_views == 2:
+                out["text_features_dropout"] = self.encode_text(tokens)
+        if images_view2 is not None:
+            out["image_features_view2"] = self.encode_image(images_view2)
+        return out
+
+    # --- backbones (tower features before the heads) -------------------------------------------
+    def image_backbone(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> [B, D_image]"""
+        with torch.no_grad() if self.lock_image else contextlib.nullcontext():
+            return self.image_tower(images)
+
+    def text_backbone(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """tokens from `tokenize` -> [B, D_text]"""
+        with torch.no_grad() if self.lock_text else contextlib.nullcontext():
+            return self.text_tower(tokens)
+
+    # --- joint space ------------------------------------------------------------------------------
+    def project_image(self, image_backbone_features: torch.Tensor) -> torch.Tensor:
+        """[B, D_image] -> normalised [B, D] (used with cached teacher features too)."""
+        return F.normalize(self.image_head(image_backbone_features.float()), dim=-1)
+
+    def project_text(self, text_backbone_features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_head(text_backbone_features.float()), dim=-1)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.project_image(self.image_backbone(images))
+
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.project_text(self.text_backbone(tokens))
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.text_tower.tokenize(texts)
+
+    def encode_texts(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Convenience for evaluation: tokenize, move to `device`, encode. [N] str -> [N, D]"""
+        tokens = {key: value.to(device) for key, value in self.tokenize(texts).items()}
+        return self.encode_text(tokens)
+
+    @property
+    def image_preprocess(self):
+        return self.image_tower.preprocess

@@ -1,0 +1,304 @@
+"""The training loop, top to bottom: setup, then per epoch (schedule, forward, backward, log, checkpoint, evaluate).
+
+Only this module's `train` sees the whole config; it unpacks it into the library calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from protorkd import __version__, distributed
+from protorkd.config import Config, write_params
+from protorkd.data.tsv import BadSampleCounter
+from protorkd.distributed import DistState
+from protorkd.errors import UsageError
+from protorkd.eval.suite import evaluate_during_training
+from protorkd.losses import build_loss
+from protorkd.losses.base import LossInputs
+from protorkd.models.build import build_dual_encoder
+from protorkd.train.checkpoint import (
+    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state, strip_module_prefix,
+)
+from protorkd.train.experiment import ExperimentPaths, experiment_paths
+from protorkd.train.logs import MetricWriter, setup_file_logging
+from protorkd.train.optim import build_optimizer, lr_at, set_lr
+from protorkd.train.setup import load_teacher_features, make_loader, resolve_corpus, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    experiment_dir: Path
+    epochs_done: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast only on CUDA (amp = fp16, amp_bf16 = bf16); elsewhere compute in the weights' dtype."""
+    if device.type == "cuda" and precision in ("amp", "amp_bf16"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "amp" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run a whole training job as this process's rank (world size from torchrun / SLURM variables)."""
+    state = distributed.state_from_env()
+    device = resolve_device(cfg.optim.device, state)
+    distributed.init_process_group(state, device.type)
+    try:
+        return _train(cfg, state, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
+    seed_everything(cfg.optim.seed + state.rank)
+    # --- setup: validate everything a user can get wrong before creating the experiment directory
+    corpus = resolve_corpus(cfg.data)
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, name=distributed.broadcast_object(
+        experiment_paths(cfg, state.world_size).root.name)))
+    paths = ExperimentPaths(Path(cfg.log.logs) / cfg.log.name)
+    resume_path = resolve_resume(cfg.log.resume, paths.checkpoints) if cfg.log.resume else None
+    model = build_dual_encoder(cfg.model)
+    loss_fn = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim)
+    eval_root = Path(cfg.eval.eval_data_dir) if cfg.eval.eval_data_dir else corpus.default_eval_root
+    if eval_root is not None and not eval_root.is_dir():
+        raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
+
+    created = not paths.root.exists()
+    if state.is_master:
+        paths.create()
+    distributed.barrier()
+    handler = setup_file_logging(paths.log_file) if state.is_master else None
+    try:
+        return _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_root, created)
+    finally:
+        if handler:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_root, created) -> TrainResult:
+    progress = state.is_master
+    teacher = cfg.model.teacher
+    try:
+        log.info("experiment %s (protorkd %s, world size %d, device %s)", paths.root, __version__,
+                 state.world_size, device)
+        log.info("corpus %s: %d rows", corpus.source, len(corpus.images))
+        teacher_features = None
+        if teacher != "none":
+            cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
+            if state.is_master:
+                teacher_features = load_teacher_features(model, corpus, cfg, cache_root, device, progress=progress)
+            distributed.barrier()
+            if not state.is_master:
+                teacher_features = load_teacher_features(model, corpus, cfg, cache_root, device, progress=False)
+            log.info("teacher %s features: %s (%d unique x %d)", teacher, teacher_features.folder,
+                     teacher_features.features.shape[0], teacher_features.dim)
+        bad_rows = teacher_features.bad_rows if teacher_features else set()
+        loader, sampler, dataset = make_loader(
+            corpus, model, cfg, state, load_images=teacher != "image", bad_rows=bad_rows,
+            pin_memory=device.type == "cuda",
+        )
+        if state.is_master:
+            write_params(cfg, paths.params, extra={"version": __version__, "world_size": state.world_size})
+    except UsageError:
+        if created and state.is_master:
+            paths.remove()
+        raise
+
+    # --- model, optimizer, resume
+    model.to(device)
+    loss_fn.to(device)
+    if cfg.optim.precision == "bf16":
+        model.to(torch.bfloat16)
+    if device.type == "cuda" and model.image_tower is not None:
+        model.image_tower.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer([model, loss_fn], lr=cfg.optim.lr, weight_decay=cfg.optim.wd,
+                                betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, device_type=device.type)
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.precision == "amp" else None
+    start_epoch = 0
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+        loss_fn.load_state_dict(checkpoint["loss_state"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"])
+        start_epoch = int(checkpoint["epoch"])
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    train_model = model
+    if state.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.optim.torchcompile:
+        train_model = torch.compile(train_model)
+
+    writer = MetricWriter(paths.root, cfg.log.report_to if state.is_master else "",
+                          config=cfg.to_flat_dict(), wandb_project=cfg.log.wandb_project)
+    steps_per_epoch = len(loader) // cfg.optim.accum_freq
+    total_steps = steps_per_epoch * cfg.optim.epochs
+    metrics: dict[str, float] = {}
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        # Everything random in an epoch is a function of (seed, epoch, rank): resumed runs match exactly.
+        seed_everything(cfg.optim.seed * 1_000_003 + epoch * 1009 + state.rank)
+        sampler.set_epoch(epoch)
+        model.train()
+        bad = BadSampleCounter(cfg.data.max_bad_fraction, dataset.describe)
+        _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimizer, scaler, loader,
+                     teacher_features, writer, bad, steps_per_epoch, total_steps, progress)
+        bad.report(epoch + 1)
+        bad.check()
+
+        # --- checkpoint (before evaluating, so a failing evaluation loses no training)
+        completed = epoch + 1
+        if state.is_master:
+            payload = {
+                "epoch": completed, "name": cfg.log.name, "state_dict": model.state_dict(),
+                "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "config": cfg.to_flat_dict(),
+            }
+            if scaler is not None:
+                payload["scaler"] = scaler.state_dict()
+            if completed % cfg.log.save_frequency == 0 or completed == cfg.optim.epochs:
+                save_checkpoint(paths.checkpoints / f"epoch_{completed}.pt", payload)
+            save_checkpoint(paths.checkpoints / "epoch_latest.pt", payload)
+
+        # --- evaluate (master only; the others wait)
+        if state.is_master:
+            started = time.time()
+            metrics = evaluate_during_training(
+                model, eval_root, epoch=completed, last_epoch=cfg.optim.epochs, device=device,
+                frequencies={"zeroshot": cfg.eval.zeroshot_frequency, "linear": cfg.eval.linear_frequency,
+                             "retrieval": cfg.eval.retrieval_frequency},
+                batch_size=max(cfg.optim.batch_size, 256), workers=cfg.data.workers,
+            )
+            if metrics:
+                log.info("epoch %d evaluation (%.1f s): %s", completed, time.time() - started,
+                         "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+                writer.results(metrics, epoch=completed, step=completed * steps_per_epoch)
+        distributed.barrier()
+    writer.close()
+    if state.distributed:
+        _check_ranks_agree(model, state)
+    return TrainResult(paths.root, cfg.optim.epochs, metrics)
+
+
+def _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimizer, scaler, loader,
+                 teacher_features, writer, bad, steps_per_epoch, total_steps, progress) -> None:
+    teacher = cfg.model.teacher
+    accum = cfg.optim.accum_freq
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
+    window_start, window_samples = time.time(), 0
+    optimizer.zero_grad(set_to_none=True)
+    for batch_index, batch in enumerate(loader):
+        bad.update(len(batch["indices"]) + len(batch["bad"]), batch["bad"])
+        if batch_index // accum >= steps_per_epoch:
+            break
+        step = epoch * steps_per_epoch + batch_index // accum
+        # --- schedule
+        lr = lr_at(step, base_lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup, total_steps=total_steps)
+        set_lr(optimizer, lr)
+        if len(batch["indices"]) == 0:
+            continue
+
+        # --- forward
+        inputs = {}
+        if teacher == "text":
+            inputs["text_backbone_features"] = teacher_features.lookup(batch["indices"]).to(device, non_blocking=True)
+        else:
+            inputs["tokens"] = {k: v.to(device) for k, v in model.tokenize(batch["captions"]).items()}
+        if teacher == "image":
+            inputs["image_backbone_features"] = teacher_features.lookup(batch["indices"]).to(device, non_blocking=True)
+        else:
+            images = batch["images"].to(device, non_blocking=True)
+            inputs["images"] = images.to(memory_format=torch.channels_last) if device.type == "cuda" else images
+            if cfg.optim.precision == "bf16":
+                inputs["images"] = inputs["images"].to(torch.bfloat16)
+        with precision_context(cfg.optim.precision, device):
+            features = train_model(**inputs)
+            loss_inputs = LossInputs(
+                image_features=features["image_features"], text_features=features["text_features"],
+                teacher=teacher, indices=batch["indices"].to(device), epoch=epoch,
+                extra={k: v for k, v in features.items() if k not in ("image_features", "text_features")},
+            )
+            terms = loss_fn(loss_inputs)
+            total = sum(terms.values())
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: "
+                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+
+        # --- backward (gradients of loss-owned parameters are averaged across ranks by hand)
+        scaled = total / accum
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        if (batch_index + 1) % accum:
+            continue
+        if scaler:
+            scaler.unscale_(optimizer)
+        _average_loss_gradients(loss_fn, state)
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # --- log
+        window_samples += len(batch["indices"]) * accum * state.world_size
+        bar.update(1)
+        values = {f"train/{k}": v.item() for k, v in terms.items()}
+        values.update({"train/loss": total.item(), "train/lr": lr, "train/grad_norm": float(grad_norm)})
+        if hasattr(loss_fn, "log_values"):
+            values.update({f"train/{k}": v for k, v in loss_fn.log_values().items()})
+        bar.set_postfix(loss=f"{total.item():.4f}", lr=f"{lr:.2e}")
+        if (step + 1) % cfg.log.log_every_n_steps == 0 or step + 1 == (epoch + 1) * steps_per_epoch:
+            elapsed = time.time() - window_start
+            values["train/samples_per_second"] = window_samples / max(elapsed, 1e-9)
+            writer.scalars(values, step + 1)
+            log.info("epoch %d/%d step %d/%d  %s", epoch + 1, cfg.optim.epochs, step + 1 - epoch * steps_per_epoch,
+                     steps_per_epoch, "  ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items()))
+            window_start, window_samples = time.time(), 0
+    bar.close()
+
+
+def _check_ranks_agree(model: torch.nn.Module, state: DistState) -> None:
+    """Every rank must end with the same weights; a silent divergence would make checkpoints rank-dependent."""
+    with torch.no_grad():
+        fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+    gathered = distributed.all_gather_cat(fingerprint[None])
+    if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values):
+        raise RuntimeError("model parameters differ between ranks at the end of training")
+    log.info("model parameters identical on all %d ranks", state.world_size)
+
+
+def _average_loss_gradients(loss_fn: torch.nn.Module, state: DistState) -> None:
+    if not state.distributed:
+        return
+    for parameter in loss_fn.parameters():
+        if parameter.grad is not None:
+            parameter.grad.copy_(distributed.all_reduce_mean(parameter.grad))
