@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 
-def flag(default: Any, help: str, choices: tuple[Any, ...] | None = None, name: str | None = None) -> Any:
+def flag(
+    default: Any, help: str, choices: tuple[Any, ...] | None = None, name: str | None = None,
+    aliases: tuple[str, ...] = (),
+) -> Any:
     """A dataclass field that is also a command-line flag."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": name})
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": name, "aliases": aliases})
 
 
 @dataclass
@@ -175,7 +178,10 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    logs: str = flag("./logs", "folder holding experiment directories")
+    logs: str = flag(
+        "./logs", "folder holding experiment directories (--logs-dir is the same flag; use it under torchrun, "
+        "whose own --logs-specs makes a bare --logs ambiguous)", aliases=("--logs-dir",)
+    )
     name: str | None = flag(None, "experiment name (default: generated from models, loss, batch and time)")
     resume: str | None = flag(None, "checkpoint path, or 'latest' for this experiment's epoch_latest.pt")
     save_frequency: int = flag(1, "write checkpoints/epoch_N.pt every N epochs (and at the last)")
@@ -273,7 +279,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 if choices:
                     kwargs["choices"] = list(choices)
                     kwargs["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
-            arg_group.add_argument(flag_name(f), **kwargs)
+            arg_group.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> Config:

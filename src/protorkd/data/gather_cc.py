@@ -1,8 +1,7 @@
 """`protorkd gather-cc`: download CC3M (caption<TAB>url) into a training TSV or webdataset shards.
 
-One asyncio event loop keeps `concurrency` rows in flight (aiohttp; fetching is network-bound),
-worker threads decode and shrink the images (gather_image), and every finished row is appended to
-`DIR/state.jsonl` at once, so a killed run resumes where it stopped and ends with the same output
+The download loop (gather_loop) keeps `concurrency` rows in flight and appends every finished row
+to `DIR/state.jsonl` at once, so a killed run resumes where it stopped and ends with the same output
 as an uninterrupted one. Outputs, all written atomically (tmp + os.replace):
 
 - `--format tsv`: `DIR/images/<shard>/<row>.jpg` and `DIR/train.tsv` (title, filepath; input order),
@@ -19,34 +18,26 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
-import functools
 import json
 import logging
 import os
 import random
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from tqdm import tqdm
-
 from protorkd import __version__
-from protorkd.data.gather_fetch import fetch, is_transient, make_session
-from protorkd.data.gather_image import DEFAULT_MAX_PIXELS, ImageOutcome, process_image
-from protorkd.data.gather_rows import BLANK, OK, PENDING, STATE_VERSION, Row, StateLog, iter_rows, scan_tsv
-from protorkd.data.gather_shards import pack_shard, shard_name, shards_spec, write_sizes
+from protorkd.data.gather_fetch import is_transient
+from protorkd.data.gather_image import DEFAULT_MAX_PIXELS
+from protorkd.data.gather_loop import GatherLoop, image_relpath
+from protorkd.data.gather_rows import OK, PENDING, STATE_VERSION, StateLog, iter_rows, scan_tsv
+from protorkd.data.gather_shards import shard_name, shards_spec, write_sizes
 from protorkd.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_USER_AGENT = f"Mozilla/5.0 (compatible; protorkd-gather-cc/{__version__})"
 FORMATS = ("tsv", "webdataset")
-
-
-def image_relpath(index: int, shard_size: int) -> str:
-    """Where row `index`'s JPEG lives, relative to the output folder."""
-    return f"images/{index // shard_size:05d}/{index:09d}.jpg"
 
 
 def gather_cc(
@@ -106,7 +97,7 @@ def gather_cc(
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
 
-    gatherer = _Gatherer(
+    gatherer = GatherLoop(
         tsv_path,
         out_dir,
         state,
@@ -192,166 +183,6 @@ def _check_settings(output_format, concurrency, timeout, retries, max_bytes, max
         raise UsageError(f"--timeout {timeout}: must be positive (seconds)")
     if subset is not None and (subset < 1 or output_format != "tsv"):
         raise UsageError(f"--subset {subset}: needs a positive N and --format tsv")
-
-
-class _Gatherer:
-    """The download loop: reads rows in order, keeps `concurrency` in flight, records each as it finishes."""
-
-    def __init__(
-        self,
-        tsv_path: Path,
-        out_dir: Path,
-        state: StateLog,
-        *,
-        webdataset: bool,
-        shard_size: int,
-        num_shards: int,
-        packed: set[int],
-        extras: dict[int, dict],
-        fetch_options: dict,
-        image_options: dict,
-        concurrency: int,
-        workers: int,
-        user_agent: str,
-        progress: bool,
-    ) -> None:
-        self.tsv_path, self.out_dir, self.state = tsv_path, out_dir, state
-        self.webdataset, self.shard_size, self.num_shards, self.packed = webdataset, shard_size, num_shards, packed
-        self.extras = extras  # ok rows of unpacked shards -> sizes (webdataset json metadata)
-        self.fetch_options, self.image_options = fetch_options, image_options
-        self.concurrency, self.user_agent = concurrency, user_agent
-        self.images = ThreadPoolExecutor(workers, thread_name_prefix="gather-image")
-        self.packer = ThreadPoolExecutor(1, thread_name_prefix="gather-pack")
-        self.pack_futures: list[Future] = []
-        # rows of each unpacked shard seen so far (webdataset) and how many are still unresolved
-        self.shard_rows: dict[int, list[Row]] = {}
-        self.unresolved = {
-            s: state.status[s * shard_size : (s + 1) * shard_size].count(PENDING)
-            for s in range(num_shards)
-            if s not in packed
-        }
-        self.current_shard = -1
-        self.made_dirs: set[int] = set()
-        self.finished = 0
-        self.rng = random.Random()
-        done = sum(state.counts().values())
-        self.ok = state.status.count(OK)
-        self.failed = done - self.ok
-        self.bar = tqdm(
-            total=len(state.status) - state.status.count(BLANK),
-            initial=done,
-            unit="row",
-            smoothing=0.05,
-            dynamic_ncols=True,
-            disable=None if progress else True,
-            desc="gather-cc",
-        )
-        self.last_postfix = self.last_log = time.monotonic()
-
-    async def run(self) -> None:
-        in_flight: set[asyncio.Task] = set()
-        async with make_session(concurrency=self.concurrency, user_agent=self.user_agent) as session:
-            for row in iter_rows(self.tsv_path):
-                shard = row.index // self.shard_size
-                if shard != self.current_shard:
-                    self._passed_shards_before(shard)
-                if shard in self.packed:
-                    continue
-                status = self.state.status[row.index]
-                if self.webdataset and status in (PENDING, OK):
-                    self.shard_rows.setdefault(shard, []).append(row)
-                if status != PENDING:
-                    continue
-                if not row.caption:
-                    self._finish(row, ImageOutcome("empty_caption"))
-                    continue
-                while len(in_flight) >= self.concurrency:
-                    done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                    for task in done:
-                        self._finish(*task.result())
-                in_flight.add(asyncio.create_task(self._gather_one(session, row)))
-            while in_flight:
-                done, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    self._finish(*task.result())
-        self._passed_shards_before(self.num_shards)
-        for future in self.pack_futures:
-            await asyncio.wrap_future(future)
-
-    async def _gather_one(self, session, row: Row) -> tuple[Row, ImageOutcome]:
-        """Fetch one row and turn it into a JPEG (in a worker thread); failures come back as outcomes."""
-        result = await fetch(session, row.url, rng=self.rng, **self.fetch_options)
-        if result.reason != "ok":
-            return row, ImageOutcome(result.reason)
-        shard = row.index // self.shard_size
-        destination = self.out_dir / image_relpath(row.index, self.shard_size)
-        if shard not in self.made_dirs:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            self.made_dirs.add(shard)
-        work = functools.partial(
-            process_image, result.data, destination, self.out_dir / ".tmp" / f"{row.key}.jpg", **self.image_options
-        )
-        return row, await asyncio.get_running_loop().run_in_executor(self.images, work)
-
-    def _finish(self, row: Row, outcome: ImageOutcome) -> None:
-        """Record a resolved row (state line, counters, progress) and pack its shard when it is complete."""
-        if outcome.reason == "ok":
-            sizes = dict(
-                width=outcome.width,
-                height=outcome.height,
-                original_width=outcome.original_width,
-                original_height=outcome.original_height,
-            )
-            self.state.record(row.index, "ok", **sizes)
-            if self.webdataset:
-                self.extras[row.index] = sizes
-            self.ok += 1
-        else:
-            self.state.record(row.index, outcome.reason)
-            self.failed += 1
-        self.finished += 1
-        shard = row.index // self.shard_size
-        self.unresolved[shard] -= 1
-        if shard < self.current_shard and self.unresolved[shard] == 0:
-            self._pack(shard)
-        self.bar.update()
-        now = time.monotonic()
-        if now - self.last_postfix >= 0.5:
-            self.bar.set_postfix_str(f"ok={self.ok} failed={self.failed}", refresh=False)
-            self.last_postfix = now
-        if self.bar.disable and now - self.last_log >= 60:  # no terminal (a job log): one line a minute
-            log.info("gather-cc: %d rows done (ok %d, failed %d)", self.ok + self.failed, self.ok, self.failed)
-            self.last_log = now
-
-    def _passed_shards_before(self, shard: int) -> None:
-        """The row reader moved to `shard`: every earlier shard whose rows are all resolved can be packed."""
-        self.current_shard = shard
-        for earlier in [s for s, left in self.unresolved.items() if s < shard and left == 0 and s not in self.packed]:
-            self._pack(earlier)
-
-    def _pack(self, shard: int) -> None:
-        if not self.webdataset:
-            return
-        self.packed.add(shard)
-        samples = []
-        for row in self.shard_rows.pop(shard, []):
-            if self.state.status[row.index] != OK:
-                continue
-            sizes = self.extras.pop(row.index, {})
-            samples.append(
-                {
-                    "key": row.key,
-                    "caption": row.caption,
-                    "image_path": self.out_dir / image_relpath(row.index, self.shard_size),
-                    "meta": {"row": row.index, "key": row.key, "caption": row.caption, "url": row.url, **sizes},
-                }
-            )
-        self.pack_futures.append(self.packer.submit(pack_shard, self.out_dir, shard, samples, self.out_dir / ".tmp"))
-
-    def close(self) -> None:
-        self.bar.close()
-        self.images.shutdown(wait=True, cancel_futures=True)
-        self.packer.shutdown(wait=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

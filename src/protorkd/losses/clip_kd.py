@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from protorkd.losses.base import LossInputs
 from protorkd.losses.common import drop_diagonal, gather_frozen, gather_trainable, kl_divergence
-from protorkd.losses.contrastive import MAX_LOGIT_SCALE, clip_loss
+from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.losses.relational import rkd_terms
 
 
@@ -96,7 +96,7 @@ class CLIPKD(nn.Module):
         scale = self.scale()
         terms: dict[str, torch.Tensor] = {}
         if self.weights.infonce:
-            terms["infonce_loss"] = self.weights.infonce * clip_loss(student_image, student_text, scale)
+            terms["infonce_loss"] = self.weights.infonce * symmetric_infonce(student_image, student_text, scale)
         for teacher in self.teachers:
             suffix = "" if len(self.teachers) == 1 else f"/{teacher.name}"
             for name, value in self._teacher_terms(inputs, teacher, student_image, student_text, scale).items():
@@ -114,10 +114,10 @@ class CLIPKD(nn.Module):
         for key in (teacher.image_key, teacher.text_key):
             if key not in inputs.extra:
                 raise KeyError(f"CLIP-KD teacher {teacher.name!r} needs inputs.extra[{key!r}] ([B, Dt] features)")
-        teacher_image = F.normalize(gather_frozen(inputs.extra[teacher.image_key]).float(), dim=-1)
-        teacher_text = F.normalize(gather_frozen(inputs.extra[teacher.text_key]).float(), dim=-1)
+        teacher_image = F.normalize(gather_frozen(inputs.extra[teacher.image_key]).to(student_image.dtype), dim=-1)
+        teacher_text = F.normalize(gather_frozen(inputs.extra[teacher.text_key]).to(student_text.dtype), dim=-1)
         if teacher.logit_scale_key in inputs.extra:
-            teacher_scale = inputs.extra[teacher.logit_scale_key].detach().float().reshape(())
+            teacher_scale = inputs.extra[teacher.logit_scale_key].detach().to(student_image.dtype).reshape(())
         else:
             teacher_scale = torch.tensor(1.0 / teacher.temperature, device=student_image.device)
         w = self.weights

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from protorkd.losses.base import LossInputs
 from protorkd.losses.common import gather_frozen, gather_trainable, soft_cross_entropy, zero_with_grad
-from protorkd.losses.contrastive import MAX_LOGIT_SCALE, clip_loss
+from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.prototypes.clustering import TENSOR_FIELDS, ClusterState
 
 
@@ -62,6 +62,7 @@ class ProtoCLIP(nn.Module):
             raise ValueError("ProtoCLIP was built with PBT but the cluster state has no back-translated centroids")
         device = self.logit_scale.device
         for name, dtype, ndim in TENSOR_FIELDS:
+            dtype = dtype if dtype == torch.long else self.logit_scale.dtype
             tensor = getattr(state, name)
             if tensor is None:
                 tensor = torch.zeros((0,) * ndim, dtype=dtype)
@@ -77,9 +78,10 @@ class ProtoCLIP(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # cluster buffers change shape from episode to episode: take the checkpoint's shapes
-        for name, dtype, _ in TENSOR_FIELDS:
+        for name, _, _ in TENSOR_FIELDS:
             if prefix + name in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[prefix + name], dtype=dtype, device=self.logit_scale.device))
+                current = getattr(self, name)
+                setattr(self, name, current.new_empty(state_dict[prefix + name].shape))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ---- loss ---------------------------------------------------------------------------------
@@ -92,7 +94,7 @@ class ProtoCLIP(nn.Module):
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         image = gather_trainable(inputs.image_features)
         text = gather_trainable(inputs.text_features)
-        infonce = clip_loss(image, text, self.scale())
+        infonce = symmetric_infonce(image, text, self.scale())
         warmup = inputs.epoch < self.infonce_warmup_epoch
         terms = {"infonce_loss": (1.0 if warmup else self.w_clip) * infonce}
         zero = infonce.new_zeros(())
@@ -145,8 +147,9 @@ class ProtoCLIP(nn.Module):
         if not bool(valid.any()):
             return zero_with_grad(student), student.new_zeros(())
         student, labels = student[valid], labels[valid]
-        logits = self.proto_scale() * student @ student_prototypes.T
+        logits = self.proto_scale() * student @ student_prototypes.to(student.dtype).T
         if target_temperature > 0 and teacher_centroids is not None:
+            teacher_centroids = teacher_centroids.to(student.dtype)
             targets = torch.softmax(teacher_centroids[labels] @ teacher_centroids.T / target_temperature, dim=1)
             loss = soft_cross_entropy(targets, logits)
         else:

@@ -164,7 +164,7 @@ def cluster_episode(
 
     for name, run in runs.items():
         state.objectives[name] = run.objective
-        state.stats[f"clustering/{name}/kmeans_error"] = run.objective[-1] if run.objective else float("nan")
+        state.stats[f"clustering/{name}/kmeans_error"] = run.error
         sizes_stats, sizes = size_statistics(run.labels, k, f"clustering/{name}")
         state.stats.update(sizes_stats)
         state.cluster_sizes[name] = sizes

@@ -15,7 +15,8 @@ import torch
 class KMeansResult:
     centroids: np.ndarray  # [k, d] float32
     labels: np.ndarray  # [N] int64, nearest centroid of each point
-    objective: list[float]  # faiss's objective (sum of squared distances) after each iteration of every redo
+    objective: list[float]  # faiss's objective (sum of squared distances) per iteration of every redo
+    error: float  # sum of squared distances to the nearest kept centroid (the final objective)
 
 
 def _as_float32(features: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -36,6 +37,8 @@ def kmeans(
 ) -> KMeansResult:
     """Cluster [N, d] features (NaN/inf -> 0) into k clusters; keeps the best of `nredo` runs.
 
+    faiss may stop a run early once it converges, so `objective` has at most max_iter x nredo entries.
+
     gpu None: use faiss GPUs when the installed faiss has any. Raises ValueError when k > N.
     """
     import faiss  # imported here so that importing the losses does not load faiss
@@ -47,9 +50,10 @@ def kmeans(
     use_gpu = faiss.get_num_gpus() > 0 if gpu is None else gpu
     clustering = faiss.Kmeans(d, k, niter=max_iter, nredo=nredo, seed=seed, gpu=bool(use_gpu), verbose=False)
     clustering.train(points)
-    _, labels = clustering.index.search(points, 1)
+    distances, labels = clustering.index.search(points, 1)
     return KMeansResult(
         centroids=np.asarray(clustering.centroids, dtype=np.float32).reshape(k, d),
         labels=labels.reshape(-1).astype(np.int64),
         objective=[float(value) for value in clustering.obj],
+        error=float(distances.astype(np.float64).sum()),
     )

@@ -33,7 +33,7 @@ from protorkd.train.checkpoint import (
 from protorkd.train.experiment import ExperimentPaths, experiment_paths
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import build_optimizer, lr_at, set_lr
-from protorkd.train.setup import load_teacher_features, make_loader, resolve_corpus, resolve_device
+from protorkd.train.setup import check_batch_fits, load_teacher_features, make_loader, resolve_corpus, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
-    seed_everything(cfg.optim.seed + state.rank)
+    seed_everything(cfg.optim.seed)  # the same initial weights on every rank
+    if not state.is_master:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
     # --- setup: validate everything a user can get wrong before creating the experiment directory
     corpus = resolve_corpus(cfg.data)
+    check_batch_fits(len(corpus.images), cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, name=distributed.broadcast_object(
         experiment_paths(cfg, state.world_size).root.name)))
     paths = ExperimentPaths(Path(cfg.log.logs) / cfg.log.name)
@@ -289,7 +292,7 @@ def _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimiz
 def _check_ranks_agree(model: torch.nn.Module, state: DistState) -> None:
     """Every rank must end with the same weights; a silent divergence would make checkpoints rank-dependent."""
     with torch.no_grad():
-        fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()]).cpu()
+        fingerprint = torch.stack([p.detach().double().sum() for p in model.parameters()])
     gathered = distributed.all_gather_cat(fingerprint[None])
     if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values):
         raise RuntimeError("model parameters differ between ranks at the end of training")

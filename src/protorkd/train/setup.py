@@ -45,6 +45,15 @@ def resolve_corpus(cfg: DataConfig) -> Corpus:
     return Corpus(images, captions, str(csv_path), eval_root)
 
 
+def check_batch_fits(rows: int, episode_size: int, world_size: int, batch_size: int) -> None:
+    per_process = -(-(episode_size if episode_size > 0 else rows) // world_size)
+    if per_process < batch_size:
+        raise UsageError(
+            f"an epoch has {per_process} samples per process, fewer than --batch-size {batch_size}; "
+            "lower --batch-size or use more data"
+        )
+
+
 def resolve_device(name: str, state: DistState) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,11 +135,6 @@ def make_loader(
                         source=corpus.source, bad_rows=bad_rows, seed=cfg.optim.seed)
     sampler = EpisodeSampler(len(dataset), cfg.data.episode_size, seed=cfg.optim.seed, rank=state.rank,
                              world_size=state.world_size)
-    if len(sampler) < cfg.optim.batch_size:
-        raise UsageError(
-            f"an epoch has {len(sampler)} samples per process, fewer than --batch-size {cfg.optim.batch_size}; "
-            "lower --batch-size or use more data"
-        )
     loader = DataLoader(
         dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.data.workers,
         collate_fn=collate, drop_last=True, pin_memory=pin_memory, persistent_workers=cfg.data.workers > 0,

@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hub, a private cache folder, a tiny CSV corpus in the CC3M layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Tiny towers for tests: a ~9k-parameter CNN student and a hashed bag-of-words text teacher.
+TINY_MODEL_ARGS = [
+    "--image-model-builder", "custom", "--image-model", "micro-cnn",
+    "--text-model-builder", "custom", "--text-model", "tiny-text",
+    "--workers", "0", "--report-to", "", "--linear-frequency", "0", "--retrieval-frequency", "0",
+]
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("PROTORKD_CACHE", str(tmp_path_factory.getbasetemp() / "protorkd-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """96 demo pairs + 10 held-out images per class, written like a user's CC3M folder."""
+    from protorkd.data.demo import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "demo"
+    write_demo_corpus(root, size=96, seed=3, eval_per_class=10, progress=False)
+    return root
+
+
+def shared_data(name: str) -> Path:
+    """A folder of ../shared/data, or skip the test when it is absent."""
+    path = SHARED_DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    return path

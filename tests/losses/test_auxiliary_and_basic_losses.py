@@ -1,0 +1,96 @@
+"""InfoNCE, SimReg and the auxiliary terms (SimCSE, BYOL) against hand computations."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protorkd import distributed
+from protorkd.config import LossConfig
+from protorkd.losses import build_loss
+from protorkd.losses.auxiliary import BYOL, LossWithAuxiliaries, SimCSE
+from protorkd.losses.base import LossInputs
+
+A = F.normalize(torch.tensor([[1.0, 0.2], [0.1, 1.0], [-0.5, 0.5]], dtype=torch.float64), dim=1)
+B = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0], [-1.0, 0.3]], dtype=torch.float64), dim=1)
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+def hand_symmetric_infonce(a, b, scale):
+    n = len(a)
+    total = 0.0
+    for rows, cols in ((a, b), (b, a)):
+        for i in range(n):
+            logits = [scale * dot(rows[i], cols[j]) for j in range(n)]
+            total += -(logits[i] - math.log(sum(math.exp(v) for v in logits)))
+    return total / (2 * n)
+
+
+def test_infonce_equals_hand_computation_and_its_value_for_identical_towers():
+    assert not distributed.is_initialized()
+    loss = build_loss("InfoNCE", LossConfig(temperature=0.1), 2).double()
+    value = loss(LossInputs(image_features=A, text_features=B, teacher="none"))["infonce_loss"].item()
+    # the log-scale parameter starts in float32: rel 1e-6
+    assert value == pytest.approx(hand_symmetric_infonce(A.tolist(), B.tolist(), 10.0), rel=1e-6)
+    same = loss(LossInputs(image_features=A, text_features=A, teacher="none"))["infonce_loss"].item()
+    assert same == pytest.approx(hand_symmetric_infonce(A.tolist(), A.tolist(), 10.0), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name, penalty",
+    [
+        ("SimReg", lambda d: d * d),
+        ("SimReg-L1", abs),
+        ("SimReg-SmoothL1", lambda d: 0.5 * d * d if abs(d) < 1 else abs(d) - 0.5),
+    ],
+)
+def test_simreg_family_equals_hand_computation_and_is_zero_for_identical_features(name, penalty):
+    loss = build_loss(name, LossConfig(), 2)
+    student = A.clone().requires_grad_()
+    teacher = B.clone().requires_grad_()
+    value = loss(LossInputs(image_features=student, text_features=teacher, teacher="text"))["distill_loss"]
+    expected = sum(penalty(s - t) for rs, rt in zip(A.tolist(), B.tolist()) for s, t in zip(rs, rt)) / 6
+    assert value.item() == pytest.approx(expected, rel=1e-9)
+    value.backward()
+    assert teacher.grad is None or torch.all(teacher.grad == 0)
+    zero = loss(LossInputs(image_features=B, text_features=B, teacher="text"))["distill_loss"]
+    assert zero.item() == 0.0
+
+
+def test_simcse_is_infonce_between_two_dropout_passes_at_scale_20():
+    value = SimCSE(weight=0.5)(LossInputs(image_features=B, text_features=A, extra={"text_features_dropout": B}))
+    assert value["simcse_loss"].item() == pytest.approx(0.5 * hand_symmetric_infonce(A.tolist(), B.tolist(), 20.0))
+    same = SimCSE()(LossInputs(image_features=B, text_features=A, extra={"text_features_dropout": A}))
+    assert same["simcse_loss"].item() == pytest.approx(hand_symmetric_infonce(A.tolist(), A.tolist(), 20.0))
+
+
+def test_byol_regresses_the_second_view_onto_the_detached_first_view():
+    view1 = A.clone().requires_grad_()
+    view2 = B.clone().requires_grad_()
+    value = BYOL()(LossInputs(image_features=view1, text_features=A, extra={"image_features_view2": view2}))
+    expected = sum((b - a) ** 2 for ra, rb in zip(A.tolist(), B.tolist()) for a, b in zip(ra, rb)) / 6
+    assert value["byol_loss"].item() == pytest.approx(expected, rel=1e-9)
+    value["byol_loss"].backward()
+    assert view1.grad is None and view2.grad.abs().sum() > 0  # the first view is the (detached) target
+    same = BYOL()(LossInputs(image_features=A, text_features=A, extra={"image_features_view2": A}))
+    assert same["byol_loss"].item() == 0.0
+
+
+def test_build_loss_adds_enabled_auxiliary_terms_to_any_loss():
+    plain = build_loss("RKD", LossConfig(), 2)
+    assert not isinstance(plain, LossWithAuxiliaries)
+    combined = build_loss("RKD", LossConfig(w_simcse=0.3, byol=True, w_byol=2.0), 2)
+    assert isinstance(combined, LossWithAuxiliaries)
+    extra = {"text_features_dropout": B, "image_features_view2": B}
+    terms = combined(LossInputs(image_features=A, text_features=A, teacher="none", extra=extra))
+    assert set(terms) == {"rkd_distance_loss", "rkd_angle_loss", "simcse_loss", "byol_loss"}
+    assert terms["simcse_loss"].item() == pytest.approx(0.3 * hand_symmetric_infonce(A.tolist(), B.tolist(), 20.0))
+
+
+def test_auxiliary_terms_name_the_missing_extra_key():
+    with pytest.raises(KeyError, match="text_features_dropout"):
+        SimCSE()(LossInputs(image_features=A, text_features=A))

@@ -1,0 +1,182 @@
+"""Every registered loss under 2-process gloo equals the 1-process loss on the concatenated batch.
+
+Convention (see protorkd.losses.common): on every rank the value equals the single-process value;
+the gradient w.r.t. a rank's own input rows is world_size x the single-process gradient of those
+rows (so DDP's averaging yields the single-process gradient); loss-owned parameters get exactly the
+single-process gradient; buffers (queues, centres, priors) stay identical. Checked after two steps,
+with unequal local batches (3 and 5 rows).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from protorkd import distributed
+from protorkd.config import LossConfig
+from protorkd.losses import LOSSES, build_loss
+from protorkd.losses.base import LossInputs
+from protorkd.prototypes.clustering import ClusterState, broadcast_cluster_state
+
+WORLD = 2
+LOCAL_SIZES = (3, 5)
+DIM = 4
+TEACHER_DIM = 6
+STEPS = 2
+TRAINABLE = ("image", "text", "text_features_dropout", "image_features_view2")
+BOTH_TOWERS_TRAIN = {"InfoNCE", "CLIP-KD", "ProtoCLIP", "VICReg", "BarlowTwins"}
+AUXILIARY_CASE = "SimReg+SimCSE+BYOL"
+
+CONFIG = dict(
+    gather_with_grad=True,  # InfoNCE's own flag: without it DDP averaging gives 1/world_size of the gradient
+    queue_size=12,  # two global batches of 8 wrap around the queue
+    n_prototypes=16,
+    rkd_angle_chunk=3,
+    clip_kd_teacher_dim=TEACHER_DIM,
+    w_clip_kd_intra=1.0,
+    w_clip_kd_rkd=1.0,
+    pbt=True,
+    target_temperature=0.5,
+)
+
+
+def cases() -> list[str]:
+    return [*LOSSES.names(), AUXILIARY_CASE]
+
+
+def build(case: str) -> torch.nn.Module:
+    torch.manual_seed(0)  # CLIP-KD's projections use the global RNG: same on every process
+    if case == AUXILIARY_CASE:
+        return build_loss("SimReg", LossConfig(**CONFIG, w_simcse=0.5, byol=True), DIM).double()
+    loss = build_loss(case, LossConfig(**CONFIG), DIM).double()
+    return loss
+
+
+def cluster_state() -> ClusterState:
+    generator = torch.Generator().manual_seed(7)
+
+    def rand(*shape):  # float32 like cluster_episode's centroids (the broadcast sends float32)
+        return torch.randn(*shape, generator=generator, dtype=torch.float32)
+
+    return ClusterState(
+        image_labels=torch.randint(0, 3, (10,), generator=generator),
+        text_labels=torch.randint(0, 3, (10,), generator=generator),
+        image_centroids=rand(3, DIM),
+        text_centroids=rand(3, DIM),
+        image_centroids_from_text=rand(3, DIM),
+        text_centroids_from_image=rand(3, DIM),
+        external_labels=torch.randint(0, 3, (10,), generator=generator),
+        external_centroids=rand(3, 2),
+        image_centroids_from_external=rand(3, DIM),
+        text_centroids_from_external=rand(3, DIM),
+    )
+
+
+def make_steps() -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(0)
+    n = sum(LOCAL_SIZES)
+    steps = []
+    for _ in range(STEPS):
+
+        def unit(width):
+            return F.normalize(torch.randn(n, width, generator=generator, dtype=torch.float64), dim=1)
+
+        steps.append(
+            {
+                "image": unit(DIM),
+                "text": unit(DIM),
+                "text_features_dropout": unit(DIM),
+                "image_features_view2": unit(DIM),
+                "teacher_image_features": unit(TEACHER_DIM),
+                "teacher_text_features": unit(TEACHER_DIM),
+                "indices": torch.randperm(10, generator=generator)[:n],
+            }
+        )
+    return steps
+
+
+def run_case(case: str, steps: list[dict[str, torch.Tensor]], rows: slice, state: ClusterState | None) -> dict:
+    """Values, input gradients, parameter gradients per step and the final buffers of one loss."""
+    loss = build(case)
+    if case == "ProtoCLIP":
+        loss.set_clusters(broadcast_cluster_state(state))
+    teacher = "none" if case in BOTH_TOWERS_TRAIN else "text"
+    record: dict = {"steps": []}
+    for step in steps:
+        leaves = {key: step[key][rows].clone().requires_grad_() for key in TRAINABLE}
+        extra = {key: leaves[key] for key in ("text_features_dropout", "image_features_view2")}
+        extra.update({key: step[key][rows] for key in ("teacher_image_features", "teacher_text_features")})
+        inputs = LossInputs(
+            image_features=leaves["image"],
+            text_features=leaves["text"],
+            teacher=teacher,
+            indices=step["indices"][rows],
+            extra=extra,
+        )
+        loss.zero_grad(set_to_none=True)
+        terms = loss(inputs)
+        sum(terms.values()).backward()
+        record["steps"].append(
+            {
+                "values": {name: value.detach().clone() for name, value in terms.items()},
+                "input_grads": {
+                    key: leaf.grad.clone() if leaf.grad is not None else torch.zeros_like(leaf)
+                    for key, leaf in leaves.items()
+                },
+                "param_grads": {
+                    name: param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+                    for name, param in loss.named_parameters()
+                },
+            }
+        )
+    record["buffers"] = {name: buffer.clone() for name, buffer in loss.state_dict().items()}
+    return record
+
+
+def _worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        data = torch.load(data_file, weights_only=False)
+        start = sum(LOCAL_SIZES[:rank])
+        rows = slice(start, start + LOCAL_SIZES[rank])
+        results = {}
+        for case in cases():
+            state = data["state"] if rank == 0 else None
+            results[case] = run_case(case, data["steps"], rows, state)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_every_loss_under_two_process_gloo_equals_the_single_process_loss_on_the_concatenated_batch(tmp_path):
+    steps, state = make_steps(), cluster_state()
+    reference = {case: run_case(case, steps, slice(None), state) for case in cases()}
+    torch.save({"steps": steps, "state": state}, tmp_path / "data.pt")
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path)), nprocs=WORLD)
+
+    for rank in range(WORLD):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        start = sum(LOCAL_SIZES[:rank])
+        rows = slice(start, start + LOCAL_SIZES[rank])
+        for case in cases():
+            for step, (mine, single) in enumerate(zip(got[case]["steps"], reference[case]["steps"])):
+                where = f"{case} rank {rank} step {step}"
+                assert mine["values"].keys() == single["values"].keys(), where
+                for name, value in single["values"].items():
+                    torch.testing.assert_close(mine["values"][name], value, rtol=1e-9, atol=1e-12, msg=where + name)
+                for key, grad in single["input_grads"].items():
+                    torch.testing.assert_close(
+                        mine["input_grads"][key], WORLD * grad[rows], rtol=1e-8, atol=1e-12, msg=f"{where} d/d{key}"
+                    )
+                for name, grad in single["param_grads"].items():
+                    torch.testing.assert_close(
+                        mine["param_grads"][name], grad, rtol=1e-8, atol=1e-12, msg=f"{where} d/d{name}"
+                    )
+            for name, buffer in reference[case]["buffers"].items():
+                torch.testing.assert_close(got[case]["buffers"][name], buffer, msg=f"{case} rank {rank} {name}")
+    assert math.isfinite(float(reference["RKD"]["steps"][1]["values"]["rkd_angle_loss"]))
