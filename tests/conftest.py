@@ -15,9 +15,22 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Tiny towers for tests: a ~9k-parameter CNN student and a hashed bag-of-words text teacher.
 TINY_MODEL_ARGS = [
-    "--image-model-builder", "custom", "--image-model", "micro-cnn",
-    "--text-model-builder", "custom", "--text-model", "tiny-text",
-    "--workers", "0", "--report-to", "", "--linear-frequency", "0", "--retrieval-frequency", "0",
+    "--image-model-builder",
+    "custom",
+    "--image-model",
+    "micro-cnn",
+    "--text-model-builder",
+    "custom",
+    "--text-model",
+    "tiny-text",
+    "--workers",
+    "0",
+    "--report-to",
+    "",
+    "--linear-frequency",
+    "0",
+    "--retrieval-frequency",
+    "0",
 ]
 
 

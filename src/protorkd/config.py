@@ -17,7 +17,10 @@ from typing import Any
 
 
 def flag(
-    default: Any, help: str, choices: tuple[Any, ...] | None = None, name: str | None = None,
+    default: Any,
+    help: str,
+    choices: tuple[Any, ...] | None = None,
+    name: str | None = None,
     aliases: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that is also a command-line flag."""
@@ -51,18 +54,15 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    image_model_builder: str = flag(
-        "custom", "image tower library", ("open_clip", "timm", "torchvision", "custom")
-    )
+    image_model_builder: str = flag("custom", "image tower library", ("open_clip", "timm", "torchvision", "custom"))
     image_model: str = flag("tiny-cnn", "image tower architecture name within its builder")
     image_model_tag: str = flag(
-        "", "pretrained weights: an open_clip pretrained tag, a torchvision weights name, 'pretrained' for timm, "
-        "or a local checkpoint path"
+        "",
+        "pretrained weights: an open_clip pretrained tag, a torchvision weights name, 'pretrained' for timm, "
+        "or a local checkpoint path",
     )
     image_size: int | None = flag(None, "input resolution (default: the tower's own)")
-    text_model_builder: str = flag(
-        "sbert", "text tower library", ("open_clip", "huggingface", "sbert", "custom")
-    )
+    text_model_builder: str = flag("sbert", "text tower library", ("open_clip", "huggingface", "sbert", "custom"))
     text_model: str = flag("all-MiniLM-L6-v2", "text tower name: a hub id, a local folder, or an architecture name")
     text_model_tag: str = flag("", "open_clip pretrained tag or local checkpoint path for an open_clip text tower")
     text_pooler: str = flag("mean", "pooling of a huggingface text tower", ("cls", "cls_before_pooler", "mean"))
@@ -70,7 +70,8 @@ class ModelConfig:
     lock_image_model: bool = flag(False, "freeze the image tower (eval mode, no gradients)")
     lock_text_model: bool = flag(False, "freeze the text tower (eval mode, no gradients)")
     teacher: str = flag(
-        "text", "which tower is the locked teacher (it is locked automatically); none = train both CLIP-style",
+        "text",
+        "which tower is the locked teacher (it is locked automatically); none = train both CLIP-style",
         ("text", "image", "none"),
     )
     image_head_n_layers: int = flag(1, "image projection head: 0 identity, 1 linear, >=2 MLP")
@@ -88,8 +89,14 @@ class ModelConfig:
 class LossConfig:
     loss: str = flag("InfoNCE", "distillation loss (see `protorkd train --list-losses`)")
     w_distill: float = flag(1.0, "weight of the main distillation loss")
-    temperature: float = flag(0.07, "initial temperature of losses with a learnable temperature (InfoNCE)")
-    gather_with_grad: bool = flag(False, "let gradients flow through the cross-process feature gather")
+    temperature: float = flag(
+        0.07, "initial value of learnable temperatures (InfoNCE, CLIP-KD's student, ProtoCLIP's InfoNCE and prototypes)"
+    )
+    gather_with_grad: bool = flag(
+        True,
+        "let gradients flow through the cross-process feature gather, so N processes compute the gradient of "
+        "one process on the concatenated batch (--no-gather-with-grad: open_clip's cheaper default)",
+    )
     local_loss: bool = flag(False, "score only local rows against the global batch (memory-saving, same gradient)")
     # Relational KD (RKD; also the optional relational term of CLIP-KD)
     w_rkd_d: float = flag(0.5, "RKD: weight of the distance-wise term")
@@ -179,8 +186,10 @@ class EvalConfig:
 @dataclass
 class LogConfig:
     logs: str = flag(
-        "./logs", "folder holding experiment directories (--logs-dir is the same flag; use it under torchrun, "
-        "whose own --logs-specs makes a bare --logs ambiguous)", aliases=("--logs-dir",)
+        "./logs",
+        "folder holding experiment directories (--logs-dir is the same flag; use it under torchrun, "
+        "whose own --logs-specs makes a bare --logs ambiguous)",
+        aliases=("--logs-dir",),
     )
     name: str | None = flag(None, "experiment name (default: generated from models, loss, batch and time)")
     resume: str | None = flag(None, "checkpoint path, or 'latest' for this experiment's epoch_latest.pt")
@@ -188,9 +197,7 @@ class LogConfig:
     report_to: str = flag("tensorboard", "comma-separated: tensorboard, wandb, or '' for none")
     wandb_project: str = flag("protorkd", "wandb project when reporting to wandb")
     log_every_n_steps: int = flag(20, "write a progress line to out.log every N steps")
-    teacher_cache: str | None = flag(
-        None, "folder of precomputed teacher features (default: the experiment's cache/)"
-    )
+    teacher_cache: str | None = flag(None, "folder of precomputed teacher features (default: the experiment's cache/)")
 
 
 GROUPS: dict[str, type] = {

@@ -103,7 +103,9 @@ def test_clip_kd_terms_equal_hand_computation():
 def test_clip_kd_uses_the_configured_teacher_temperature_without_a_teacher_logit_scale():
     loss = CLIPKD(2, (ClipTeacher(temperature=0.02),), ClipKDWeights(infonce=0, fd=0, icl=0)).double()
     terms = loss(inputs(S_IMAGE, S_TEXT, T_IMAGE, T_TEXT, teacher_scale=None))
-    hand = hand_clip_kd(S_IMAGE.tolist(), S_TEXT.tolist(), T_IMAGE.tolist(), T_TEXT.tolist(), float(loss.scale().detach()), 50.0)
+    hand = hand_clip_kd(
+        S_IMAGE.tolist(), S_TEXT.tolist(), T_IMAGE.tolist(), T_TEXT.tolist(), float(loss.scale().detach()), 50.0
+    )
     assert set(terms) == {"clip_kd_logit_loss"}
     assert terms["clip_kd_logit_loss"].item() == pytest.approx(hand["logit"], rel=1e-9)
 

@@ -63,14 +63,18 @@ def test_compress_1q_equals_hand_computation():
     loss = CompRess(2, queue_size=8, temperature=0.04, two_queues=False).double()
     first, second = run_two_steps(loss)
     assert first == 0.0  # nothing in the queue yet
-    expected = hand_kl(STEP2_TEACHER.tolist(), STEP2_STUDENT.tolist(), STEP1_TEACHER.tolist(), STEP1_TEACHER.tolist(), 0.04)
+    expected = hand_kl(
+        STEP2_TEACHER.tolist(), STEP2_STUDENT.tolist(), STEP1_TEACHER.tolist(), STEP1_TEACHER.tolist(), 0.04
+    )
     assert second == pytest.approx(expected, rel=1e-9)
 
 
 def test_compress_2q_equals_hand_computation():
     loss = CompRess(2, queue_size=8, temperature=0.04, two_queues=True).double()
     _, second = run_two_steps(loss)
-    expected = hand_kl(STEP2_TEACHER.tolist(), STEP2_STUDENT.tolist(), STEP1_TEACHER.tolist(), STEP1_STUDENT.tolist(), 0.04)
+    expected = hand_kl(
+        STEP2_TEACHER.tolist(), STEP2_STUDENT.tolist(), STEP1_TEACHER.tolist(), STEP1_STUDENT.tolist(), 0.04
+    )
     assert second == pytest.approx(expected, rel=1e-9)
 
 

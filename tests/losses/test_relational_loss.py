@@ -68,7 +68,9 @@ def test_rkd_is_zero_when_student_equals_teacher():
 def test_rkd_sends_no_gradient_to_the_teacher():
     student = STUDENT.clone().requires_grad_()
     teacher = TEACHER.clone().requires_grad_()
-    terms = build_loss("RKD", LossConfig(), 3)(LossInputs(image_features=student, text_features=teacher, teacher="text"))
+    terms = build_loss("RKD", LossConfig(), 3)(
+        LossInputs(image_features=student, text_features=teacher, teacher="text")
+    )
     sum(terms.values()).backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert teacher.grad is None or torch.all(teacher.grad == 0)

@@ -15,10 +15,28 @@ from tests.conftest import TINY_MODEL_ARGS
 def test_two_process_gloo_run_exits_0_with_identical_weights(tiny_corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "protorkd", "train", "--train-data", str(tiny_corpus / "train.tsv"),
-        "--eval-data-dir", str(tiny_corpus / "eval"), "--logs-dir", str(tmp_path), "--name", "ddp",
-        "--batch-size", "8", "--epochs", "2", *TINY_MODEL_ARGS,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "protorkd",
+        "train",
+        "--train-data",
+        str(tiny_corpus / "train.tsv"),
+        "--eval-data-dir",
+        str(tiny_corpus / "eval"),
+        "--logs-dir",
+        str(tmp_path),
+        "--name",
+        "ddp",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "2",
+        *TINY_MODEL_ARGS,
     ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

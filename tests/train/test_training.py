@@ -18,13 +18,27 @@ from tests.conftest import TINY_MODEL_ARGS
 
 
 def train_args(corpus: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return ["train", "--train-data", str(corpus / "train.tsv"), "--eval-data-dir", str(corpus / "eval"),
-            "--logs", str(logs), "--name", name, "--batch-size", "16", *TINY_MODEL_ARGS, *extra]
+    return [
+        "train",
+        "--train-data",
+        str(corpus / "train.tsv"),
+        "--eval-data-dir",
+        str(corpus / "eval"),
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--batch-size",
+        "16",
+        *TINY_MODEL_ARGS,
+        *extra,
+    ]
 
 
 def test_training_writes_the_experiment_layout(tiny_corpus, tmp_path, capsys):
-    code = main(train_args(tiny_corpus, tmp_path, "run", "--epochs", "2", "--save-frequency", "2",
-                           "--report-to", "tensorboard"))
+    code = main(
+        train_args(tiny_corpus, tmp_path, "run", "--epochs", "2", "--save-frequency", "2", "--report-to", "tensorboard")
+    )
     assert code == 0
     root = tmp_path / "run"
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch_2.pt", "epoch_latest.pt"]
@@ -42,8 +56,24 @@ def test_training_writes_the_experiment_layout(tiny_corpus, tmp_path, capsys):
 
 
 def test_params_txt_reads_back_to_the_run_config(tiny_corpus, tmp_path):
-    assert main(train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--csv-separator", "\t",
-                           "--zeroshot-frequency", "0", "--episode-size", "48")) == 0
+    assert (
+        main(
+            train_args(
+                tiny_corpus,
+                tmp_path,
+                "run",
+                "--epochs",
+                "1",
+                "--csv-separator",
+                "\t",
+                "--zeroshot-frequency",
+                "0",
+                "--episode-size",
+                "48",
+            )
+        )
+        == 0
+    )
     cfg = read_params(tmp_path / "run" / "params.txt")
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert cfg.to_flat_dict() == checkpoint["config"]
@@ -59,8 +89,12 @@ def test_resumed_run_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_pa
     assert main(train_args(tiny_corpus, tmp_path, "full", *common)) == 0
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    process = subprocess.Popen([sys.executable, "-m", "protorkd", *train_args(tiny_corpus, tmp_path, "killed", *common)],
-                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "protorkd", *train_args(tiny_corpus, tmp_path, "killed", *common)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = tmp_path / "killed" / "checkpoints" / "epoch_1.pt"
     deadline = time.time() + 120
     while not first.exists() and process.poll() is None and time.time() < deadline:
@@ -95,8 +129,20 @@ def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
     csv = tmp_path / "bad.tsv"
     csv.write_text("\n".join([header, *rows]) + "\n")
 
-    args = ["train", "--train-data", str(csv), "--logs", str(tmp_path), "--batch-size", "16", *TINY_MODEL_ARGS,
-            "--epochs", "1", "--zeroshot-frequency", "0"]
+    args = [
+        "train",
+        "--train-data",
+        str(csv),
+        "--logs",
+        str(tmp_path),
+        "--batch-size",
+        "16",
+        *TINY_MODEL_ARGS,
+        "--epochs",
+        "1",
+        "--zeroshot-frequency",
+        "0",
+    ]
     assert main([*args, "--name", "tolerant", "--max-bad-fraction", "0.1"]) == 0
     log_text = (tmp_path / "tolerant" / "out.log").read_text()
     assert "skipped 4 unreadable samples" in log_text
@@ -115,8 +161,20 @@ def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
         (["--train-data", "/nonexistent/train.tsv"], "no such file"),
         (["--resume", "latest"], "no checkpoint"),
         (["--csv-caption-key", "caption"], "no column 'caption'"),
-        (["--teacher", "text", "--image-head-n-layers", "0", "--lock-image-model", "--joint-projection-dim", "16",
-          "--text-head-n-layers", "0"], "identity head"),
+        (
+            [
+                "--teacher",
+                "text",
+                "--image-head-n-layers",
+                "0",
+                "--lock-image-model",
+                "--joint-projection-dim",
+                "16",
+                "--text-head-n-layers",
+                "0",
+            ],
+            "identity head",
+        ),
         (["--epochs", "1", "--batch-size", "4096"], "lower --batch-size"),
     ],
 )

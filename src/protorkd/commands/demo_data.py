@@ -7,13 +7,15 @@ from pathlib import Path
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo-data", help="write the built-in demo corpus as images + TSV",
-                                   description=__doc__)
+    parser = subparsers.add_parser(
+        "demo-data", help="write the built-in demo corpus as images + TSV", description=__doc__
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder to create (must not exist or be empty)")
     parser.add_argument("--size", type=int, default=10240, help="training pairs (default: 10240)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed (default: 0)")
-    parser.add_argument("--eval-per-class", type=int, default=100,
-                        help="held-out images per class and split (default: 100)")
+    parser.add_argument(
+        "--eval-per-class", type=int, default=100, help="held-out images per class and split (default: 100)"
+    )
     parser.set_defaults(func=run)
 
 

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "train", help="train a student (default: the built-in demo)", description=__doc__,
+        "train",
+        help="train a student (default: the built-in demo)",
+        description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter,
     )
     parser.add_argument("--list-losses", action="store_true", help="print the registered loss names and exit")

@@ -70,7 +70,9 @@ def sample_scene(rng: random.Random, shape: str | None = None) -> Scene:
             centres.append((x, y))
     colour = rng.choice(list(COLOURS))
     background = rng.choice([b for b in BACKGROUNDS if not (b == "gray" and colour == "white")])
-    return Scene(shape, colour, background, len(centres), size, tuple(centres), rng.uniform(-0.3, 0.3), rng.random() < 0.5)
+    return Scene(
+        shape, colour, background, len(centres), size, tuple(centres), rng.uniform(-0.3, 0.3), rng.random() < 0.5
+    )
 
 
 def _polygon(cx: float, cy: float, r: float, sides: int, rotation: float, inner: float = 1.0) -> list[tuple]:
@@ -104,7 +106,9 @@ def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
         elif scene.shape == "square":
             draw.polygon(_polygon(cx, cy, r * 1.25, 4, rot + math.pi / 4), fill=colour)
         elif scene.shape == "diamond":
-            draw.polygon([(cx, cy - r * 1.2), (cx + r * 0.75, cy), (cx, cy + r * 1.2), (cx - r * 0.75, cy)], fill=colour)
+            draw.polygon(
+                [(cx, cy - r * 1.2), (cx + r * 0.75, cy), (cx, cy + r * 1.2), (cx - r * 0.75, cy)], fill=colour
+            )
         elif scene.shape == "triangle":
             draw.polygon(_polygon(cx, cy, r * 1.2, 3, rot), fill=colour)
         elif scene.shape == "star":

@@ -23,9 +23,7 @@ def episode_indices(dataset_size: int, episode_size: int, seed: int, epoch: int)
 class EpisodeSampler(Sampler[tuple[int, int, int]]):
     """Yields (epoch, position in the epoch, corpus row) for this rank; see CsvCorpus.__getitem__."""
 
-    def __init__(
-        self, dataset_size: int, episode_size: int, *, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, dataset_size: int, episode_size: int, *, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.dataset_size = dataset_size
         self.episode_size = episode_size
         self.seed = seed
@@ -46,7 +44,9 @@ class EpisodeSampler(Sampler[tuple[int, int, int]]):
     def __iter__(self):
         rows = self.episode()
         per_rank = len(self)
-        padded = torch.cat([rows, rows[: per_rank * self.world_size - len(rows)]]) if len(rows) % self.world_size else rows
+        padded = (
+            torch.cat([rows, rows[: per_rank * self.world_size - len(rows)]]) if len(rows) % self.world_size else rows
+        )
         rows_list = padded.tolist()
         positions = range(self.rank, per_rank * self.world_size, self.world_size)
         return iter((self.epoch, position, rows_list[position]) for position in positions)

@@ -32,20 +32,24 @@ def image_transform(
     mode = INTERPOLATIONS.get(interpolation, T.InterpolationMode.BICUBIC)
     normalize = T.Normalize(mean, std)
     if not train:
-        return T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), _to_rgb,
-                          T.ToTensor(), normalize])
+        return T.Compose(
+            [T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), _to_rgb, T.ToTensor(), normalize]
+        )
     if augmentation in (None, "none"):
-        return T.Compose([T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=mode), _to_rgb,
-                          T.ToTensor(), normalize])
+        return T.Compose(
+            [T.RandomResizedCrop(image_size, scale=(0.9, 1.0), interpolation=mode), _to_rgb, T.ToTensor(), normalize]
+        )
     if augmentation == "protoclip-light":
-        return T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=mode),
-            _to_rgb,
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.2),
-            T.RandomGrayscale(p=0.2),
-            T.RandomApply([T.GaussianBlur(kernel_size=21 if image_size >= 128 else 5)], p=0.2),
-            T.ToTensor(),
-            normalize,
-        ])
+        return T.Compose(
+            [
+                T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=mode),
+                _to_rgb,
+                T.RandomHorizontalFlip(),
+                T.RandomApply([T.ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.2),
+                T.RandomGrayscale(p=0.2),
+                T.RandomApply([T.GaussianBlur(kernel_size=21 if image_size >= 128 else 5)], p=0.2),
+                T.ToTensor(),
+                normalize,
+            ]
+        )
     raise ValueError(f"unknown augmentation {augmentation!r}; valid: none, protoclip-light")

@@ -20,7 +20,7 @@ from protorkd.losses.contrastive import InfoNCE
 from protorkd.losses.protoclip import ProtoCLIP
 from protorkd.losses.prototype import DINO, ProtoCPC, ProtoRKD
 from protorkd.losses.queue import SEED, CompRess
-from protorkd.losses.redundancy import VICReg, BarlowTwins
+from protorkd.losses.redundancy import BarlowTwins, VICReg
 from protorkd.losses.regression import SimReg
 from protorkd.losses.relational import RKD
 from protorkd.registry import Registry
@@ -71,9 +71,7 @@ def _compress_2q(cfg: LossConfig, dim: int) -> nn.Module:
 
 @LOSSES.register("SEED")
 def _seed(cfg: LossConfig, dim: int) -> nn.Module:
-    return SEED(
-        dim, cfg.queue_size, cfg.seed_student_temperature, cfg.seed_teacher_temperature, weight=cfg.w_distill
-    )
+    return SEED(dim, cfg.queue_size, cfg.seed_student_temperature, cfg.seed_teacher_temperature, weight=cfg.w_distill)
 
 
 @LOSSES.register("VICReg")

@@ -19,7 +19,9 @@ SIMCSE_LOGIT_SCALE = 20.0  # 1 / 0.05, SimCSE's temperature (the original: exp(2
 
 def _required(inputs: LossInputs, key: str, loss_name: str) -> torch.Tensor:
     if key not in inputs.extra:
-        raise KeyError(f"{loss_name} needs inputs.extra[{key!r}] ([B, D] features); the training loop did not provide it")
+        raise KeyError(
+            f"{loss_name} needs inputs.extra[{key!r}] ([B, D] features); the training loop did not provide it"
+        )
     return inputs.extra[key]
 
 

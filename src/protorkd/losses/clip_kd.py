@@ -125,9 +125,9 @@ class CLIPKD(nn.Module):
         if w.logit:
             teacher_logits = teacher_scale * teacher_image @ teacher_text.T
             student_logits = scale * student_image @ student_text.T
-            terms["clip_kd_logit_loss"] = w.logit * 0.5 * (
-                kl_divergence(teacher_logits, student_logits) + kl_divergence(teacher_logits.T, student_logits.T)
-            )
+            image_to_text = kl_divergence(teacher_logits, student_logits)
+            text_to_image = kl_divergence(teacher_logits.T, student_logits.T)
+            terms["clip_kd_logit_loss"] = w.logit * 0.5 * (image_to_text + text_to_image)
         if w.fd or w.icl:
             projected_image = self._project(self.image_projections[teacher.name], student_image)
             projected_text = self._project(self.text_projections[teacher.name], student_text)

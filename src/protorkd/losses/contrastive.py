@@ -41,7 +41,9 @@ def clip_loss(
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
 
 
-def symmetric_infonce(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def symmetric_infonce(
+    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """1/2 [CE(s I T^T, y) + CE(s T I^T, y)] over the rows given ([N, D] each, no gather): row i pairs with row i."""
     logits_per_image = logit_scale * image_features @ text_features.T
     labels = torch.arange(image_features.shape[0], device=image_features.device)

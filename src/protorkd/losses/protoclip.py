@@ -106,8 +106,9 @@ class ProtoCLIP(nn.Module):
         if inputs.indices is None:
             raise ValueError("ProtoCLIP needs inputs.indices to look up cluster labels")
         indices = gather_frozen(inputs.indices).long()
-        image_proto = gather_trainable(inputs.extra["image_proto_features"]) if "image_proto_features" in inputs.extra else image
-        text_proto = gather_trainable(inputs.extra["text_proto_features"]) if "text_proto_features" in inputs.extra else text
+        extra = inputs.extra
+        image_proto = gather_trainable(extra["image_proto_features"]) if "image_proto_features" in extra else image
+        text_proto = gather_trainable(extra["text_proto_features"]) if "text_proto_features" in extra else text
 
         if self.w_proto:
             text_labels = _lookup(self.text_labels, indices)

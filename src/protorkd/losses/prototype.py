@@ -176,7 +176,7 @@ class ProtoRKD(_SharedPrototypeLoss):
             student_assignments = student_logits.argmax(dim=1)
             self._diagnostics = {
                 "protorkd/teacher_entropy": entropy(teacher_relation),
-                "protorkd/prototypes_used": torch.unique(assignments).numel() * torch.ones(()),
+                "protorkd/prototypes_used": assignments.bincount(minlength=teacher_logits.shape[1]).count_nonzero(),
                 "protorkd/assignment_agreement": (assignments == student_assignments).float().mean(),
             }
         return {"distill_loss": self.weight * loss}

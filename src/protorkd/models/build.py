@@ -39,8 +39,9 @@ def build_dual_encoder(cfg: ModelConfig) -> DualEncoder:
     )
     if cfg.adapter == "lora":
         if lock_text:
-            raise UsageError("--adapter lora trains the text tower, which is locked; drop --lock-text-model / "
-                             "--teacher text")
+            raise UsageError(
+                "--adapter lora trains the text tower, which is locked; drop --lock-text-model / --teacher text"
+            )
         trainable = add_lora(text_tower, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         log.info("LoRA adapters: %d trainable text-tower parameters", trainable)
     dim = joint_dim(cfg, image_tower.output_dim, text_tower.output_dim)

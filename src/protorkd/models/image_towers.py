@@ -142,7 +142,9 @@ def build_torchvision_image(name: str, tag: str, image_size: int | None) -> Imag
         output_dim = model(torch.zeros(1, 3, size, size)).flatten(1).shape[1]
         model.train(was_training)
     return ImageTower(
-        nn.Sequential(model, nn.Flatten(1)), output_dim, Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
+        nn.Sequential(model, nn.Flatten(1)),
+        output_dim,
+        Preprocess(size, IMAGENET_MEAN, IMAGENET_STD, "bilinear"),
         f"torchvision:{name}",
     )
 

@@ -199,9 +199,7 @@ def _custom(name: str, tag: str, pooler: str, max_seq_length: int) -> TextTower:
     return tower
 
 
-def build_text_tower(
-    builder: str, name: str, tag: str = "", pooler: str = "cls", max_seq_length: int = 0
-) -> TextTower:
+def build_text_tower(builder: str, name: str, tag: str = "", pooler: str = "cls", max_seq_length: int = 0) -> TextTower:
     return TEXT_BUILDERS.get(builder)(name, tag, pooler, max_seq_length)
 
 
@@ -225,4 +223,3 @@ def add_lora(tower: TextTower, r: int, alpha: int, dropout: float) -> int:
     for name, parameter in tower.named_parameters():
         parameter.requires_grad = "lora_" in name
     return sum(p.numel() for p in tower.parameters() if p.requires_grad)
-

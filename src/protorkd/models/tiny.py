@@ -58,8 +58,8 @@ def tiny_cnn() -> tuple[nn.Module, int]:
 
 @CUSTOM_IMAGE_ARCHS.register("micro-cnn")
 def micro_cnn() -> tuple[nn.Module, int]:
-    """A ~20k-parameter variant for unit tests."""
-    return TinyCNN(widths=(16, 32), depths=(1, 1)), 32
+    """A ~30k-parameter variant for unit tests (64-d, like tiny-text)."""
+    return TinyCNN(widths=(16, 64), depths=(1, 1)), 32
 
 
 @CUSTOM_IMAGE_ARCHS.register("tiny-vit")

@@ -11,7 +11,9 @@ import numpy as np
 import torch
 
 
-def translated_centroids(labels: torch.Tensor | np.ndarray, features: torch.Tensor | np.ndarray, k: int) -> torch.Tensor:
+def translated_centroids(
+    labels: torch.Tensor | np.ndarray, features: torch.Tensor | np.ndarray, k: int
+) -> torch.Tensor:
     """[k, d] centroid c_j = mean of features[i] over i with labels[i] == j; zeros for empty clusters.
 
     labels: [N] in [0, k) (negative labels are ignored); features: [N, d]. Returns float32.

@@ -142,7 +142,9 @@ def cluster_episode(
         logger.warning("an external teacher needs prototypical back translation (--PBT); ignoring it")
         external = None
     if external is not None:
-        runs["external"] = kmeans(np.nan_to_num(_to_numpy(external)), k, max_iter=max_iter, nredo=nredo, seed=seed, gpu=gpu)
+        runs["external"] = kmeans(
+            np.nan_to_num(_to_numpy(external)), k, max_iter=max_iter, nredo=nredo, seed=seed, gpu=gpu
+        )
     kmeans_seconds = time.perf_counter() - start
 
     state = ClusterState(
@@ -227,7 +229,9 @@ def load_external_teacher(
     if array.ndim != 2:
         raise ValueError(f"{path}: external teacher features must be 2-D [rows, dim], got shape {array.shape}")
     if expected_dim is not None and array.shape[1] != expected_dim:
-        raise ValueError(f"{path}: external teacher width is {array.shape[1]}, --external-teacher-dim is {expected_dim}")
+        raise ValueError(
+            f"{path}: external teacher width is {array.shape[1]}, --external-teacher-dim is {expected_dim}"
+        )
     if rows is not None:
         array = array[np.asarray(torch.as_tensor(rows).cpu().numpy(), dtype=np.int64)]
     return np.ascontiguousarray(array, dtype=np.float32)

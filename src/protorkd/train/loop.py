@@ -28,7 +28,12 @@ from protorkd.losses import build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.models.build import build_dual_encoder
 from protorkd.train.checkpoint import (
-    load_checkpoint, resolve_resume, rng_state, save_checkpoint, set_rng_state, strip_module_prefix,
+    load_checkpoint,
+    resolve_resume,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    strip_module_prefix,
 )
 from protorkd.train.experiment import ExperimentPaths, experiment_paths
 from protorkd.train.logs import MetricWriter, setup_file_logging
@@ -76,8 +81,12 @@ def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
     # --- setup: validate everything a user can get wrong before creating the experiment directory
     corpus = resolve_corpus(cfg.data)
     check_batch_fits(len(corpus.images), cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
-    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, name=distributed.broadcast_object(
-        experiment_paths(cfg, state.world_size).root.name)))
+    cfg = dataclasses.replace(
+        cfg,
+        log=dataclasses.replace(
+            cfg.log, name=distributed.broadcast_object(experiment_paths(cfg, state.world_size).root.name)
+        ),
+    )
     paths = ExperimentPaths(Path(cfg.log.logs) / cfg.log.name)
     resume_path = resolve_resume(cfg.log.resume, paths.checkpoints) if cfg.log.resume else None
     model = build_dual_encoder(cfg.model)
@@ -103,8 +112,9 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
     progress = state.is_master
     teacher = cfg.model.teacher
     try:
-        log.info("experiment %s (protorkd %s, world size %d, device %s)", paths.root, __version__,
-                 state.world_size, device)
+        log.info(
+            "experiment %s (protorkd %s, world size %d, device %s)", paths.root, __version__, state.world_size, device
+        )
         log.info("corpus %s: %d rows", corpus.source, len(corpus.images))
         teacher_features = None
         if teacher != "none":
@@ -114,11 +124,21 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
             distributed.barrier()
             if not state.is_master:
                 teacher_features = load_teacher_features(model, corpus, cfg, cache_root, device, progress=False)
-            log.info("teacher %s features: %s (%d unique x %d)", teacher, teacher_features.folder,
-                     teacher_features.features.shape[0], teacher_features.dim)
+            log.info(
+                "teacher %s features: %s (%d unique x %d)",
+                teacher,
+                teacher_features.folder,
+                teacher_features.features.shape[0],
+                teacher_features.dim,
+            )
         bad_rows = teacher_features.bad_rows if teacher_features else set()
         loader, sampler, dataset = make_loader(
-            corpus, model, cfg, state, load_images=teacher != "image", bad_rows=bad_rows,
+            corpus,
+            model,
+            cfg,
+            state,
+            load_images=teacher != "image",
+            bad_rows=bad_rows,
             pin_memory=device.type == "cuda",
         )
         if state.is_master:
@@ -135,8 +155,14 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
         model.to(torch.bfloat16)
     if device.type == "cuda" and model.image_tower is not None:
         model.image_tower.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer([model, loss_fn], lr=cfg.optim.lr, weight_decay=cfg.optim.wd,
-                                betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps, device_type=device.type)
+    optimizer = build_optimizer(
+        [model, loss_fn],
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.wd,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+        device_type=device.type,
+    )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and cfg.optim.precision == "amp" else None
     start_epoch = 0
     if resume_path is not None:
@@ -157,8 +183,12 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
     if cfg.optim.torchcompile:
         train_model = torch.compile(train_model)
 
-    writer = MetricWriter(paths.root, cfg.log.report_to if state.is_master else "",
-                          config=cfg.to_flat_dict(), wandb_project=cfg.log.wandb_project)
+    writer = MetricWriter(
+        paths.root,
+        cfg.log.report_to if state.is_master else "",
+        config=cfg.to_flat_dict(),
+        wandb_project=cfg.log.wandb_project,
+    )
     steps_per_epoch = len(loader) // cfg.optim.accum_freq
     total_steps = steps_per_epoch * cfg.optim.epochs
     metrics: dict[str, float] = {}
@@ -169,8 +199,24 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
         sampler.set_epoch(epoch)
         model.train()
         bad = BadSampleCounter(cfg.data.max_bad_fraction, dataset.describe)
-        _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimizer, scaler, loader,
-                     teacher_features, writer, bad, steps_per_epoch, total_steps, progress)
+        _train_epoch(
+            cfg,
+            state,
+            device,
+            epoch,
+            train_model,
+            model,
+            loss_fn,
+            optimizer,
+            scaler,
+            loader,
+            teacher_features,
+            writer,
+            bad,
+            steps_per_epoch,
+            total_steps,
+            progress,
+        )
         bad.report(epoch + 1)
         bad.check()
 
@@ -178,8 +224,12 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
         completed = epoch + 1
         if state.is_master:
             payload = {
-                "epoch": completed, "name": cfg.log.name, "state_dict": model.state_dict(),
-                "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                "epoch": completed,
+                "name": cfg.log.name,
+                "state_dict": model.state_dict(),
+                "loss_state": loss_fn.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng_state(),
                 "config": cfg.to_flat_dict(),
             }
             if scaler is not None:
@@ -192,14 +242,26 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
         if state.is_master:
             started = time.time()
             metrics = evaluate_during_training(
-                model, eval_root, epoch=completed, last_epoch=cfg.optim.epochs, device=device,
-                frequencies={"zeroshot": cfg.eval.zeroshot_frequency, "linear": cfg.eval.linear_frequency,
-                             "retrieval": cfg.eval.retrieval_frequency},
-                batch_size=max(cfg.optim.batch_size, 256), workers=cfg.data.workers,
+                model,
+                eval_root,
+                epoch=completed,
+                last_epoch=cfg.optim.epochs,
+                device=device,
+                frequencies={
+                    "zeroshot": cfg.eval.zeroshot_frequency,
+                    "linear": cfg.eval.linear_frequency,
+                    "retrieval": cfg.eval.retrieval_frequency,
+                },
+                batch_size=max(cfg.optim.batch_size, 256),
+                workers=cfg.data.workers,
             )
             if metrics:
-                log.info("epoch %d evaluation (%.1f s): %s", completed, time.time() - started,
-                         "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())))
+                log.info(
+                    "epoch %d evaluation (%.1f s): %s",
+                    completed,
+                    time.time() - started,
+                    "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())),
+                )
                 writer.results(metrics, epoch=completed, step=completed * steps_per_epoch)
         distributed.barrier()
     writer.close()
@@ -208,12 +270,33 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
     return TrainResult(paths.root, cfg.optim.epochs, metrics)
 
 
-def _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimizer, scaler, loader,
-                 teacher_features, writer, bad, steps_per_epoch, total_steps, progress) -> None:
+def _train_epoch(
+    cfg,
+    state,
+    device,
+    epoch,
+    train_model,
+    model,
+    loss_fn,
+    optimizer,
+    scaler,
+    loader,
+    teacher_features,
+    writer,
+    bad,
+    steps_per_epoch,
+    total_steps,
+    progress,
+) -> None:
     teacher = cfg.model.teacher
     accum = cfg.optim.accum_freq
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.optim.epochs}", disable=None if progress else True,
-               leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{cfg.optim.epochs}",
+        disable=None if progress else True,
+        leave=False,
+        dynamic_ncols=True,
+    )
     window_start, window_samples = time.time(), 0
     optimizer.zero_grad(set_to_none=True)
     for batch_index, batch in enumerate(loader):
@@ -243,15 +326,20 @@ def _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimiz
         with precision_context(cfg.optim.precision, device):
             features = train_model(**inputs)
             loss_inputs = LossInputs(
-                image_features=features["image_features"], text_features=features["text_features"],
-                teacher=teacher, indices=batch["indices"].to(device), epoch=epoch,
+                image_features=features["image_features"],
+                text_features=features["text_features"],
+                teacher=teacher,
+                indices=batch["indices"].to(device),
+                epoch=epoch,
                 extra={k: v for k, v in features.items() if k not in ("image_features", "text_features")},
             )
             terms = loss_fn(loss_inputs)
             total = sum(terms.values())
         if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: "
-                                     + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items()))
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch + 1} step {step}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
+            )
 
         # --- backward (gradients of loss-owned parameters are averaged across ranks by hand)
         scaled = total / accum
@@ -283,8 +371,14 @@ def _train_epoch(cfg, state, device, epoch, train_model, model, loss_fn, optimiz
             elapsed = time.time() - window_start
             values["train/samples_per_second"] = window_samples / max(elapsed, 1e-9)
             writer.scalars(values, step + 1)
-            log.info("epoch %d/%d step %d/%d  %s", epoch + 1, cfg.optim.epochs, step + 1 - epoch * steps_per_epoch,
-                     steps_per_epoch, "  ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items()))
+            log.info(
+                "epoch %d/%d step %d/%d  %s",
+                epoch + 1,
+                cfg.optim.epochs,
+                step + 1 - epoch * steps_per_epoch,
+                steps_per_epoch,
+                "  ".join(f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items()),
+            )
             window_start, window_samples = time.time(), 0
     bar.close()
 

@@ -28,7 +28,12 @@ def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict
 
 
 def build_optimizer(
-    modules: Iterable[nn.Module], *, lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+    modules: Iterable[nn.Module],
+    *,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float],
+    eps: float,
     device_type: str = "cpu",
 ) -> torch.optim.AdamW:
     groups = [group for group in param_groups(modules, weight_decay) if group["params"]]

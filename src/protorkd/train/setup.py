@@ -71,12 +71,24 @@ def teacher_spec(model: DualEncoder, modality: str, cfg: Config) -> dict:
     """What identifies a teacher's features: tower, weights, tokenisation or preprocessing."""
     m = cfg.model
     if modality == "text":
-        return {"builder": m.text_model_builder, "model": m.text_model, "tag": m.text_model_tag,
-                "pooler": m.text_pooler if m.text_model_builder == "huggingface" else "",
-                "max_seq_length": m.max_seq_length, "tower": model.text_tower.name}
+        return {
+            "builder": m.text_model_builder,
+            "model": m.text_model,
+            "tag": m.text_model_tag,
+            "pooler": m.text_pooler if m.text_model_builder == "huggingface" else "",
+            "max_seq_length": m.max_seq_length,
+            "tower": model.text_tower.name,
+        }
     p = model.image_preprocess
-    return {"builder": m.image_model_builder, "model": m.image_model, "tag": m.image_model_tag,
-            "image_size": p.image_size, "mean": list(p.mean), "std": list(p.std), "tower": model.image_tower.name}
+    return {
+        "builder": m.image_model_builder,
+        "model": m.image_model,
+        "tag": m.image_model_tag,
+        "image_size": p.image_size,
+        "mean": list(p.mean),
+        "std": list(p.std),
+        "tower": model.image_tower.name,
+    }
 
 
 def teacher_weights_fingerprint(module: torch.nn.Module) -> str:
@@ -108,6 +120,7 @@ def load_teacher_features(
     tower.to(device)
 
     if modality == "text":
+
         def encode(texts: list[str]) -> torch.Tensor:
             tokens = {k: v.to(device) for k, v in model.tokenize(texts).items()}
             return model.text_backbone(tokens)
@@ -120,24 +133,48 @@ def load_teacher_features(
         def encode(images: list[torch.Tensor]) -> torch.Tensor:
             return model.image_backbone(torch.stack(images).to(device))
 
-    return build_teacher_cache(folder, modality=modality, keys=keys, spec=spec, encode=encode, load=load,
-                               progress=progress)
+    return build_teacher_cache(
+        folder, modality=modality, keys=keys, spec=spec, encode=encode, load=load, progress=progress
+    )
 
 
 def make_loader(
-    corpus: Corpus, model: DualEncoder, cfg: Config, state: DistState, *, load_images: bool, bad_rows: set[int],
-    views: int = 1, pin_memory: bool = False,
+    corpus: Corpus,
+    model: DualEncoder,
+    cfg: Config,
+    state: DistState,
+    *,
+    load_images: bool,
+    bad_rows: set[int],
+    views: int = 1,
+    pin_memory: bool = False,
 ) -> tuple[DataLoader, EpisodeSampler, CsvCorpus]:
     p = model.image_preprocess
-    transform = image_transform(p.image_size, p.mean, p.std, train=True, augmentation=cfg.data.augmentation,
-                                interpolation=p.interpolation)
-    dataset = CsvCorpus(corpus.images, corpus.captions, transform, load_images=load_images, views=views,
-                        source=corpus.source, bad_rows=bad_rows, seed=cfg.optim.seed)
-    sampler = EpisodeSampler(len(dataset), cfg.data.episode_size, seed=cfg.optim.seed, rank=state.rank,
-                             world_size=state.world_size)
+    transform = image_transform(
+        p.image_size, p.mean, p.std, train=True, augmentation=cfg.data.augmentation, interpolation=p.interpolation
+    )
+    dataset = CsvCorpus(
+        corpus.images,
+        corpus.captions,
+        transform,
+        load_images=load_images,
+        views=views,
+        source=corpus.source,
+        bad_rows=bad_rows,
+        seed=cfg.optim.seed,
+    )
+    sampler = EpisodeSampler(
+        len(dataset), cfg.data.episode_size, seed=cfg.optim.seed, rank=state.rank, world_size=state.world_size
+    )
     loader = DataLoader(
-        dataset, batch_size=cfg.optim.batch_size, sampler=sampler, num_workers=cfg.data.workers,
-        collate_fn=collate, drop_last=True, pin_memory=pin_memory, persistent_workers=cfg.data.workers > 0,
+        dataset,
+        batch_size=cfg.optim.batch_size,
+        sampler=sampler,
+        num_workers=cfg.data.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=pin_memory,
+        persistent_workers=cfg.data.workers > 0,
         prefetch_factor=4 if cfg.data.workers > 0 else None,
     )
     return loader, sampler, dataset

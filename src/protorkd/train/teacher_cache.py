@@ -101,8 +101,14 @@ def build_teacher_cache(
     unique = list(dict.fromkeys(keys))
     position = {key: i for i, key in enumerate(unique)}
     rows = np.fromiter((position[key] for key in keys), dtype=np.int64, count=len(keys))
-    expected = {"format": FORMAT_VERSION, "modality": modality, "teacher": spec, "corpus_sha256": corpus_hash(keys),
-                "rows": len(keys), "unique": len(unique)}
+    expected = {
+        "format": FORMAT_VERSION,
+        "modality": modality,
+        "teacher": spec,
+        "corpus_sha256": corpus_hash(keys),
+        "rows": len(keys),
+        "unique": len(unique),
+    }
     manifest_path = folder / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
     if manifest is not None:
@@ -121,8 +127,14 @@ def build_teacher_cache(
     if done:
         log.info("resuming teacher cache %s at %d / %d", folder, done, len(unique))
     # captions are encoded longest-first in order of the unique list chunks; order inside a chunk is free
-    bar = tqdm(total=len(unique), initial=done, desc=f"teacher {modality} features", disable=not progress,
-               unit=modality == "text" and "caption" or "image", mininterval=1.0)
+    bar = tqdm(
+        total=len(unique),
+        initial=done,
+        desc=f"teacher {modality} features",
+        disable=not progress,
+        unit=modality == "text" and "caption" or "image",
+        mininterval=1.0,
+    )
     for start in range(done, len(unique), CHUNK):
         chunk = list(range(start, min(start + CHUNK, len(unique))))
         outputs: dict[int, np.ndarray] = {}
@@ -144,14 +156,16 @@ def build_teacher_cache(
             bar.update(len(encoded))
         if features is None:
             dim = int(next(iter(outputs.values())).shape[0]) if outputs else 0
-            features = np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.float16,
-                                                 shape=(len(unique), dim))
+            features = np.lib.format.open_memmap(
+                folder / "features.npy", mode="w+", dtype=np.float16, shape=(len(unique), dim)
+            )
         for i in chunk:
             features[i] = outputs.get(i, 0.0)
         features.flush()
         done = chunk[-1] + 1
-        _write_manifest(folder, {**expected, "dim": dim, "done": done, "complete": done == len(unique),
-                                 "bad_unique": bad_unique})
+        _write_manifest(
+            folder, {**expected, "dim": dim, "done": done, "complete": done == len(unique), "bad_unique": bad_unique}
+        )
     bar.close()
     np.save(folder / "rows.npy", rows)
     features = np.load(folder / "features.npy", mmap_mode="r")
