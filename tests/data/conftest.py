@@ -9,6 +9,7 @@ Routes (all GET; `?delay=S` on any route sleeps S seconds first):
   /big/N, /stream/N                           N bytes, with / without Content-Length
   /loop                                       a redirect to itself
   /flaky/NAME                                 503 while `server.failures[NAME]` > 0 (decremented), then a JPEG
+  /optout                                     a JPEG sent with `X-Robots-Tag: noai`
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args) -> None:  # keep pytest output clean
         pass
 
-    def _send(self, status: int, body: bytes = b"", content_type: str = "image/jpeg", length: bool = True) -> None:
+    def _send(
+        self, status: int, body: bytes = b"", content_type: str = "image/jpeg", length: bool = True, robots: str = ""
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        if robots:
+            self.send_header("X-Robots-Tag", robots)
         if length:
             self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -77,6 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(200, b"\xff" * int(parts[1]))
             elif route == "stream":
                 self._send(200, b"\xff" * int(parts[1]), length=False)
+            elif route == "optout":
+                self._send(200, image_bytes("jpg", 300, 200), robots="noai")
             elif route == "loop":
                 self.send_response(302)
                 self.send_header("Location", url.path)

@@ -40,6 +40,7 @@ MIXED_ROWS = [
     ("a broken server", "/status/500", "http_500"),
     ("a decompression bomb", "/png/2000x2000", "too_many_pixels"),
     ("a tall photo", "/jpg/400x900", "ok"),
+    ("an opted-out image", "/optout", "opted_out"),
 ]
 
 
@@ -261,7 +262,7 @@ def test_cli_registers_every_flag_with_help(capsys):
         "--subset",
         "--seed",
         "--retry-failed",
-        "--workers",
+        "--decode-threads",
     ):
         assert flag in text
 

@@ -55,7 +55,7 @@ def gather_cc(
     min_side: int = 64,
     jpeg_quality: int = 90,
     shard_size: int = 10_000,
-    workers: int | None = None,
+    decode_threads: int | None = None,
     subset: int | None = None,
     seed: int = 0,
     retry_failed: bool = False,
@@ -68,7 +68,22 @@ def gather_cc(
     failure may be transient (timeouts, connection and DNS errors, HTTP 429/5xx); in webdataset
     format only rows of shards not yet written.
     """
-    _check_settings(output_format, concurrency, timeout, retries, max_bytes, max_side, min_side, shard_size, subset)
+    _check_settings(
+        output_format,
+        subset,
+        timeout,
+        concurrency=(concurrency, 1),
+        retries=(retries, 0),
+        max_bytes=(max_bytes, 1),
+        max_pixels=(max_pixels, 1),
+        max_side=(max_side, 1),
+        min_side=(min_side, 0),
+        jpeg_quality=(jpeg_quality, 1),
+        shard_size=(shard_size, 1),
+        decode_threads=(decode_threads, 1),
+    )
+    if jpeg_quality > 100:
+        raise UsageError(f"--jpeg-quality {jpeg_quality}: must be at most 100 (Pillow recommends <= 95)")
     tsv_path, out_dir = Path(tsv_path), Path(out_dir)
     num_lines, blank_lines = scan_tsv(tsv_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +124,7 @@ def gather_cc(
         fetch_options=dict(timeout=timeout, max_bytes=max_bytes, retries=retries, backoff=backoff),
         image_options=dict(max_side=max_side, min_side=min_side, max_pixels=max_pixels, quality=jpeg_quality),
         concurrency=concurrency,
-        workers=workers or os.cpu_count() or 4,
+        workers=decode_threads or os.cpu_count() or 4,
         user_agent=user_agent,
         progress=progress,
     )
@@ -166,19 +181,13 @@ def gather_cc(
     return stats
 
 
-def _check_settings(output_format, concurrency, timeout, retries, max_bytes, max_side, min_side, shard_size, subset):
+def _check_settings(output_format: str, subset: int | None, timeout: float, **at_least: tuple[int | None, int]) -> None:
+    """UsageError for a value a run cannot use; `at_least` maps a flag name to (value, minimum)."""
     if output_format not in FORMATS:
         raise UsageError(f"--format {output_format!r}: choose one of {', '.join(FORMATS)}")
-    for flag, value, low in (
-        ("--concurrency", concurrency, 1),
-        ("--retries", retries, 0),
-        ("--max-bytes", max_bytes, 1),
-        ("--max-side", max_side, 1),
-        ("--min-side", min_side, 0),
-        ("--shard-size", shard_size, 1),
-    ):
-        if value < low:
-            raise UsageError(f"{flag} {value}: must be at least {low}")
+    for name, (value, low) in at_least.items():
+        if value is not None and value < low:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
     if timeout <= 0:
         raise UsageError(f"--timeout {timeout}: must be positive (seconds)")
     if subset is not None and (subset < 1 or output_format != "tsv"):
@@ -260,70 +269,88 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Download a CC3M-style URL list (caption<TAB>url, no header) into DIR: shrunk JPEGs and "
         "DIR/train.tsv (usable as --train-data), or webdataset shards. Resumable: rerun the same command.",
     )
-    parser.add_argument("tsv", type=Path, help="the URL list, e.g. Train_GCC-training.tsv (caption<TAB>url, no header)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (DIR); rerunning resumes it")
-    parser.add_argument(
+    add = parser.add_argument
+    add("tsv", type=Path, metavar="TSV", help="the URL list, e.g. Train_GCC-training.tsv (caption<TAB>url, no header)")
+    add("--out", type=Path, required=True, metavar="DIR", help="output folder; rerunning resumes it")
+    add(
         "--format",
         dest="output_format",
         choices=FORMATS,
         default="tsv",
         help="tsv: DIR/images/ + DIR/train.tsv; webdataset: DIR/00000.tar ... (default: tsv)",
     )
-    parser.add_argument("--concurrency", type=int, default=128, help="requests in flight (default: 128)")
-    parser.add_argument("--timeout", type=float, default=20.0, help="seconds per request attempt (default: 20)")
-    parser.add_argument(
-        "--retries", type=int, default=2, help="extra attempts after a connection error or HTTP 429/5xx (default: 2)"
+    # downloading
+    add("--concurrency", type=int, default=128, metavar="N", help="requests in flight (default: 128)")
+    add("--timeout", type=float, default=20.0, metavar="S", help="seconds per request attempt (default: 20)")
+    add(
+        "--retries",
+        type=int,
+        default=2,
+        metavar="N",
+        help="extra attempts after a connection error or HTTP 429/5xx (default: 2)",
     )
-    parser.add_argument(
+    add(
         "--backoff",
         type=float,
         default=1.0,
-        help="first retry waits about this many seconds, doubling each time (default: 1)",
+        metavar="S",
+        help="the first retry waits about S seconds, doubling each time (default: 1)",
     )
-    parser.add_argument(
+    add(
         "--max-bytes",
         type=_byte_size,
         default=20_000_000,
+        metavar="SIZE",
         help="largest response accepted, e.g. 20MB; bigger ones count as too_large (default: 20MB)",
     )
-    parser.add_argument(
+    add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header sent with each request")
+    # images
+    add(
         "--max-pixels",
         type=int,
         default=DEFAULT_MAX_PIXELS,
-        help=f"refuse images with more pixels, decompression bombs (default: {DEFAULT_MAX_PIXELS})",
+        metavar="N",
+        help=f"refuse images with more pixels, i.e. decompression bombs (default: {DEFAULT_MAX_PIXELS})",
     )
-    parser.add_argument(
-        "--max-side", type=int, default=512, help="shrink so the longer side is at most this (default: 512)"
+    add(
+        "--max-side", type=int, default=512, metavar="PX", help="shrink so the longer side is at most PX (default: 512)"
     )
-    parser.add_argument(
+    add(
         "--min-side",
         type=int,
         default=64,
-        help="drop images whose shorter side is below this many pixels (default: 64)",
+        metavar="PX",
+        help="drop images whose shorter side is below PX (default: 64)",
     )
-    parser.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality of the stored images (default: 90)")
-    parser.add_argument(
+    add("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality of the stored images (default: 90)")
+    add(
+        "--decode-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="threads decoding and resizing images (default: number of CPUs)",
+    )
+    # outputs and resuming
+    add(
         "--shard-size",
         type=int,
         default=10_000,
+        metavar="N",
         help="input rows per images/ subfolder or per tar shard (default: 10000)",
     )
-    parser.add_argument(
-        "--workers", type=int, default=None, help="threads decoding and resizing images (default: number of CPUs)"
-    )
-    parser.add_argument(
+    add(
         "--subset",
         type=int,
         default=None,
+        metavar="N",
         help="also write DIR/train_subset<N>_seed<S>.tsv with N random gathered rows (tsv format)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed of --subset (default: 0)")
-    parser.add_argument(
+    add("--seed", type=int, default=0, metavar="S", help="random seed of --subset (default: 0)")
+    add(
         "--retry-failed",
         action="store_true",
         help="on resume, retry rows that failed with timeouts, connection/DNS errors or HTTP 429/5xx",
     )
-    parser.add_argument("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header sent with each request")
     parser.set_defaults(func=run)
 
 
@@ -342,7 +369,7 @@ def run(args: argparse.Namespace) -> int:
         min_side=args.min_side,
         jpeg_quality=args.jpeg_quality,
         shard_size=args.shard_size,
-        workers=args.workers,
+        decode_threads=args.decode_threads,
         subset=args.subset,
         seed=args.seed,
         retry_failed=args.retry_failed,

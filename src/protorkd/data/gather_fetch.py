@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import aiohttp
+
+if TYPE_CHECKING:  # aiohttp's header type (multidict is aiohttp's dependency, not ours)
+    from multidict import CIMultiDictProxy
 
 RETRIED_STATUSES = frozenset({429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 _RETRIED = frozenset(str(status) for status in RETRIED_STATUSES)
@@ -48,7 +51,7 @@ def is_transient(reason: str) -> bool:
     return reason in ("connection_error", "timeout", "dns_error")
 
 
-def _opted_out(headers: Mapping[str, str]) -> bool:
+def _opted_out(headers: CIMultiDictProxy[str]) -> bool:
     """True when an X-Robots-Tag header carries one of OPT_OUT_DIRECTIVES."""
     for value in headers.getall("X-Robots-Tag", []):
         directives = {part.strip().lower() for part in value.replace(":", ",").split(",")}
