@@ -35,9 +35,17 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_protorkd_step(model_name, device, precision, lr):
-    model = build_dual_encoder(ModelConfig(
-        image_model_builder="open_clip", image_model=model_name, text_model_builder="open_clip",
-        text_model=model_name, teacher="none", image_head_n_layers=0, text_head_n_layers=0)).to(device)
+    model = build_dual_encoder(
+        ModelConfig(
+            image_model_builder="open_clip",
+            image_model=model_name,
+            text_model_builder="open_clip",
+            text_model=model_name,
+            teacher="none",
+            image_head_n_layers=0,
+            text_head_n_layers=0,
+        )
+    ).to(device)
     loss_fn = build_loss("InfoNCE", LossConfig(), model.embed_dim).to(device)
     if device.type == "cuda":
         model.image_tower.to(memory_format=torch.channels_last)
@@ -117,10 +125,17 @@ def main() -> None:
     size = open_clip.get_model_config(args.model)["vision_cfg"]["image_size"]
     context = open_clip.get_model_config(args.model)["text_cfg"].get("context_length", 77)
     vocab = open_clip.get_model_config(args.model)["text_cfg"].get("vocab_size", 49408)
-    batches = [(torch.randn(args.batch_size, 3, size, size, device=device),
-                torch.randint(1, vocab, (args.batch_size, context), device=device)) for _ in range(4)]
-    sides = {"protorkd": make_protorkd_step(args.model, device, args.precision, 1e-4),
-             "open_clip": make_open_clip_step(args.model, device, args.precision, 1e-4)}
+    batches = [
+        (
+            torch.randn(args.batch_size, 3, size, size, device=device),
+            torch.randint(1, vocab, (args.batch_size, context), device=device),
+        )
+        for _ in range(4)
+    ]
+    sides = {
+        "protorkd": make_protorkd_step(args.model, device, args.precision, 1e-4),
+        "open_clip": make_open_clip_step(args.model, device, args.precision, 1e-4),
+    }
     for step in sides.values():  # warm-up (allocator, kernels)
         measure(step, batches, device, 3)
     results: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
@@ -129,8 +144,10 @@ def main() -> None:
             results[name].append(measure(step, batches, device, args.steps))
     rate = {name: statistics.median(r[0] for r in rows) for name, rows in results.items()}
     peak = {name: max(r[1] for r in rows) for name, rows in results.items()}
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), model {args.model}, "
-          f"batch {args.batch_size}, precision {args.precision}, {args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), model {args.model}, "
+        f"batch {args.batch_size}, precision {args.precision}, {args.rounds} interleaved rounds x {args.steps} steps"
+    )
     print(f"{'side':<10} {'samples/s':>10} {'peak GiB':>9}")
     for name in sides:
         print(f"{name:<10} {rate[name]:>10.1f} {peak[name]:>9.2f}")
