@@ -154,8 +154,9 @@ def watch(
         time.sleep(interval)
 
 
-def evaluate_single(experiment_dir: Path, epoch: int, evaluate: Evaluator) -> Path:
-    """Evaluate `checkpoints/epoch_{epoch}.pt` and write `single_evaluation_metrics@epoch_{epoch}.csv`."""
+def evaluate_single(experiment_dir: Path, epoch: int | str, evaluate: Evaluator) -> Path:
+    """Evaluate `checkpoints/epoch_{epoch}.pt` (epoch N or "latest") and write
+    `single_evaluation_metrics@epoch_{epoch}.csv`."""
     path = experiment_dir / "checkpoints" / f"epoch_{epoch}.pt"
     metrics = evaluate(path)
     out = experiment_dir / f"single_evaluation_metrics@epoch_{epoch}.csv"

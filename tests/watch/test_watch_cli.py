@@ -1,0 +1,138 @@
+"""`protorkd watch` beside a training run: one CSV row per saved epoch, surviving a kill and restart."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from protorkd.cli import main
+from tests.conftest import TINY_MODEL_ARGS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _epochs(path: Path) -> list[int]:
+    if not path.exists():
+        return []
+    with open(path) as handle:
+        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+
+
+def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    experiment = tmp_path / "run"
+    train = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "protorkd",
+            "train",
+            "--train-data",
+            str(tiny_corpus / "train.tsv"),
+            "--eval-data-dir",
+            str(tiny_corpus / "eval"),
+            "--logs",
+            str(tmp_path),
+            "--name",
+            "run",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "3",
+            "--episode-size",
+            "640",
+            "--zeroshot-frequency",
+            "0",
+            *TINY_MODEL_ARGS,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    watch_command = [
+        sys.executable,
+        "-m",
+        "protorkd",
+        "watch",
+        str(experiment),
+        "--interval",
+        "0.2",
+        "--tasks",
+        "zeroshot",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+    ]
+    try:
+        _wait_for(lambda: (experiment / "params.txt").exists(), 120, "params.txt")
+        first = subprocess.Popen(watch_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        csv_path = experiment / "evaluation_metrics_all.csv"
+        _wait_for(lambda: len(_epochs(csv_path)) >= 1, 180, "the first evaluated epoch")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        second = subprocess.run(watch_command, env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 0, second.stderr[-2000:]
+    finally:
+        train.wait(timeout=300)
+    assert train.returncode == 0
+    assert _epochs(csv_path) == [1, 2, 3]  # every saved epoch once, in order, nothing lost
+    header = csv_path.read_text().splitlines()[0].split(",")
+    assert header[0] == "epoch" and "zeroshot/shapes/top1" in header
+    assert (experiment / "evaluation_metrics_all.png").stat().st_size > 1000
+    assert "the last epoch (3) is evaluated" in second.stderr
+
+
+def test_single_epoch_prompts_and_bad_input(tiny_corpus, tmp_path, capsys, monkeypatch):
+    assert (
+        main(
+            [
+                "train",
+                "--train-data",
+                str(tiny_corpus / "train.tsv"),
+                "--eval-data-dir",
+                str(tiny_corpus / "eval"),
+                "--logs",
+                str(tmp_path),
+                "--name",
+                "run",
+                "--batch-size",
+                "16",
+                "--epochs",
+                "1",
+                "--zeroshot-frequency",
+                "0",
+                *TINY_MODEL_ARGS,
+            ]
+        )
+        == 0
+    )
+    experiment = tmp_path / "run"
+    assert main(["watch", str(experiment), "--epoch", "1", "--tasks", "zeroshot", "--workers", "0"]) == 0
+    single = experiment / "single_evaluation_metrics@epoch_1.csv"
+    assert _epochs(single) == [1]
+    answers = iter([str(experiment), "latest"])
+    questions = []
+    monkeypatch.setattr("builtins.input", lambda prompt: questions.append(prompt) or next(answers))
+    assert main(["watch", "--tasks", "zeroshot", "--workers", "0"]) == 0
+    assert questions == [
+        "Please input your experiment dir: ",
+        'Specify a checkpoint epoch? (press "enter" to scan and evaluate all checkpoints) ',
+    ]
+    assert (experiment / "single_evaluation_metrics@epoch_latest.csv").is_file()
+    assert main(["watch", str(experiment), "--epoch", "7"]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    assert main(["watch", str(tmp_path / "nowhere"), "--once"]) == 2
+    assert "has no params.txt" in capsys.readouterr().err
