@@ -1,9 +1,17 @@
-"""Downstream datasets on disk: `ROOT/<name>/{train,test}/<class>/*` image folders and COCO-format captions."""
+"""Downstream data on disk: labelled image folders, torchvision's own formats, and captioned image sets.
+
+Every image dataset yields `(image tensor, label)`; an image that cannot be decoded yields an
+`UnreadableImage` instead of raising inside a worker, so the feature extractor can stop with one clear
+message that names the file (see `features.collate_or_error`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,27 +21,58 @@ from torch.utils.data import Dataset
 from protorkd.errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
+Transform = Callable[[Image.Image], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class UnreadableImage:
+    """Returned by a dataset for an image that cannot be decoded (picklable, so it crosses worker processes)."""
+
+    path: str
+    error: str
+
+
+def load_image(path: Path, transform: Transform) -> torch.Tensor | UnreadableImage:
+    try:
+        with Image.open(path) as image:
+            return transform(image)
+    except Exception as error:  # PIL raises many types for corrupt, truncated or missing files
+        return UnreadableImage(str(path), f"{type(error).__name__}: {error}")
+
+
+def natural_order(names: Sequence[str]) -> list[str]:
+    """Folder names in label order: numerically when every name is an integer ("2" before "10"), else sorted
+    as strings, which is torchvision ImageFolder's order (and the order of zero-padded names)."""
+    if names and all(name.isdigit() for name in names):
+        return sorted(names, key=lambda name: (int(name), name))
+    return sorted(names)
 
 
 class ImageFolderDataset(Dataset):
-    """`folder/<class>/*` -> (image, label). Classes sorted by name; empty class folders are dropped
-    together with their names (so labels and class names stay aligned), and reported in `empty_classes`."""
+    """`folder/<class>/*` -> (image, label).
 
-    def __init__(self, folder: Path, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    Labels follow `natural_order` of the class folders. Empty class folders (the CLOOB copy of Birdsnap
+    has nine) are dropped together with their names so labels and names stay aligned: `class_folders`
+    lists every folder in label order, `classes` only the non-empty ones (label i is `classes[i]`).
+    """
+
+    def __init__(self, folder: Path, transform: Transform) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise UsageError(f"dataset folder {folder} does not exist")
+        self.root = folder
         self.transform = transform
+        self.class_folders = natural_order([p.name for p in folder.iterdir() if p.is_dir()])
         self.classes: list[str] = []
         self.empty_classes: list[str] = []
         self.samples: list[tuple[Path, int]] = []
-        for class_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for name in self.class_folders:
+            files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                self.empty_classes.append(class_dir.name)
+                self.empty_classes.append(name)
                 continue
             label = len(self.classes)
-            self.classes.append(class_dir.name)
+            self.classes.append(name)
             self.samples.extend((path, label) for path in files)
         if not self.samples:
             raise UsageError(f"dataset folder {folder} holds no images in <class>/ subfolders")
@@ -41,44 +80,132 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | UnreadableImage, int]:
         path, label = self.samples[index]
+        return load_image(path, self.transform), label
+
+
+class TorchvisionDataset(Dataset):
+    """A torchvision dataset read from its own on-disk format (never downloaded) -> (image, label)."""
+
+    def __init__(self, name: str, root: Path, split: str, transform: Transform) -> None:
+        import torchvision.datasets as tv
+
+        self.root = Path(root)
+        self.transform = transform
         try:
-            with Image.open(path) as image:
-                return self.transform(image), label
-        except Exception as error:
-            raise UsageError(f"cannot read image {path}: {error}") from error
+            if name in ("CIFAR10", "CIFAR100"):
+                self.dataset = getattr(tv, name)(str(root), train=split == "train", download=False)
+            elif name == "STL10":
+                self.dataset = tv.STL10(str(root), split=split, download=False)
+            else:
+                raise ValueError(f"unsupported torchvision dataset {name}")
+        except RuntimeError as error:  # "Dataset not found or corrupted"
+            raise UsageError(f"{root}: not a readable torchvision {name} folder ({error})") from error
+        self.classes = [str(c) for c in self.dataset.classes]
+        self.class_folders = list(self.classes)
+        self.empty_classes: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), int(label)
 
 
 class CaptionedImages(Dataset):
-    """Images of a COCO-format captions file: (image, image position); captions in `captions`,
-    `caption_image` [T] maps each caption to its image position."""
+    """Images with several captions each -> (image, image position).
 
-    def __init__(self, captions_file: Path, image_root: Path, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        captions_file = Path(captions_file)
-        if not captions_file.is_file():
-            raise UsageError(f"captions file {captions_file} does not exist")
-        data = json.loads(captions_file.read_text())
-        self.image_root = Path(image_root)
+    `captions` [T] strings; `caption_image` [T] the position of each caption's image.
+    """
+
+    def __init__(
+        self, image_paths: list[Path], captions: list[str], caption_image: list[int], transform: Transform
+    ) -> None:
+        self.image_paths = image_paths
+        self.captions = captions
+        self.caption_image = torch.tensor(caption_image, dtype=torch.long)
         self.transform = transform
-        self.images = sorted(data["images"], key=lambda image: image["id"])
-        position = {image["id"]: i for i, image in enumerate(self.images)}
-        annotations = sorted(data["annotations"], key=lambda a: (position[a["image_id"]], a["id"]))
-        self.captions = [a["caption"].strip() for a in annotations]
-        self.caption_image = torch.tensor([position[a["image_id"]] for a in annotations], dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.image_paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        path = self.image_root / self.images[index]["file_name"]
-        try:
-            with Image.open(path) as image:
-                return self.transform(image), index
-        except Exception as error:
-            raise UsageError(f"cannot read image {path}: {error}") from error
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | UnreadableImage, int]:
+        return load_image(self.image_paths[index], self.transform), index
 
 
-def load_zeroshot_metadata(path: Path) -> dict[str, dict[str, list[str]]]:
-    """`{dataset: {"classes": [...], "templates": [...]}}` (the format of CLIP's prompt file)."""
-    return json.loads(Path(path).read_text())
+def _check_images_exist(paths: list[Path], described_by: Path) -> None:
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3])
+        raise UsageError(f"{described_by} names {len(missing)} image(s) that do not exist, e.g. {shown}")
+
+
+def coco_captions(annotations_file: Path, image_root: Path, transform: Transform) -> CaptionedImages:
+    """A COCO-format captions file (read with pycocotools): every image that has captions, all its captions."""
+    from pycocotools.coco import COCO
+
+    annotations_file = Path(annotations_file)
+    if not annotations_file.is_file():
+        raise UsageError(f"captions file {annotations_file} does not exist")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
+            coco = COCO(str(annotations_file))
+    except Exception as error:
+        raise UsageError(f"cannot read COCO captions file {annotations_file}: {error}") from error
+    image_ids = sorted(image_id for image_id in coco.imgs if coco.imgToAnns.get(image_id))
+    paths, captions, owners = [], [], []
+    for position, image_id in enumerate(image_ids):
+        paths.append(Path(image_root) / coco.imgs[image_id]["file_name"])
+        for annotation in sorted(coco.imgToAnns[image_id], key=lambda a: a["id"]):
+            captions.append(str(annotation["caption"]).strip())
+            owners.append(position)
+    if not paths:
+        raise UsageError(f"captions file {annotations_file} holds no captioned images")
+    _check_images_exist(paths, annotations_file)
+    return CaptionedImages(paths, captions, owners, transform)
+
+
+def karpathy_captions(split_file: Path, image_root: Path, split: str, transform: Transform) -> CaptionedImages:
+    """Karpathy's split json (`dataset_flickr30k.json`: images[] with filename, split, sentences[].raw)."""
+    split_file = Path(split_file)
+    if not split_file.is_file():
+        raise UsageError(f"split file {split_file} does not exist")
+    try:
+        images = json.loads(split_file.read_text())["images"]
+    except (ValueError, KeyError) as error:
+        raise UsageError(f"{split_file} is not a Karpathy split json (images[] expected): {error}") from error
+    paths, captions, owners = [], [], []
+    for image in images:
+        if image.get("split") != split:
+            continue
+        position = len(paths)
+        paths.append(Path(image_root) / image.get("filepath", "") / image["filename"])
+        for sentence in image["sentences"]:
+            captions.append(str(sentence["raw"]).strip())
+            owners.append(position)
+    if not paths:
+        raise UsageError(f"{split_file} has no images in split {split!r}")
+    _check_images_exist(paths, split_file)
+    return CaptionedImages(paths, captions, owners, transform)
+
+
+def load_zeroshot_metadata(path: Path) -> dict[str, dict[str, list]]:
+    """`{dataset: {"classes": [...], "templates": ["a photo of a {}.", ...]}}` (the format of CLIP's prompt file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"zero-shot metadata file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as error:
+        raise UsageError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected {{dataset: {{classes, templates}}}}")
+    for name, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("classes"), list):
+            raise UsageError(f"{path}: entry {name!r} needs a 'classes' list")
+        templates = entry.get("templates", ["a photo of a {}."])
+        if not templates or any("{}" not in t and "{c}" not in t for t in templates):
+            raise UsageError(f"{path}: every template of {name!r} needs a '{{}}' placeholder for the class name")
+    return data

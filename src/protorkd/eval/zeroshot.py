@@ -1,34 +1,173 @@
-"""Zero-shot classification: class embeddings from prompt templates, images scored against them."""
+"""Zero-shot classification: class embeddings from prompt templates, images scored against them.
+
+Class names and templates come, in this order, from a metadata file (`--zeroshot-metadata`, then the
+data root's `zeroshot_metadata.json`), from open_clip's ImageNet lists, or from the dataset's own class
+names (folder names, torchvision meta files) with the template "a photo of a {}.". Names always follow
+the dataset's label order; names of empty class folders are dropped with them.
+"""
 
 from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from protorkd.eval.features import text_features
+from protorkd.errors import UsageError
+from protorkd.eval.datasets import load_zeroshot_metadata
+from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+ClassName = str | list[str]  # a list holds synonyms whose prompts are averaged together
+
+
+@dataclass
+class ZeroShotPrompts:
+    classnames: list[ClassName]  # one per label, in label order
+    templates: list[str]
+    source: str  # where they came from, for the log
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def find_metadata_entry(metadata: dict, names: tuple[str, ...]) -> dict | None:
+    """The entry of the first of `names` in `metadata`, ignoring case, '_' and '-'."""
+    by_norm = {_norm(key): value for key, value in metadata.items()}
+    for name in names:
+        if _norm(name) in by_norm:
+            return by_norm[_norm(name)]
+    return None
+
+
+def align_classnames(class_folders: list[str], kept: list[str], names: list[ClassName], source: str) -> list[ClassName]:
+    """Names for the kept (non-empty) classes, from `names` listed in label order over all `class_folders`.
+
+    When the folders are themselves the class names (in another order), names are matched by name.
+    """
+    if len(names) != len(class_folders):
+        raise UsageError(
+            f"{source} lists {len(names)} classes but the dataset has {len(class_folders)} class "
+            "folders (empty ones included); class names must follow the dataset's label order"
+        )
+    flat = [n if isinstance(n, str) else n[0] for n in names]
+    if {_norm(n) for n in flat} == {_norm(f) for f in class_folders} and len(set(map(_norm, flat))) == len(flat):
+        by_norm = {_norm(f): n for f, n in zip(flat, names)}
+        return [by_norm[_norm(folder)] for folder in kept]
+    by_folder = dict(zip(class_folders, names))
+    return [by_folder[folder] for folder in kept]
+
+
+def resolve_prompts(
+    dataset_names: tuple[str, ...],
+    class_folders: list[str],
+    kept_classes: list[str],
+    *,
+    metadata_files: list[Path],
+) -> ZeroShotPrompts:
+    """Class names and templates for a dataset (see the module docstring for the order of sources)."""
+    for path in metadata_files:
+        entry = find_metadata_entry(load_zeroshot_metadata(path), dataset_names)
+        if entry is not None:
+            source = f"{path} [{dataset_names[0]}]"
+            names = align_classnames(class_folders, kept_classes, entry["classes"], source)
+            return ZeroShotPrompts(names, list(entry.get("templates", DEFAULT_TEMPLATES)), source)
+    if any(_norm(n) in ("imagenet", "imagenet1k") for n in dataset_names):
+        from open_clip import zero_shot_metadata as oc
+
+        templates = [template("{}") for template in oc.OPENAI_IMAGENET_TEMPLATES]
+        names = align_classnames(class_folders, kept_classes, list(oc.IMAGENET_CLASSNAMES), "open_clip's ImageNet")
+        return ZeroShotPrompts(names, templates, "open_clip.zero_shot_metadata (OpenAI ImageNet names, 80 templates)")
+    names = [folder.replace("_", " ") for folder in kept_classes]
+    return ZeroShotPrompts(names, list(DEFAULT_TEMPLATES), "the dataset's own class names")
 
 
 def build_zeroshot_classifier(
-    model, classnames: list[str], templates: list[str], *, device: torch.device | str, batch_size: int = 256
+    model, classnames: list[ClassName], templates: list[str], *, device: torch.device | str, batch_size: int = 256
 ) -> torch.Tensor:
-    """[D, C]: per class, the normalised mean of its normalised template embeddings (CLIP's recipe)."""
-    prompts = [template.replace("{c}", name).replace("{}", name) for name in classnames for template in templates]
-    embeddings = text_features(model, prompts, device=device, batch_size=batch_size)
-    embeddings = F.normalize(embeddings, dim=-1).view(len(classnames), len(templates), -1).mean(dim=1)
-    return F.normalize(embeddings, dim=-1).T
+    """[D, C]: per class, the normalised mean of its normalised template embeddings (CLIP's recipe).
+
+    A class given as a list of synonyms averages the prompts of all its synonyms.
+    """
+    prompts, owners = [], []
+    for index, entry in enumerate(classnames):
+        for name in [entry] if isinstance(entry, str) else entry:
+            for template in templates:
+                prompts.append(template.replace("{c}", name).replace("{}", name))
+                owners.append(index)
+    embeddings = F.normalize(text_features(model, prompts, device=device, batch_size=batch_size), dim=-1)
+    owner = torch.tensor(owners)
+    sums = torch.zeros(len(classnames), embeddings.shape[1]).index_add_(0, owner, embeddings)
+    return F.normalize(sums / torch.bincount(owner, minlength=len(classnames))[:, None], dim=-1).T
+
+
+def text_side_fingerprint(model) -> str:
+    return weights_fingerprint(model.text_tower, model.text_head)
+
+
+def cached_classifier(
+    model, prompts: ZeroShotPrompts, *, device, batch_size: int, cache: FeatureCache | None
+) -> torch.Tensor:
+    """The classifier, reused from `cache` when the same text tower + head already embedded the same prompts."""
+
+    def compute() -> dict[str, torch.Tensor]:
+        return {
+            "classifier": build_zeroshot_classifier(
+                model, prompts.classnames, prompts.templates, device=device, batch_size=batch_size
+            )
+        }
+
+    if cache is None:
+        return compute()["classifier"]
+    description = {
+        "kind": "zeroshot_classifier",
+        "text_weights": text_side_fingerprint(model),
+        "classnames": prompts.classnames,
+        "templates": prompts.templates,
+    }
+    return cache.get_or_compute(description, compute)["classifier"]
 
 
 def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, *, mean_per_class: bool = False) -> dict[str, float]:
     """top1, top5 (%), and mean per-class recall (%) for logits [N, C], labels [N]."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices
     correct = top == labels[:, None]
-    metrics = {"top1": 100.0 * correct[:, 0].float().mean().item(), "top5": 100.0 * correct.any(dim=1).float().mean().item()}
+    metrics = {
+        "top1": 100.0 * correct[:, 0].float().mean().item(),
+        "top5": 100.0 * correct.any(dim=1).float().mean().item(),
+    }
     if mean_per_class:
-        recalls = [correct[labels == c, 0].float().mean().item() for c in labels.unique()]
-        metrics["mean_per_class_recall"] = 100.0 * sum(recalls) / len(recalls)
+        present = labels.unique()
+        hits = torch.zeros(int(labels.max()) + 1).index_add_(0, labels, correct[:, 0].float())
+        counts = torch.bincount(labels).float()
+        metrics["mean_per_class_recall"] = 100.0 * (hits[present] / counts[present]).mean().item()
     return metrics
 
 
 def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """[N, D] normalised image features x [D, C] classifier -> [N, C] logits (scaled by 100 like CLIP)."""
     return 100.0 * image_features @ classifier
+
+
+def evaluate(
+    model,
+    dataset,
+    prompts: ZeroShotPrompts,
+    *,
+    device,
+    batch_size: int = 256,
+    workers: int = 0,
+    mean_per_class: bool = False,
+    cache: FeatureCache | None = None,
+) -> dict[str, float]:
+    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", "top5"[, "mean_per_class_recall"]}."""
+    if len(prompts.classnames) != len(dataset.classes):
+        raise UsageError(f"{len(prompts.classnames)} class names for {len(dataset.classes)} classes")
+    classifier = cached_classifier(model, prompts, device=device, batch_size=batch_size, cache=cache)
+    features, labels = image_features(
+        model, dataset, device=device, batch_size=batch_size, workers=workers, desc="zero-shot images"
+    )
+    return accuracy_metrics(zeroshot_scores(features, classifier.cpu()), labels, mean_per_class=mean_per_class)
