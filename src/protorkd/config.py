@@ -83,6 +83,17 @@ class ModelConfig:
     lora_alpha: int = flag(16, "LoRA scaling alpha")
     lora_dropout: float = flag(0.1, "LoRA dropout")
     grad_checkpointing: bool = flag(False, "gradient checkpointing in towers that support it")
+    # Separate locked teachers (CLIP-KD); their features are computed once into the teacher cache
+    clip_teacher_model: str = flag(
+        "", "CLIP-KD: open_clip architecture of a locked CLIP teacher, e.g. ViT-B-32 ('' = no CLIP teacher)"
+    )
+    clip_teacher_tag: str = flag("", "CLIP-KD: the CLIP teacher's open_clip pretrained tag (e.g. openai) or checkpoint")
+    extra_text_teacher: str = flag(
+        "", "CLIP-KD: a locked text-only teacher distilled alongside (e.g. all-MiniLM-L6-v2; '' = none)"
+    )
+    extra_text_teacher_builder: str = flag(
+        "sbert", "library of --extra-text-teacher", ("open_clip", "huggingface", "sbert", "custom")
+    )
 
 
 @dataclass
@@ -132,7 +143,17 @@ class LossConfig:
     w_clip_kd_icl: float = flag(1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher)")
     w_clip_kd_intra: float = flag(0.0, "CLIP-KD: weight of intra-modal similarity-distribution KL")
     w_clip_kd_rkd: float = flag(0.0, "CLIP-KD: weight of intra-modal RKD (uses --w-rkd-d/--w-rkd-a)")
-    clip_kd_teacher_dim: int = flag(-1, "CLIP-KD: teacher feature width (-1 = the student's joint width)")
+    clip_kd_teacher_dim: int = flag(
+        -1,
+        "CLIP-KD: width of the CLIP teacher's features (set from the teacher in training; 0 = no CLIP teacher, "
+        "-1 = the student's joint width)",
+    )
+    clip_kd_text_teacher_dim: int = flag(
+        0, "CLIP-KD: width of the --extra-text-teacher features (set from the teacher in training; 0 = none)"
+    )
+    w_clip_kd_text_teacher: float = flag(
+        1.0, "CLIP-KD: weight of the --extra-text-teacher terms (it stands in for both modalities)"
+    )
     clip_kd_teacher_temperature: float = flag(
         0.01, "CLIP-KD: teacher temperature when the loop provides no extra['teacher_logit_scale']"
     )
@@ -337,3 +358,29 @@ def read_params(path: Path) -> Config:
         else:
             values[name] = _parse_value(text, hints[name])
     return Config.from_flat_dict(values)
+
+
+def add_group_arguments(parser: argparse.ArgumentParser, group_name: str, *, defaults: bool = True) -> None:
+    """Add the flags of one config group only (`protorkd eval` takes the "model" group: the tower flags).
+
+    With `defaults=False` an omitted flag stays out of the namespace, so the caller can tell which were given.
+    """
+    group_cls = GROUPS[group_name]
+    arg_group = parser.add_argument_group(f"{group_name} (the same flags as `protorkd train`)")
+    hints = _field_types(group_cls)
+    for f in dataclasses.fields(group_cls):
+        scalar, optional = _base_type(hints[f.name])
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "default": f.default if defaults else argparse.SUPPRESS,
+            "help": f.metadata.get("help", "") + f" (default: {f.default!r})",
+        }
+        choices = f.metadata.get("choices")
+        if scalar is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = (lambda s, t=scalar: None if s == "None" else t(s)) if optional else scalar
+            kwargs["metavar"] = "{" + ",".join(str(c) for c in choices) + "}" if choices else scalar.__name__.upper()
+            if choices:
+                kwargs["choices"] = list(choices)
+        arg_group.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **kwargs)

@@ -85,7 +85,7 @@ def _state(path: Path) -> dict:
 
 
 def test_resumed_run_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_path):
-    common = ["--epochs", "3", "--episode-size", "1600", "--zeroshot-frequency", "0"]
+    common = ["--epochs", "3", "--episode-size", "960", "--zeroshot-frequency", "0"]
     assert main(train_args(tiny_corpus, tmp_path, "full", *common)) == 0
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -207,3 +207,10 @@ def test_existing_experiment_is_refused(tiny_corpus, tmp_path, capsys):
     assert main(train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")) == 0
     assert main(train_args(tiny_corpus, tmp_path, "run", "--epochs", "1")) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_bf16_weights_train_and_evaluate(tiny_corpus, tmp_path):
+    assert main(train_args(tiny_corpus, tmp_path, "bf16", "--epochs", "1", "--precision", "bf16")) == 0
+    checkpoint = torch.load(tmp_path / "bf16" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert checkpoint["state_dict"]["image_head.weight"].dtype == torch.bfloat16
+    assert "zeroshot/shapes/top1" in (tmp_path / "bf16" / "results.jsonl").read_text()

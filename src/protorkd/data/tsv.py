@@ -141,7 +141,7 @@ class BadSampleCounter:
     """Counts unreadable samples of one epoch and stops the run when they exceed `max_fraction`."""
 
     max_fraction: float
-    describe: Callable[[int], str]
+    describe: Callable[[int | str], str]  # a row index (TSV) or an already described source (webdataset)
     seen: int = 0
     bad: list[tuple[int, str]] = field(default_factory=list)
 

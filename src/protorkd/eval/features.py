@@ -80,7 +80,9 @@ def image_features(
             if isinstance(batch, UnreadableImage):
                 raise UsageError(f"cannot read image {batch.path} ({batch.error})")
             images, targets = batch
-            images = images.to(device, non_blocking=True)
+            # in the tower's dtype: a model trained with --precision bf16 holds bf16 weights
+            dtype = next(model.image_tower.parameters()).dtype if hasattr(model, "image_tower") else images.dtype
+            images = images.to(device, dtype=dtype, non_blocking=True)
             with autocast_for(device):
                 output = model.encode_image(images) if normalize else model.image_backbone(images)
             features.append(output.float().cpu())

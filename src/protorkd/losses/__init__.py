@@ -8,6 +8,7 @@ defaults and references are in docs/method.md.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch.nn as nn
@@ -105,9 +106,31 @@ def _protorkd(cfg: LossConfig, dim: int) -> nn.Module:
     )
 
 
+# A text-only teacher (e.g. a sentence-transformers model) stands in for both modalities: its caption
+# embedding is the target of the student's image and text features alike.
+TEXT_ONLY_TEACHER = ClipTeacher(
+    name="text",
+    image_key="text_teacher_features",
+    text_key="text_teacher_features",
+    logit_scale_key="text_teacher_logit_scale",
+)
+
+
 @LOSSES.register("CLIP-KD")
 def _clip_kd(cfg: LossConfig, dim: int) -> nn.Module:
-    teacher = ClipTeacher(dim=cfg.clip_kd_teacher_dim, temperature=cfg.clip_kd_teacher_temperature)
+    temperature = cfg.clip_kd_teacher_temperature
+    teachers = []
+    if cfg.clip_kd_teacher_dim != 0:
+        teachers.append(ClipTeacher(name="clip", dim=cfg.clip_kd_teacher_dim, temperature=temperature))
+    if cfg.clip_kd_text_teacher_dim != 0:
+        teachers.append(
+            dataclasses.replace(
+                TEXT_ONLY_TEACHER,
+                dim=cfg.clip_kd_text_teacher_dim,
+                weight=cfg.w_clip_kd_text_teacher,
+                temperature=temperature,
+            )
+        )
     weights = ClipKDWeights(
         infonce=cfg.w_clip,
         logit=cfg.w_clip_kd_logit,
@@ -118,7 +141,7 @@ def _clip_kd(cfg: LossConfig, dim: int) -> nn.Module:
         rkd_distance=cfg.w_rkd_d,
         rkd_angle=cfg.w_rkd_a,
     )
-    return CLIPKD(dim, (teacher,), weights, init_temperature=cfg.temperature, rkd_angle_chunk=cfg.rkd_angle_chunk)
+    return CLIPKD(dim, tuple(teachers), weights, init_temperature=cfg.temperature, rkd_angle_chunk=cfg.rkd_angle_chunk)
 
 
 @LOSSES.register("ProtoCLIP")

@@ -98,10 +98,10 @@ class DualEncoder(nn.Module):
     # --- joint space ------------------------------------------------------------------------------
     def project_image(self, image_backbone_features: torch.Tensor) -> torch.Tensor:
         """[B, D_image] -> normalised [B, D] (used with cached teacher features too)."""
-        return F.normalize(self.image_head(image_backbone_features.float()), dim=-1)
+        return F.normalize(self.image_head(_as_head_input(image_backbone_features, self.image_head)), dim=-1)
 
     def project_text(self, text_backbone_features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_head(text_backbone_features.float()), dim=-1)
+        return F.normalize(self.text_head(_as_head_input(text_backbone_features, self.text_head)), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_backbone(images))
@@ -120,3 +120,10 @@ class DualEncoder(nn.Module):
     @property
     def image_preprocess(self):
         return self.image_tower.preprocess
+
+
+def _as_head_input(features: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """Features in the head's dtype (fp32 weights, or bf16 under --precision bf16); fp32 for an identity head.
+    Cached teacher features arrive as fp16 and towers under autocast may return half precision."""
+    weight = next(head.parameters(), None)
+    return features.to(weight.dtype if weight is not None else torch.float32)

@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: setup, then per epoch (schedule, forward, backward, log, checkpoint, evaluate).
+"""The training loop, top to bottom: setup, then per epoch (cluster, schedule, forward, backward, log, checkpoint,
+evaluate); the clustering phase (ProtoCLIP only) lives in `train.clustering`.
 
 Only this module's `train` sees the whole config; it unpacks it into the library calls.
 """
@@ -24,7 +25,7 @@ from protorkd.data.tsv import BadSampleCounter
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.suite import evaluate_during_training
-from protorkd.losses import build_loss
+from protorkd.losses import LOSSES, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.models.build import build_dual_encoder
 from protorkd.train.checkpoint import (
@@ -35,10 +36,22 @@ from protorkd.train.checkpoint import (
     set_rng_state,
     strip_module_prefix,
 )
+from protorkd.train.clustering import EpisodeFeatures, check_clustering_inputs, clustering_phase, clustering_schedule
 from protorkd.train.experiment import ExperimentPaths, experiment_paths
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import build_optimizer, lr_at, set_lr
-from protorkd.train.setup import check_batch_fits, load_teacher_features, make_loader, resolve_corpus, resolve_device
+from protorkd.train.setup import (
+    Teachers,
+    check_auxiliary_inputs,
+    check_batch_fits,
+    check_teacher_inputs,
+    load_teachers,
+    loss_config_for_teachers,
+    make_loader,
+    resolve_corpus,
+    resolve_device,
+    teacher_definitions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +93,7 @@ def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
     # --- setup: validate everything a user can get wrong before creating the experiment directory
     corpus = resolve_corpus(cfg.data)
-    check_batch_fits(len(corpus.images), cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
+    check_batch_fits(corpus.rows, cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
     cfg = dataclasses.replace(
         cfg,
         log=dataclasses.replace(
@@ -90,7 +103,8 @@ def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
     paths = ExperimentPaths(Path(cfg.log.logs) / cfg.log.name)
     resume_path = resolve_resume(cfg.log.resume, paths.checkpoints) if cfg.log.resume else None
     model = build_dual_encoder(cfg.model)
-    loss_fn = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim)
+    LOSSES.get(cfg.loss.loss)  # an unknown name fails here; the loss is built once the teachers' widths are known
+    check_auxiliary_inputs(cfg, model)
     eval_root = Path(cfg.eval.eval_data_dir) if cfg.eval.eval_data_dir else corpus.default_eval_root
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
@@ -101,46 +115,57 @@ def _train(cfg: Config, state: DistState, device: torch.device) -> TrainResult:
     distributed.barrier()
     handler = setup_file_logging(paths.log_file) if state.is_master else None
     try:
-        return _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_root, created)
+        return _run(cfg, state, device, paths, corpus, model, resume_path, eval_root, created)
     finally:
         if handler:
             logging.getLogger().removeHandler(handler)
             handler.close()
 
 
-def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_root, created) -> TrainResult:
+def _run(cfg, state, device, paths, corpus, model, resume_path, eval_root, created) -> TrainResult:
     progress = state.is_master
     teacher = cfg.model.teacher
     try:
         log.info(
             "experiment %s (protorkd %s, world size %d, device %s)", paths.root, __version__, state.world_size, device
         )
-        log.info("corpus %s: %d rows", corpus.source, len(corpus.images))
-        teacher_features = None
-        if teacher != "none":
+        if corpus.shards:
+            log.info("corpus %s: webdataset shards, %d samples per epoch", corpus.source, corpus.rows)
+        else:
+            log.info("corpus %s: %d rows", corpus.source, len(corpus.images))
+        # --- teachers: features of every locked teacher, computed once (master first, then the others read them)
+        teachers = Teachers()
+        if corpus.shards:  # streamed samples have no corpus rows to key a cache by: teachers run online
+            if any(key is not None for _, key in teacher_definitions(cfg.model)) or cfg.loss.loss == "ProtoCLIP":
+                raise UsageError(
+                    f"--loss {cfg.loss.loss} with separate teachers or clustering needs a TSV corpus (cached features "
+                    "are keyed by row); use --dataset-type csv"
+                )
+        elif teacher_definitions(cfg.model):
             cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
             if state.is_master:
-                teacher_features = load_teacher_features(model, corpus, cfg, cache_root, device, progress=progress)
+                teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=progress)
             distributed.barrier()
             if not state.is_master:
-                teacher_features = load_teacher_features(model, corpus, cfg, cache_root, device, progress=False)
-            log.info(
-                "teacher %s features: %s (%d unique x %d)",
-                teacher,
-                teacher_features.folder,
-                teacher_features.features.shape[0],
-                teacher_features.dim,
-            )
-        bad_rows = teacher_features.bad_rows if teacher_features else set()
+                teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False)
+        loss_fn = build_loss(cfg.loss.loss, loss_config_for_teachers(cfg.loss, teachers), model.embed_dim)
+        check_teacher_inputs(loss_fn, set(teachers.extra), cfg.loss.loss)
         loader, sampler, dataset = make_loader(
             corpus,
             model,
             cfg,
             state,
             load_images=teacher != "image",
-            bad_rows=bad_rows,
+            bad_rows=teachers.bad_rows,
+            views=2 if cfg.loss.byol else 1,
             pin_memory=device.type == "cuda",
         )
+        schedule = clustering_schedule(cfg.loss, model, cfg.model.teacher, _main_loss(loss_fn), seed=cfg.optim.seed)
+        if schedule is not None:
+            rows = (
+                len(corpus.images) if schedule.teacher_fixed else len(loader) * cfg.optim.batch_size * state.world_size
+            )
+            check_clustering_inputs(schedule, rows, len(corpus.images))
         if state.is_master:
             write_params(cfg, paths.params, extra={"version": __version__, "world_size": state.world_size})
     except UsageError:
@@ -192,11 +217,32 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
     steps_per_epoch = len(loader) // cfg.optim.accum_freq
     total_steps = steps_per_epoch * cfg.optim.epochs
     metrics: dict[str, float] = {}
+    collected: EpisodeFeatures | None = None
     epoch = start_epoch
     for epoch in range(start_epoch, cfg.optim.epochs):
         # Everything random in an epoch is a function of (seed, epoch, rank): resumed runs match exactly.
         seed_everything(cfg.optim.seed * 1_000_003 + epoch * 1009 + state.rank)
         sampler.set_epoch(epoch)
+        epoch_started = time.time()  # clustering included: it is part of the epoch's cost
+        # --- cluster (ProtoCLIP): the previous epoch's features, or one extraction pass, or the fixed teacher's
+        if schedule is not None and schedule.due(epoch, _main_loss(loss_fn).has_clusters):
+            clustering_phase(
+                _main_loss(loss_fn),
+                schedule,
+                model,
+                cfg.model.teacher,
+                teachers.tower,
+                collected,
+                lambda: _extract_episode_features(cfg, model, loader, teachers, device),
+                state=state,
+                device=device,
+                writer=writer,
+                epoch=epoch,
+                step=epoch * steps_per_epoch,
+            )
+        collected = (
+            EpisodeFeatures() if schedule is not None and schedule.collect_during(epoch, cfg.optim.epochs) else None
+        )
         model.train()
         bad = BadSampleCounter(cfg.data.max_bad_fraction, dataset.describe)
         _train_epoch(
@@ -210,13 +256,15 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
             optimizer,
             scaler,
             loader,
-            teacher_features,
+            teachers,
             writer,
             bad,
             steps_per_epoch,
             total_steps,
             progress,
+            collected,
         )
+        log.info("epoch %d trained in %.1f s", epoch + 1, time.time() - epoch_started)
         bad.report(epoch + 1)
         bad.check()
 
@@ -234,9 +282,10 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
             }
             if scaler is not None:
                 payload["scaler"] = scaler.state_dict()
+            # latest first: a run killed between the two writes still resumes with `--resume latest`
+            save_checkpoint(paths.checkpoints / "epoch_latest.pt", payload)
             if completed % cfg.log.save_frequency == 0 or completed == cfg.optim.epochs:
                 save_checkpoint(paths.checkpoints / f"epoch_{completed}.pt", payload)
-            save_checkpoint(paths.checkpoints / "epoch_latest.pt", payload)
 
         # --- evaluate (master only; the others wait)
         if state.is_master:
@@ -251,6 +300,7 @@ def _run(cfg, state, device, paths, corpus, model, loss_fn, resume_path, eval_ro
                     "zeroshot": cfg.eval.zeroshot_frequency,
                     "linear": cfg.eval.linear_frequency,
                     "retrieval": cfg.eval.retrieval_frequency,
+                    "sts": cfg.eval.nlp_eval_frequency,
                 },
                 batch_size=max(cfg.optim.batch_size, 256),
                 workers=cfg.data.workers,
@@ -281,12 +331,13 @@ def _train_epoch(
     optimizer,
     scaler,
     loader,
-    teacher_features,
+    teachers,
     writer,
     bad,
     steps_per_epoch,
     total_steps,
     progress,
+    collected,
 ) -> None:
     teacher = cfg.model.teacher
     accum = cfg.optim.accum_freq
@@ -311,30 +362,24 @@ def _train_epoch(
             continue
 
         # --- forward
-        inputs = {}
-        if teacher == "text":
-            inputs["text_backbone_features"] = teacher_features.lookup(batch["indices"]).to(device, non_blocking=True)
-        else:
-            inputs["tokens"] = {k: v.to(device) for k, v in model.tokenize(batch["captions"]).items()}
-        if teacher == "image":
-            inputs["image_backbone_features"] = teacher_features.lookup(batch["indices"]).to(device, non_blocking=True)
-        else:
-            images = batch["images"].to(device, non_blocking=True)
-            inputs["images"] = images.to(memory_format=torch.channels_last) if device.type == "cuda" else images
-            if cfg.optim.precision == "bf16":
-                inputs["images"] = inputs["images"].to(torch.bfloat16)
+        inputs = _model_inputs(batch, model, teachers, teacher, device, cfg.optim.precision, cfg.loss)
+        indices = batch["indices"].to(device)
         with precision_context(cfg.optim.precision, device):
             features = train_model(**inputs)
-            loss_inputs = LossInputs(
-                image_features=features["image_features"],
-                text_features=features["text_features"],
+            extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
+            extra.update(teachers.extra_inputs(batch["indices"], device))
+            loss_inputs = LossInputs(  # losses see fp32 features whatever the towers computed in
+                image_features=features["image_features"].float(),
+                text_features=features["text_features"].float(),
                 teacher=teacher,
-                indices=batch["indices"].to(device),
+                indices=indices,
                 epoch=epoch,
-                extra={k: v for k, v in features.items() if k not in ("image_features", "text_features")},
+                extra=extra,
             )
             terms = loss_fn(loss_inputs)
             total = sum(terms.values())
+        if collected is not None:  # kept for the next epoch's clustering (no separate extraction pass)
+            collected.add(batch["indices"], features["image_features"], features["text_features"])
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"non-finite loss at epoch {epoch + 1} step {step}: "
@@ -381,6 +426,52 @@ def _train_epoch(
             )
             window_start, window_samples = time.time(), 0
     bar.close()
+
+
+def _model_inputs(batch, model, teachers: Teachers, teacher: str, device, precision: str, loss_cfg=None) -> dict:
+    """The model's forward arguments for one batch: raw inputs, or a locked teacher tower's cached features.
+
+    With `loss_cfg`, the auxiliary terms' extra passes: a second image view (--byol) and a second
+    dropout pass of the text tower (--w-simcse).
+    """
+    inputs: dict = {}
+    if teacher == "text" and teachers.tower is not None:
+        inputs["text_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
+    else:
+        inputs["tokens"] = {k: v.to(device) for k, v in model.tokenize(batch["captions"]).items()}
+        if loss_cfg is not None and loss_cfg.w_simcse:
+            inputs["text_views"] = 2
+    if teacher == "image" and teachers.tower is not None:
+        inputs["image_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
+    else:
+        keys = ("images", "images_view2") if loss_cfg is not None and loss_cfg.byol else ("images",)
+        for key in keys:
+            images = batch[key].to(device, non_blocking=True)
+            if device.type == "cuda":
+                images = images.to(memory_format=torch.channels_last)
+            inputs[key] = images.to(torch.bfloat16) if precision == "bf16" else images
+    return inputs
+
+
+def _main_loss(loss_fn: torch.nn.Module) -> torch.nn.Module:
+    """The chosen loss inside a `LossWithAuxiliaries` wrapper (or the loss itself)."""
+    return getattr(loss_fn, "main", loss_fn)
+
+
+@torch.no_grad()
+def _extract_episode_features(cfg, model, loader, teachers: Teachers, device) -> EpisodeFeatures:
+    """One no-grad pass over this rank's share of the episode (eval mode), when no previous epoch's features exist."""
+    features = EpisodeFeatures()
+    model.eval()
+    for batch in loader:
+        if len(batch["indices"]) == 0:
+            continue
+        inputs = _model_inputs(batch, model, teachers, cfg.model.teacher, device, cfg.optim.precision)
+        with precision_context(cfg.optim.precision, device):
+            output = model(**inputs)
+        features.add(batch["indices"], output["image_features"], output["text_features"])
+    model.train()
+    return features
 
 
 def _check_ranks_agree(model: torch.nn.Module, state: DistState) -> None:

@@ -1,15 +1,16 @@
-"""Building what the loop needs from the config: corpus, device, teacher features, data loader."""
+"""Building what the loop needs from the config: corpus, device, teacher features, checks, data loader."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from protorkd.config import Config, DataConfig
+from protorkd.config import Config, DataConfig, LossConfig, ModelConfig
 from protorkd.data.demo import ensure_demo_corpus
 from protorkd.data.sampling import EpisodeSampler
 from protorkd.data.transforms import image_transform
@@ -17,7 +18,14 @@ from protorkd.data.tsv import CsvCorpus, collate, read_corpus_table
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.models.dual_encoder import DualEncoder
-from protorkd.train.teacher_cache import TeacherFeatures, build_teacher_cache, cache_folder, image_loader
+from protorkd.models.teachers import TeacherDef, build_teacher_tower, tower_info
+from protorkd.train.teacher_cache import (
+    TeacherFeatures,
+    build_teacher_cache,
+    corpus_hash,
+    image_loader,
+    resolve_cache_folder,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,12 +34,32 @@ log = logging.getLogger(__name__)
 class Corpus:
     images: list[str]
     captions: list[str]
-    source: str  # the CSV path, as users know it
+    source: str  # the CSV path (or shard pattern), as users know it
     default_eval_root: Path | None
+    shards: str | None = None  # a webdataset shard pattern: streamed, no per-row lists
+    samples_per_epoch: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.samples_per_epoch if self.shards else len(self.images)
+
+
+def is_webdataset(cfg: DataConfig) -> bool:
+    if cfg.dataset_type != "auto":
+        return cfg.dataset_type == "webdataset"
+    data = cfg.train_data or ""
+    return data.endswith(".tar") or ".tar::" in data or ("{" in data and ".tar" in data)
 
 
 def resolve_corpus(cfg: DataConfig) -> Corpus:
-    """The training CSV, or the built-in demo corpus (generated and cached on first use)."""
+    """The training CSV, webdataset shards, or the built-in demo corpus (generated and cached on first use)."""
+    if cfg.train_data is not None and is_webdataset(cfg):
+        from protorkd.data.webdataset_corpus import expand_shards
+
+        if not cfg.train_num_samples:
+            raise UsageError("a webdataset corpus needs --train-num-samples N (samples per epoch)")
+        expand_shards(cfg.train_data)  # names no shard, or missing shards: a clear error now
+        return Corpus([], [], cfg.train_data, None, shards=cfg.train_data, samples_per_epoch=cfg.train_num_samples)
     if cfg.train_data is None:
         root = ensure_demo_corpus(cfg.demo_size, cfg.demo_seed)
         csv_path = root / "train.tsv"
@@ -63,79 +91,239 @@ def resolve_device(name: str, state: DistState) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+        if device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
 
-def teacher_spec(model: DualEncoder, modality: str, cfg: Config) -> dict:
-    """What identifies a teacher's features: tower, weights, tokenisation or preprocessing."""
-    m = cfg.model
-    if modality == "text":
-        return {
-            "builder": m.text_model_builder,
-            "model": m.text_model,
-            "tag": m.text_model_tag,
-            "pooler": m.text_pooler if m.text_model_builder == "huggingface" else "",
-            "max_seq_length": m.max_seq_length,
-            "tower": model.text_tower.name,
-        }
-    p = model.image_preprocess
-    return {
-        "builder": m.image_model_builder,
-        "model": m.image_model,
-        "tag": m.image_model_tag,
-        "image_size": p.image_size,
-        "mean": list(p.mean),
-        "std": list(p.std),
-        "tower": model.image_tower.name,
-    }
+# Keys under which separate locked teachers' features reach the loss (`LossInputs.extra`); CLIP-KD's
+# teachers read them (see `protorkd.losses` and `protorkd.losses.clip_kd.ClipTeacher`).
+CLIP_IMAGE_KEY = "teacher_image_features"
+CLIP_TEXT_KEY = "teacher_text_features"
+CLIP_LOGIT_SCALE_KEY = "teacher_logit_scale"
+TEXT_TEACHER_KEY = "text_teacher_features"
+TEACHER_FLAGS = {
+    CLIP_IMAGE_KEY: "--clip-teacher-model",
+    CLIP_TEXT_KEY: "--clip-teacher-model",
+    TEXT_TEACHER_KEY: "--extra-text-teacher",
+}
 
 
-def teacher_weights_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap hash of a tower's weights, so a cache from other weights (e.g. a local checkpoint) is refused."""
-    import hashlib
+@dataclass
+class Teachers:
+    """The run's cached teacher features.
 
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items())[:64]:
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().flatten()[:256].cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    tower: backbone features [U, D] of the student's own locked tower (`--teacher text|image`); the loop
+        feeds them to the model instead of running that tower.
+    extra: features of separate locked teachers (a CLIP teacher, a text teacher), by the `LossInputs.extra`
+        key the loss reads them under.
+    scalars: per-run constants for the loss, e.g. a CLIP teacher's "teacher_logit_scale".
+    """
+
+    tower: TeacherFeatures | None = None
+    extra: dict[str, TeacherFeatures] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bad_rows(self) -> set[int]:
+        rows: set[int] = set()
+        for features in (self.tower, *self.extra.values()):
+            if features is not None:
+                rows |= features.bad_rows
+        return rows
+
+    def extra_inputs(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """{key: [B, D_key] features of corpus rows `indices`} plus the scalars as 0-d tensors."""
+        inputs = {key: features.lookup(indices).to(device, non_blocking=True) for key, features in self.extra.items()}
+        inputs.update({key: torch.tensor(value, device=device) for key, value in self.scalars.items()})
+        return inputs
+
+
+def teacher_definitions(cfg: ModelConfig) -> list[tuple[TeacherDef, str | None]]:
+    """Every locked teacher whose features the run caches, with the `extra` key they reach the loss under
+    (None for the student's own locked tower, whose cached backbone features replace running it)."""
+    definitions: list[tuple[TeacherDef, str | None]] = []
+    if cfg.teacher == "text":
+        text = TeacherDef(
+            "text",
+            "text",
+            cfg.text_model_builder,
+            cfg.text_model,
+            cfg.text_model_tag,
+            cfg.text_pooler,
+            cfg.max_seq_length,
+        )
+        definitions.append((text, None))
+    elif cfg.teacher == "image":
+        image = TeacherDef(
+            "image", "image", cfg.image_model_builder, cfg.image_model, cfg.image_model_tag, image_size=cfg.image_size
+        )
+        definitions.append((image, None))
+    if cfg.clip_teacher_model:
+        model, tag = cfg.clip_teacher_model, cfg.clip_teacher_tag
+        definitions.append((TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY))
+        definitions.append((TeacherDef("clip-text", "text", "open_clip", model, tag), CLIP_TEXT_KEY))
+    if cfg.extra_text_teacher:
+        extra = TeacherDef("extra-text", "text", cfg.extra_text_teacher_builder, cfg.extra_text_teacher)
+        definitions.append((extra, TEXT_TEACHER_KEY))
+    return definitions
+
+
+class _LazyTower:
+    """Builds (or takes) a teacher's tower on first use, so a complete cache never loads the teacher."""
+
+    def __init__(self, definition: TeacherDef, tower: torch.nn.Module | None, device: torch.device) -> None:
+        self.definition = definition
+        self.tower = tower
+        self.device = device
+        self._moved = False
+        self._transform = None
+
+    def get(self) -> torch.nn.Module:
+        if self.tower is None:
+            log.info(
+                "building teacher %s (%s %s)", self.definition.name, self.definition.builder, self.definition.model
+            )
+            self.tower = build_teacher_tower(self.definition)
+        if not self._moved:
+            self.tower.to(self.device)
+            self._moved = True
+        return self.tower
+
+    def load_image(self, path: str) -> torch.Tensor:
+        if self._transform is None:
+            p = self.get().preprocess  # the teacher's own preprocessing, never the student's
+            self._transform = image_loader(
+                image_transform(p.image_size, p.mean, p.std, train=False, interpolation=p.interpolation)
+            )
+        return self._transform(path)
 
 
 @torch.no_grad()
-def load_teacher_features(
-    model: DualEncoder, corpus: Corpus, cfg: Config, cache_root: Path, device: torch.device, *, progress: bool
+def cached_teacher_features(
+    definition: TeacherDef,
+    corpus: Corpus,
+    cache_root: Path,
+    device: torch.device,
+    *,
+    tower: torch.nn.Module | None = None,
+    needed: int = 1,
+    progress: bool = False,
+    batch_size: int = 256,
 ) -> TeacherFeatures:
-    """Run the locked teacher tower over the corpus once (or reuse / resume a cache)."""
-    modality = cfg.model.teacher
-    spec = teacher_spec(model, modality, cfg)
-    spec["weights"] = teacher_weights_fingerprint(model.text_tower if modality == "text" else model.image_tower)
-    keys = corpus.captions if modality == "text" else corpus.images
-    from protorkd.train.teacher_cache import corpus_hash
+    """One teacher's features for the whole corpus: reused, resumed or computed (`tower` or built lazily)."""
+    lazy = _LazyTower(definition, tower, device)
+    spec = definition.spec(lazy.get() if definition.needs_tower_for_spec else None)
+    keys = corpus.captions if definition.modality == "text" else corpus.images
+    folder = resolve_cache_folder(cache_root, definition.modality, spec, corpus_hash(keys), needed=needed)
 
-    folder = Path(cache_root)
-    if not (folder / "manifest.json").exists():
-        folder = cache_folder(cache_root, modality, spec, corpus_hash(keys))
-    tower = model.text_tower if modality == "text" else model.image_tower
-    tower.to(device)
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        tokens = {k: v.to(device) for k, v in lazy.get().tokenize(texts).items()}
+        return lazy.get()(tokens)
 
-    if modality == "text":
+    def encode_images(images: list[torch.Tensor]) -> torch.Tensor:
+        return lazy.get()(torch.stack(images).to(device))
 
-        def encode(texts: list[str]) -> torch.Tensor:
-            tokens = {k: v.to(device) for k, v in model.tokenize(texts).items()}
-            return model.text_backbone(tokens)
-
-        load = None
-    else:
-        p = model.image_preprocess
-        load = image_loader(image_transform(p.image_size, p.mean, p.std, train=False, interpolation=p.interpolation))
-
-        def encode(images: list[torch.Tensor]) -> torch.Tensor:
-            return model.image_backbone(torch.stack(images).to(device))
-
+    text = definition.modality == "text"
     return build_teacher_cache(
-        folder, modality=modality, keys=keys, spec=spec, encode=encode, load=load, progress=progress
+        folder,
+        modality=definition.modality,
+        keys=keys,
+        spec=spec,
+        encode=encode_texts if text else encode_images,
+        load=None if text else lazy.load_image,
+        batch_size=batch_size,
+        progress=progress,
+        info=lambda: tower_info(lazy.get()),
     )
+
+
+def load_teachers(
+    model: DualEncoder, corpus: Corpus, cfg: ModelConfig, cache_root: Path, device: torch.device, *, progress: bool
+) -> Teachers:
+    """Every teacher's features for the run (computed once per corpus and teacher, then read from the cache)."""
+    definitions = teacher_definitions(cfg)
+    teachers = Teachers()
+    for definition, key in definitions:
+        own_tower = None
+        if key is None:
+            own_tower = model.text_tower if definition.modality == "text" else model.image_tower
+        features = cached_teacher_features(
+            definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
+        )
+        log.info(
+            "teacher %s features: %s (%d unique x %d)",
+            definition.name,
+            features.folder,
+            features.features.shape[0],
+            features.dim,
+        )
+        if key is None:
+            teachers.tower = features
+        else:
+            teachers.extra[key] = features
+        if key == CLIP_TEXT_KEY and "logit_scale" in features.info:
+            teachers.scalars[CLIP_LOGIT_SCALE_KEY] = float(features.info["logit_scale"])
+    return teachers
+
+
+def loss_config_for_teachers(cfg: LossConfig, teachers: Teachers) -> LossConfig:
+    """Tell the loss the widths of the separate teachers' features (CLIP-KD builds its projections from them)."""
+    changes: dict[str, int] = {}
+    clip, text = teachers.extra.get(CLIP_TEXT_KEY), teachers.extra.get(TEXT_TEACHER_KEY)
+    if clip is not None:
+        if cfg.clip_kd_teacher_dim > 0 and cfg.clip_kd_teacher_dim != clip.dim:
+            raise UsageError(
+                f"--clip-kd-teacher-dim {cfg.clip_kd_teacher_dim}: the CLIP teacher's features are {clip.dim}-d "
+                "(leave the flag at -1 to read the width from the teacher)"
+            )
+        changes["clip_kd_teacher_dim"] = clip.dim
+    elif text is not None:
+        changes["clip_kd_teacher_dim"] = 0  # a text-only teacher
+    if text is not None:
+        changes["clip_kd_text_teacher_dim"] = text.dim
+    return dataclasses.replace(cfg, **changes)
+
+
+def check_teacher_inputs(loss: torch.nn.Module, provided: set[str], loss_name: str) -> None:
+    """The separate teachers' features the loss reads must be provided, and none provided may go unused."""
+    main = getattr(loss, "main", loss)
+    required = {key for t in getattr(main, "teachers", ()) for key in (t.image_key, t.text_key)}
+    missing = sorted(required - provided)
+    if missing:
+        flags = sorted({TEACHER_FLAGS.get(key, key) for key in missing})
+        raise UsageError(
+            f"--loss {loss_name} distils from locked teacher features ({', '.join(missing)}); give {' / '.join(flags)} "
+            "(e.g. --clip-teacher-model ViT-B-32 --clip-teacher-tag openai, or --extra-text-teacher all-MiniLM-L6-v2)"
+        )
+    unused = sorted({TEACHER_FLAGS[key] for key in provided - required})
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: --loss {loss_name} does not use these teachers (CLIP-KD does)")
+
+
+def check_auxiliary_inputs(cfg: Config, model: DualEncoder) -> None:
+    """SimCSE needs a second dropout pass of an online text tower; BYOL a second view through the image tower."""
+    if cfg.loss.w_simcse and (model.lock_text or cfg.model.teacher == "text"):
+        raise UsageError(
+            "--w-simcse needs an online, trainable text tower, but the text tower is locked "
+            "(--teacher text or --lock-text-model) and its features may come from the cache; "
+            "use --teacher image or --teacher none"
+        )
+    if cfg.loss.byol and cfg.model.teacher == "image":
+        raise UsageError(
+            "--byol needs the image tower to run on a second view, but --teacher image caches its features"
+        )
+
+
+@dataclass
+class _ShardSource:
+    """Stands in for CsvCorpus where bad samples arrive already described ('shard 00003.tar key ...')."""
+
+    pattern: str
+
+    def describe(self, source: int | str) -> str:
+        return str(source)
 
 
 def make_loader(
@@ -149,10 +337,31 @@ def make_loader(
     views: int = 1,
     pin_memory: bool = False,
 ) -> tuple[DataLoader, EpisodeSampler, CsvCorpus]:
+    """The one place that turns the corpus into batches (a webdataset reader belongs here too).
+
+    Batches are `collate`'s dicts: indices [b], captions, images [b, 3, H, W] unless `load_images` is False,
+    and images_view2 (a second augmented view) when `views` is 2 (BYOL).
+    """
     p = model.image_preprocess
     transform = image_transform(
         p.image_size, p.mean, p.std, train=True, augmentation=cfg.data.augmentation, interpolation=p.interpolation
     )
+    if corpus.shards:
+        from protorkd.data.webdataset_corpus import webdataset_loader
+
+        if views != 1:
+            raise UsageError("--byol needs a TSV corpus (a webdataset stream yields one view per sample)")
+        loader = webdataset_loader(
+            corpus.shards,
+            image_transform=transform,
+            batch_size=cfg.optim.batch_size,
+            num_samples=corpus.samples_per_epoch,
+            workers=cfg.data.workers,
+            seed=cfg.optim.seed,
+            rank=state.rank,
+            world_size=state.world_size,
+        )
+        return loader, loader, _ShardSource(corpus.shards)
     dataset = CsvCorpus(
         corpus.images,
         corpus.captions,

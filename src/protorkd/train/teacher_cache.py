@@ -2,8 +2,14 @@
 
 A cache folder holds `features.npy` ([U, D] float16, one row per unique caption or image path, memory
 mapped), `rows.npy` ([N] int64: corpus row -> feature row) and `manifest.json` (corpus hash, teacher
-spec, dims, progress). It is filled in chunks and the manifest records progress after each chunk, so
-an interrupted run resumes where it stopped. A cache whose manifest does not match the run is refused.
+spec, dims, progress, and informational fields such as the image transform or a CLIP teacher's logit
+scale). It is filled in chunks and the manifest records progress after each chunk, so an interrupted
+run resumes where it stopped. A cache whose manifest does not match the run is refused.
+
+Folders are named by modality and a hash of (teacher spec, corpus hash), so one root (`--teacher-cache`,
+or an experiment's `cache/`) holds the caches of several teachers and corpora side by side.
+`pca_projection` / `export_rows` turn a cache into the per-row `.npy` that ProtoCLIP's
+`--external-teacher` reads.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,7 @@ class TeacherFeatures:
     rows: np.ndarray  # [N] int64
     bad_rows: set[int]
     folder: Path
+    info: dict[str, Any] = field(default_factory=dict)  # manifest "info": transform, logit_scale, ...
 
     @property
     def dim(self) -> int:
@@ -59,6 +66,28 @@ def corpus_hash(keys: list[str]) -> str:
 def cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_hash: str) -> Path:
     key = hashlib.sha256(json.dumps({"spec": spec, "corpus": keys_hash}, sort_keys=True).encode()).hexdigest()
     return Path(root) / f"teacher-{modality}-{key[:16]}"
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = Path(folder) / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def resolve_cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_hash: str, *, needed: int) -> Path:
+    """The folder for one teacher's features under `root`, or `root` itself when it is a single cache.
+
+    A single cache folder (it has a manifest) serves a run that needs exactly one teacher cache
+    (`needed`); its manifest is then checked against the run by `build_teacher_cache`.
+    """
+    root = Path(root)
+    if read_manifest(root) is None:
+        return cache_folder(root, modality, spec, keys_hash)
+    if needed != 1:
+        raise UsageError(
+            f"--teacher-cache {root} is the cache of one teacher, but this run needs {needed} teacher caches; "
+            "point --teacher-cache at the folder that holds them (what `protorkd cache-teacher` writes)"
+        )
+    return root
 
 
 def _check_manifest(manifest: dict, expected: dict, folder: Path) -> None:
@@ -90,11 +119,14 @@ def build_teacher_cache(
     load: Callable[[str], Any] | None = None,
     batch_size: int = 256,
     progress: bool = True,
+    info: Callable[[], dict[str, Any]] | None = None,
 ) -> TeacherFeatures:
     """Fill (or resume, or reuse) the cache in `folder` for corpus `keys` (captions or image paths).
 
     encode: a batch of inputs -> [b, D] features (runs the locked teacher under no_grad).
     load: key -> encoder input (e.g. path -> transformed image tensor); identity for captions.
+    info: informational manifest fields (transform, logit scale), asked for only when encoding
+        happens, so a complete cache never needs the teacher built.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +149,7 @@ def build_teacher_cache(
     bad_unique: list[int] = manifest.get("bad_unique", []) if manifest else []
     if manifest and manifest.get("complete"):
         features = np.load(folder / "features.npy", mmap_mode="r")
-        return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder)
+        return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
 
     load = load or (lambda key: key)
     dim = None if manifest is None else manifest["dim"]
@@ -163,13 +195,16 @@ def build_teacher_cache(
             features[i] = outputs.get(i, 0.0)
         features.flush()
         done = chunk[-1] + 1
+        extra = {"info": info()} if info is not None else {}
         _write_manifest(
-            folder, {**expected, "dim": dim, "done": done, "complete": done == len(unique), "bad_unique": bad_unique}
+            folder,
+            {**expected, "dim": dim, "done": done, "complete": done == len(unique), "bad_unique": bad_unique, **extra},
         )
     bar.close()
     np.save(folder / "rows.npy", rows)
     features = np.load(folder / "features.npy", mmap_mode="r")
-    return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder)
+    manifest = read_manifest(folder) or {}
+    return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
 
 
 def _bad_rows(rows: np.ndarray, bad_unique: list[int]) -> set[int]:
@@ -185,3 +220,68 @@ def image_loader(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[
             return transform(image)
 
     return load
+
+
+def pca_projection(
+    features: np.ndarray, dim: int, *, max_rows: int = 1_000_000, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """PCA of [U, D] features to `dim` components (torch.pca_lowrank on at most `max_rows` sampled rows).
+
+    Returns {"mean": [D], "components": [D, dim], "explained_variance": [dim]} (float32);
+    project with `(x - mean) @ components`.
+    """
+    if not 1 <= dim <= features.shape[1]:
+        raise UsageError(f"--pca-dim {dim}: must be between 1 and the feature width {features.shape[1]}")
+    rows = features.shape[0]
+    sample = np.arange(rows)
+    if rows > max_rows:
+        sample = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
+    data = torch.from_numpy(np.asarray(features[sample], dtype=np.float32))
+    mean = data.mean(dim=0)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # pca_lowrank's random sketch
+    _, singular, components = torch.pca_lowrank(data - mean, q=min(dim + 10, *data.shape), center=False, niter=4)
+    torch.random.set_rng_state(generator_state)
+    variance = singular[:dim].pow(2) / max(len(data) - 1, 1)
+    return {
+        "mean": mean.numpy(),
+        "components": components[:, :dim].contiguous().numpy(),
+        "explained_variance": variance.numpy(),
+    }
+
+
+def save_pca(cache: TeacherFeatures, pca: dict[str, np.ndarray]) -> Path:
+    """Store a PCA beside the cache (`pca-<dim>.npz`) and record it in the manifest."""
+    dim = int(pca["components"].shape[1])
+    path = cache.folder / f"pca-{dim}.npz"
+    np.savez(path, **pca)
+    manifest = read_manifest(cache.folder) or {}
+    total = float(np.asarray(cache.features[: min(len(cache.features), 100_000)], dtype=np.float32).var(0).sum())
+    manifest.setdefault("pca", {})[str(dim)] = {
+        "file": path.name,
+        "explained_variance_ratio": float(pca["explained_variance"].sum() / max(total, 1e-12)),
+    }
+    _write_manifest(cache.folder, manifest)
+    return path
+
+
+def export_rows(
+    cache: TeacherFeatures, path: Path, *, pca: dict[str, np.ndarray] | None = None, chunk: int = 65536
+) -> Path:
+    """Write [N corpus rows, d] float32 features (PCA-projected when `pca` is given) as a .npy file.
+
+    This is the per-row layout ProtoCLIP's `--external-teacher` reads. Written to `path.tmp` then renamed.
+    """
+    path = Path(path)
+    width = cache.dim if pca is None else pca["components"].shape[1]
+    tmp = path.with_name(path.name + ".tmp.npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(cache.rows), width))
+    for start in range(0, len(cache.rows), chunk):
+        block = np.asarray(cache.features[cache.rows[start : start + chunk]], dtype=np.float32)
+        if pca is not None:
+            block = (block - pca["mean"]) @ pca["components"]
+        out[start : start + len(block)] = block
+    out.flush()
+    del out
+    os.replace(tmp, path)
+    return path

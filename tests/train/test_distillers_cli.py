@@ -1,0 +1,189 @@
+"""Every registered loss trains from the CLI, in one process and under a 2-process gloo torchrun.
+
+Also: the BYOL and SimCSE terms reach out.log, CLIP-KD distils a tiny CLIP teacher plus a tiny text
+teacher from their feature caches, ProtoCLIP logs its clustering and a resumed run keeps the clusters.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from protorkd.cli import main
+from protorkd.losses import LOSSES
+from tests.conftest import TINY_MODEL_ARGS
+
+SMALL_LOSS_ARGS = ["--n-prototypes", "64", "--queue-size", "128", "--k", "8", "--zeroshot-frequency", "0"]
+TEXT_TEACHER_ARGS = ["--extra-text-teacher", "tiny-text", "--extra-text-teacher-builder", "custom"]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_checkpoint(tmp_path_factory) -> Path:
+    """A `protorkd-tiny-clip` state dict saved to a file: the "pretrained" CLIP teacher of these tests."""
+    import open_clip
+
+    from protorkd.models.image_towers import register_open_clip_configs
+
+    register_open_clip_configs()
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teachers") / "tiny-clip.pt"
+    torch.save(open_clip.create_model("protorkd-tiny-clip").state_dict(), path)
+    return path
+
+
+def clip_teacher_args(checkpoint: Path) -> list[str]:
+    return ["--clip-teacher-model", "protorkd-tiny-clip", "--clip-teacher-tag", str(checkpoint)]
+
+
+def loss_args(name: str, checkpoint: Path) -> list[str]:
+    """What each loss needs beyond the tiny towers: both towers training, or teacher features."""
+    if name == "CLIP-KD":
+        return ["--teacher", "none", *clip_teacher_args(checkpoint)]
+    if name == "ProtoCLIP":
+        return ["--teacher", "none", "--PBT"]
+    return []
+
+
+def train_args(corpus: Path, logs: Path, name: str, *extra: str, logs_flag: str = "--logs") -> list[str]:
+    return [
+        "train",
+        "--train-data",
+        str(corpus / "train.tsv"),
+        logs_flag,
+        str(logs),
+        "--name",
+        name,
+        "--batch-size",
+        "16",
+        *TINY_MODEL_ARGS,
+        *SMALL_LOSS_ARGS,
+        *extra,
+    ]
+
+
+def out_log(logs: Path, name: str) -> str:
+    return (logs / name / "out.log").read_text()
+
+
+def last_step_line(log_text: str) -> str:
+    return [line for line in log_text.splitlines() if " step " in line][-1]
+
+
+@pytest.mark.parametrize("name", LOSSES.names())
+def test_every_loss_trains_from_the_cli(name, tiny_corpus, tmp_path, tiny_clip_checkpoint):
+    assert (
+        main(
+            train_args(
+                tiny_corpus, tmp_path, "run", "--epochs", "1", "--loss", name, *loss_args(name, tiny_clip_checkpoint)
+            )
+        )
+        == 0
+    )
+    line = last_step_line(out_log(tmp_path, "run"))
+    assert "step 6/6" in line and " loss " in line and "nan" not in line
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    assert checkpoint["optimizer"]["state"][0]["step"] == 6
+
+
+def test_byol_and_simcse_terms_are_optimised_and_logged(tiny_corpus, tmp_path):
+    args = ["--epochs", "1", "--loss", "SimReg", "--teacher", "none", "--byol", "--w-simcse", "0.5"]
+    assert main(train_args(tiny_corpus, tmp_path, "run", *args)) == 0
+    line = last_step_line(out_log(tmp_path, "run"))
+    for term in ("distill_loss", "byol_loss", "simcse_loss"):
+        assert f" {term} " in line
+
+
+def test_simcse_on_a_locked_text_tower_is_refused(tiny_corpus, tmp_path, capsys):
+    assert main(train_args(tiny_corpus, tmp_path, "run", "--w-simcse", "0.5", "--teacher", "text")) == 2
+    assert "--w-simcse needs an online, trainable text tower" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_clip_kd_without_a_teacher_is_refused_and_leaves_nothing(tiny_corpus, tmp_path, capsys):
+    assert main(train_args(tiny_corpus, tmp_path, "run", "--loss", "CLIP-KD", "--teacher", "none")) == 2
+    assert "--clip-teacher-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_clip_kd_distils_a_clip_teacher_and_a_text_teacher_from_their_caches(
+    tiny_corpus, tmp_path, tiny_clip_checkpoint
+):
+    args = ["--epochs", "1", "--loss", "CLIP-KD", "--teacher", "none", *clip_teacher_args(tiny_clip_checkpoint)]
+    assert main(train_args(tiny_corpus, tmp_path, "run", *args, *TEXT_TEACHER_ARGS)) == 0
+    log_text = out_log(tmp_path, "run")
+    line = last_step_line(log_text)
+    for term in ("infonce_loss", "clip_kd_logit_loss/clip", "clip_kd_fd_loss/text", "clip_kd_icl_loss/text"):
+        assert f" {term} " in line
+    assert "teacher clip-image features" in log_text and "teacher extra-text features" in log_text
+    manifests = [p.read_text() for p in (tmp_path / "run" / "cache").glob("*/manifest.json")]
+    assert len(manifests) == 3
+    clip_image = next(m for m in manifests if '"modality": "image"' in m)
+    assert '"image_size": 64' in clip_image  # the teacher's own 64 px transform, not the 32 px student's
+    clip_text = next(m for m in manifests if "protorkd-tiny-clip" in m and '"modality": "text"' in m)
+    assert '"logit_scale"' in clip_text
+
+
+def test_protoclip_logs_clustering_and_resume_restores_the_clusters(tiny_corpus, tmp_path):
+    # clustering at epoch 1 only (frequency 2): the resumed epoch 2 must train with the checkpoint's clusters
+    common = ["--epochs", "2", "--loss", "ProtoCLIP", "--teacher", "none", "--clustering-frequency", "2"]
+    assert main(train_args(tiny_corpus, tmp_path, "full", *common)) == 0
+    log_text = out_log(tmp_path, "full")
+    assert "epoch 1 clustering of 96 rows (extraction pass), k 8" in log_text
+    for stat in ("image/kmeans_error", "text/empty_clusters", "image_text_ari", "image_text_ami", "seconds_kmeans"):
+        assert f" {stat} " in log_text
+    first = tmp_path / "full" / "checkpoints" / "epoch_1.pt"
+    assert main(train_args(tiny_corpus, tmp_path, "resumed", *common, "--resume", str(first))) == 0
+    assert "clustering of" not in out_log(tmp_path, "resumed")
+    full = torch.load(tmp_path / "full/checkpoints/epoch_2.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/epoch_2.pt", weights_only=True)
+    assert full["loss_state"]["text_labels"].numel() == 96
+    for key, value in full["loss_state"].items():
+        assert torch.equal(value, resumed["loss_state"][key]), key
+    for key, value in full["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    assert " proto_loss 0 " not in last_step_line(out_log(tmp_path, "resumed"))
+
+
+# Under torchrun: one loss per family (each start costs ~5 s), the auxiliaries riding along with InfoNCE.
+TORCHRUN_CASES = {
+    "contrastive": ("InfoNCE", ["--teacher", "none", "--byol", "--w-simcse", "0.5"], ["byol_loss", "simcse_loss"]),
+    "regression": ("SimReg-SmoothL1", [], ["distill_loss"]),
+    "relational": ("RKD", [], ["rkd_distance_loss", "rkd_angle_loss"]),
+    "queue": ("SEED", [], ["distill_loss"]),
+    "redundancy": ("BarlowTwins", [], ["barlow_off_diagonal_loss"]),
+    "prototype": ("ProtoRKD", [], ["distill_loss"]),
+    "clip-kd": ("CLIP-KD", ["--teacher", "none", *TEXT_TEACHER_ARGS], ["clip_kd_fd_loss/clip", "clip_kd_fd_loss/text"]),
+    "protoclip": ("ProtoCLIP", ["--teacher", "none", "--PBT"], ["proto_loss"]),
+}
+
+
+@pytest.mark.parametrize("family", list(TORCHRUN_CASES))
+def test_loss_family_trains_under_two_process_torchrun(family, tiny_corpus, tmp_path, tiny_clip_checkpoint):
+    loss, extra, terms = TORCHRUN_CASES[family]
+    if loss == "CLIP-KD":
+        extra = [*extra, *clip_teacher_args(tiny_clip_checkpoint)]
+    args = train_args(tiny_corpus, tmp_path, "ddp", "--epochs", "1", "--loss", loss, *extra, logs_flag="--logs-dir")
+    args[args.index("--batch-size") + 1] = "8"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, "-m", "protorkd", *args, "--dataset-size", "48"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log_text = out_log(tmp_path, "ddp")
+    assert "world size 2" in log_text and "model parameters identical on all 2 ranks" in log_text
+    line = last_step_line(log_text)
+    assert "step 3/3" in line  # 48 rows / (8 per process x 2 processes)
+    for term in terms:
+        assert f" {term} " in line
+    if loss == "ProtoCLIP":
+        assert "epoch 1 clustering of 48 rows (extraction pass)" in log_text
