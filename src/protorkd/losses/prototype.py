@@ -105,8 +105,11 @@ class DINO(_SharedPrototypeLoss):
         loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
         with torch.no_grad():
             self.center.mul_(self.momentum).add_(teacher_logits.mean(dim=0, keepdim=True), alpha=1 - self.momentum)
-            self._diagnostics = {"dino/teacher_entropy": entropy(teacher_probs)}
+            self._diagnostics = self._diagnose(teacher_probs, student_logits)
         return {"distill_loss": self.weight * loss}
+
+    def _diagnose(self, teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"dino/teacher_entropy": entropy(teacher_probs)}
 
 
 class ProtoCPC(_SharedPrototypeLoss):
@@ -142,7 +145,7 @@ class ProtoCPC(_SharedPrototypeLoss):
         return {"distill_loss": self.weight * loss}
 
 
-class ProtoRKD(_SharedPrototypeLoss):
+class ProtoRKD(DINO):
     """Prototypical relational KD: distil each sample's relation to K shared prototypes.
 
     r_t = softmax((t P - c) / T_t) (teacher relation, sharpened and centred), r_s = softmax(s P / T_s);
@@ -152,31 +155,10 @@ class ProtoRKD(_SharedPrototypeLoss):
     diagnostics describe how the relation mass is spread over prototypes (see docs/method.md).
     """
 
-    def __init__(
-        self,
-        dim: int,
-        n_prototypes: int = 65536,
-        teacher_temperature: float = 0.04,
-        student_temperature: float = 0.1,
-        center_momentum: float = 0.9,
-        *,
-        weight: float = 1.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(dim, n_prototypes, teacher_temperature, student_temperature, center_momentum, weight, seed)
-        self.register_buffer("center", torch.zeros(1, n_prototypes))
-
-    def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student_logits, teacher_logits = self._logits(inputs)
-        teacher_relation = torch.softmax((teacher_logits - self.center) / self.teacher_temperature, dim=1)
-        loss = soft_cross_entropy(teacher_relation, student_logits / self.student_temperature)
-        with torch.no_grad():
-            self.center.mul_(self.momentum).add_(teacher_logits.mean(dim=0, keepdim=True), alpha=1 - self.momentum)
-            assignments = teacher_relation.argmax(dim=1)
-            student_assignments = student_logits.argmax(dim=1)
-            self._diagnostics = {
-                "protorkd/teacher_entropy": entropy(teacher_relation),
-                "protorkd/prototypes_used": assignments.bincount(minlength=teacher_logits.shape[1]).count_nonzero(),
-                "protorkd/assignment_agreement": (assignments == student_assignments).float().mean(),
-            }
-        return {"distill_loss": self.weight * loss}
+    def _diagnose(self, teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        assignments = teacher_probs.argmax(dim=1)
+        return {
+            "protorkd/teacher_entropy": entropy(teacher_probs),
+            "protorkd/prototypes_used": assignments.bincount(minlength=teacher_probs.shape[1]).count_nonzero(),
+            "protorkd/assignment_agreement": (assignments == student_logits.argmax(dim=1)).float().mean(),
+        }
