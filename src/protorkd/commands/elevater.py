@@ -105,17 +105,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
-    return device
-
-
 def _seeds(args: argparse.Namespace) -> tuple[int, ...]:
     if args.seeds is None:
         return (0, 1, 2) if args.mode == "linear_probe" and args.num_shots > 0 else (0,)
@@ -270,7 +259,10 @@ def run(args: argparse.Namespace) -> int:
     selected = _select(args, definitions)
     metadata = load_zeroshot_metadata(args.zeroshot_metadata) if args.zeroshot_metadata else None
 
-    device = _device(args.device)
+    from protorkd.distributed import DistState
+    from protorkd.train.setup import resolve_device
+
+    device = resolve_device(args.device, DistState())
     loaded = load_model_from_checkpoint(args.checkpoint)
     model = loaded.model.to(device)
     description = {"model": f"protorkd:{loaded.name}", "pretrained": str(args.checkpoint)}

@@ -100,20 +100,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"--device {name}: {error}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
-    return device
-
-
 def _split(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -231,7 +217,10 @@ def run(args: argparse.Namespace) -> int:
             "give --checkpoint PATH, or tower flags (e.g. --text-model-builder sbert --text-model "
             "all-MiniLM-L6-v2) to evaluate a model without training"
         )
-    device = _device(args.device)
+    from protorkd.distributed import DistState
+    from protorkd.train.setup import resolve_device
+
+    device = resolve_device(args.device, DistState())
     model, description, experiment, train_values = _load_model(args, tower_flags)
     root = args.eval_data_dir or _default_root(train_values)
     if root is None:
