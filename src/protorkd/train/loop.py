@@ -216,6 +216,22 @@ def _run(cfg, state, device, paths, corpus, model, resume_path, eval_root, creat
     )
     steps_per_epoch = len(loader) // cfg.optim.accum_freq
     total_steps = steps_per_epoch * cfg.optim.epochs
+    run = _EpochRun(
+        cfg,
+        state,
+        device,
+        train_model,
+        model,
+        loss_fn,
+        optimizer,
+        scaler,
+        loader,
+        teachers,
+        writer,
+        steps_per_epoch,
+        total_steps,
+        progress,
+    )
     metrics: dict[str, float] = {}
     collected: EpisodeFeatures | None = None
     epoch = start_epoch
@@ -245,25 +261,7 @@ def _run(cfg, state, device, paths, corpus, model, resume_path, eval_root, creat
         )
         model.train()
         bad = BadSampleCounter(cfg.data.max_bad_fraction, dataset.describe)
-        _train_epoch(
-            cfg,
-            state,
-            device,
-            epoch,
-            train_model,
-            model,
-            loss_fn,
-            optimizer,
-            scaler,
-            loader,
-            teachers,
-            writer,
-            bad,
-            steps_per_epoch,
-            total_steps,
-            progress,
-            collected,
-        )
+        _train_epoch(run, epoch, bad, collected)
         log.info("epoch %d trained in %.1f s", epoch + 1, time.time() - epoch_started)
         bad.report(epoch + 1)
         bad.check()
@@ -320,25 +318,30 @@ def _run(cfg, state, device, paths, corpus, model, resume_path, eval_root, creat
     return TrainResult(paths.root, cfg.optim.epochs, metrics)
 
 
-def _train_epoch(
-    cfg,
-    state,
-    device,
-    epoch,
-    train_model,
-    model,
-    loss_fn,
-    optimizer,
-    scaler,
-    loader,
-    teachers,
-    writer,
-    bad,
-    steps_per_epoch,
-    total_steps,
-    progress,
-    collected,
-) -> None:
+@dataclass
+class _EpochRun:
+    """What every epoch of one run shares (built once by `_run`)."""
+
+    cfg: Config
+    state: DistState
+    device: torch.device
+    train_model: torch.nn.Module  # the model as trained: DDP- and/or compile-wrapped
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: object
+    loader: object
+    teachers: Teachers
+    writer: MetricWriter
+    steps_per_epoch: int
+    total_steps: int
+    progress: bool
+
+
+def _train_epoch(run: _EpochRun, epoch: int, bad: BadSampleCounter, collected: EpisodeFeatures | None) -> None:
+    cfg, state, device, train_model, model = run.cfg, run.state, run.device, run.train_model, run.model
+    loss_fn, optimizer, scaler, loader, teachers = run.loss_fn, run.optimizer, run.scaler, run.loader, run.teachers
+    writer, steps_per_epoch, total_steps, progress = run.writer, run.steps_per_epoch, run.total_steps, run.progress
     teacher = cfg.model.teacher
     accum = cfg.optim.accum_freq
     bar = tqdm(
