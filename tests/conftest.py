@@ -34,6 +34,16 @@ TINY_MODEL_ARGS = [
 ]
 
 
+def tiny_train_args(
+    corpus: Path, logs: Path, name: str, *extra: str, logs_flag: str = "--logs", eval_data: bool = True
+) -> list[str]:
+    """`protorkd train` arguments for a run of the tiny towers on `corpus` (extra flags come last and win)."""
+    args = ["train", "--train-data", str(corpus / "train.tsv")]
+    if eval_data:
+        args += ["--eval-data-dir", str(corpus / "eval")]
+    return [*args, logs_flag, str(logs), "--name", name, "--batch-size", "16", *TINY_MODEL_ARGS, *extra]
+
+
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PROTORKD_CACHE", str(tmp_path_factory.getbasetemp() / "protorkd-cache"))

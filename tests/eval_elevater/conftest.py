@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import tiny_train_args
 from tests.eval_elevater.elevater_data import balanced, write_coco_dataset, write_iris_dataset
 
 
@@ -55,22 +55,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("elevater_run")
     corpus = write_demo_corpus(base / "corpus", size=32, seed=3, eval_per_class=2, progress=False)
     code = main(
-        [
-            "train",
-            "--train-data",
-            str(corpus / "train.tsv"),
-            "--logs",
-            str(base / "logs"),
-            "--name",
-            "run",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "1",
-            "--zeroshot-frequency",
-            "0",
-            *TINY_MODEL_ARGS,
-        ]
+        tiny_train_args(corpus, base / "logs", "run", "--epochs", "1", "--zeroshot-frequency", "0", eval_data=False)
     )
     assert code == 0
     return base / "logs" / "run" / "checkpoints" / "epoch_1.pt"

@@ -16,7 +16,7 @@ import torch
 
 from protorkd.cli import main
 from protorkd.losses import LOSSES
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import tiny_train_args
 
 SMALL_LOSS_ARGS = ["--n-prototypes", "64", "--queue-size", "128", "--k", "8", "--zeroshot-frequency", "0"]
 TEXT_TEACHER_ARGS = ["--extra-text-teacher", "tiny-text", "--extra-text-teacher-builder", "custom"]
@@ -50,20 +50,7 @@ def loss_args(name: str, checkpoint: Path) -> list[str]:
 
 
 def train_args(corpus: Path, logs: Path, name: str, *extra: str, logs_flag: str = "--logs") -> list[str]:
-    return [
-        "train",
-        "--train-data",
-        str(corpus / "train.tsv"),
-        logs_flag,
-        str(logs),
-        "--name",
-        name,
-        "--batch-size",
-        "16",
-        *TINY_MODEL_ARGS,
-        *SMALL_LOSS_ARGS,
-        *extra,
-    ]
+    return tiny_train_args(corpus, logs, name, *SMALL_LOSS_ARGS, *extra, logs_flag=logs_flag, eval_data=False)
 
 
 def out_log(logs: Path, name: str) -> str:

@@ -14,25 +14,9 @@ import torch
 
 from protorkd.cli import main
 from protorkd.config import read_params
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import TINY_MODEL_ARGS, tiny_train_args
 
-
-def train_args(corpus: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--train-data",
-        str(corpus / "train.tsv"),
-        "--eval-data-dir",
-        str(corpus / "eval"),
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--batch-size",
-        "16",
-        *TINY_MODEL_ARGS,
-        *extra,
-    ]
+train_args = tiny_train_args
 
 
 def test_training_writes_the_experiment_layout(tiny_corpus, tmp_path, capsys):

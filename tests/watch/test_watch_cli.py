@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from protorkd.cli import main
-from tests.conftest import TINY_MODEL_ARGS
+from tests.conftest import tiny_train_args
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,24 +38,9 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
             sys.executable,
             "-m",
             "protorkd",
-            "train",
-            "--train-data",
-            str(tiny_corpus / "train.tsv"),
-            "--eval-data-dir",
-            str(tiny_corpus / "eval"),
-            "--logs",
-            str(tmp_path),
-            "--name",
-            "run",
-            "--batch-size",
-            "16",
-            "--epochs",
-            "3",
-            "--episode-size",
-            "640",
-            "--zeroshot-frequency",
-            "0",
-            *TINY_MODEL_ARGS,
+            *tiny_train_args(
+                tiny_corpus, tmp_path, "run", "--epochs", "3", "--episode-size", "640", "--zeroshot-frequency", "0"
+            ),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -96,29 +81,7 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
 
 
 def test_single_epoch_prompts_and_bad_input(tiny_corpus, tmp_path, capsys, monkeypatch):
-    assert (
-        main(
-            [
-                "train",
-                "--train-data",
-                str(tiny_corpus / "train.tsv"),
-                "--eval-data-dir",
-                str(tiny_corpus / "eval"),
-                "--logs",
-                str(tmp_path),
-                "--name",
-                "run",
-                "--batch-size",
-                "16",
-                "--epochs",
-                "1",
-                "--zeroshot-frequency",
-                "0",
-                *TINY_MODEL_ARGS,
-            ]
-        )
-        == 0
-    )
+    assert main(tiny_train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")) == 0
     experiment = tmp_path / "run"
     assert main(["watch", str(experiment), "--epoch", "1", "--tasks", "zeroshot", "--workers", "0"]) == 0
     single = experiment / "single_evaluation_metrics@epoch_1.csv"
