@@ -35,20 +35,19 @@ PUBLISHED_MINILM = {"STS12": 72.37, "STS13": 80.60, "STS15": 85.39, "STS16": 78.
 
 def _model(checkpoint: str | None):
     if checkpoint:
-        from protorkd.eval.loading import load_model_from_checkpoint
+        from protorkd.commands.common import load_model_from_checkpoint
 
         return load_model_from_checkpoint(Path(checkpoint)).model
-    from protorkd.config import ModelConfig
     from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import ModelOptions
 
-    return build_dual_encoder(ModelConfig()).eval()
+    return build_dual_encoder(ModelOptions()).eval()
 
 
 def _transform(model):
-    from protorkd.data.transforms import image_transform
+    from protorkd.data.transforms import eval_transform
 
-    p = model.image_preprocess
-    return image_transform(p.image_size, p.mean, p.std, train=False, interpolation=p.interpolation)
+    return eval_transform(model.image_preprocess)
 
 
 def _time(function):
@@ -143,12 +142,12 @@ def bench_linear(features: dict[str, torch.Tensor], device) -> list[tuple]:
 
 
 def bench_sts(shared: Path, device, batch_size: int) -> list[tuple]:
-    from protorkd.config import ModelConfig
     from protorkd.eval import sts
     from protorkd.eval.features import text_features
     from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import ModelOptions
 
-    model = build_dual_encoder(ModelConfig(text_model_builder="sbert", text_model="all-MiniLM-L6-v2")).eval()
+    model = build_dual_encoder(ModelOptions(text_model_builder="sbert", text_model="all-MiniLM-L6-v2")).eval()
     model.to(device)
     metrics, seconds = _time(lambda: sts.evaluate(model, shared / "sts", device=device, batch_size=batch_size))
     rows = []

@@ -39,7 +39,7 @@ def tiny_clip_checkpoint(out: Path) -> Path:
         import open_clip
         import torch
 
-        from protorkd.models.image_towers import register_open_clip_configs
+        from protorkd.models.open_clip_models import register_open_clip_configs
 
         register_open_clip_configs()
         torch.manual_seed(0)
@@ -55,12 +55,12 @@ def step_seconds(batch_size: int, blocks: int, steps: int) -> dict[str, float]:
     import numpy as np
     import torch
 
-    from protorkd.config import LossConfig, ModelConfig
-    from protorkd.losses import build_loss
+    from protorkd.losses import LossOptions, build_loss
     from protorkd.losses.base import LossInputs
     from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import ModelOptions
+    from protorkd.teachers.cache import TeacherFeatures
     from protorkd.train.optim import build_optimizer
-    from protorkd.train.teacher_cache import TeacherFeatures
 
     torch.set_num_threads(1)  # as the CLI runs below (OMP_NUM_THREADS=1)
     torch.manual_seed(0)
@@ -86,11 +86,13 @@ def step_seconds(batch_size: int, blocks: int, steps: int) -> dict[str, float]:
         array[:] = np.random.default_rng(0).standard_normal((rows, dim)).astype(np.float16)
         array.flush()
         caches[key] = TeacherFeatures(np.load(folder / f"{key}.npy", mmap_mode="r"), np.arange(rows), set(), folder)
-    model_cfg = ModelConfig(image_model="tiny-cnn", text_model_builder="custom", text_model="tiny-text", teacher="none")
+    model_cfg = ModelOptions(
+        image_model="tiny-cnn", text_model_builder="custom", text_model="tiny-text", teacher="none"
+    )
     setups = {}
     for name, loss_cfg in (
-        ("InfoNCE", LossConfig(loss="InfoNCE")),
-        ("CLIP-KD", LossConfig(loss="CLIP-KD", clip_kd_teacher_dim=128, clip_kd_text_teacher_dim=384)),
+        ("InfoNCE", LossOptions(loss="InfoNCE")),
+        ("CLIP-KD", LossOptions(loss="CLIP-KD", clip_kd_teacher_dim=128, clip_kd_text_teacher_dim=384)),
     ):
         torch.manual_seed(0)
         model = build_dual_encoder(model_cfg).train()

@@ -21,11 +21,11 @@ import open_clip
 import torch
 from open_clip.loss import ClipLoss
 
-from protorkd.config import LossConfig, ModelConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.models.build import build_dual_encoder
-from protorkd.models.image_towers import register_open_clip_configs
+from protorkd.models.open_clip_models import register_open_clip_configs
+from protorkd.models.options import ModelOptions
 
 
 def autocast(device: torch.device, precision: str):
@@ -36,7 +36,7 @@ def autocast(device: torch.device, precision: str):
 
 def make_protorkd_step(model_name, device, precision, lr):
     model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             image_model_builder="open_clip",
             image_model=model_name,
             text_model_builder="open_clip",
@@ -46,7 +46,7 @@ def make_protorkd_step(model_name, device, precision, lr):
             text_head_n_layers=0,
         )
     ).to(device)
-    loss_fn = build_loss("InfoNCE", LossConfig(), model.embed_dim).to(device)
+    loss_fn = build_loss("InfoNCE", LossOptions(), model.embed_dim).to(device)
     if device.type == "cuda":
         model.image_tower.to(memory_format=torch.channels_last)
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]

@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from protorkd.models.options import ModelOptions
+from tests.support.gather_server import image_server  # noqa: F401  (a fixture for tests/data and tests/commands)
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -14,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Tiny towers for tests: a ~9k-parameter CNN student and a hashed bag-of-words text teacher.
-TINY_MODEL_ARGS = [
+TINY_TOWER_FLAGS = [
     "--image-model-builder",
     "custom",
     "--image-model",
@@ -23,6 +26,9 @@ TINY_MODEL_ARGS = [
     "custom",
     "--text-model",
     "tiny-text",
+]
+TINY_MODEL_ARGS = [
+    *TINY_TOWER_FLAGS,
     "--workers",
     "0",
     "--report-to",
@@ -32,6 +38,14 @@ TINY_MODEL_ARGS = [
     "--retrieval-frequency",
     "0",
 ]
+# the same towers as library options, both trainable (CLIP-style)
+TINY_TOWERS = ModelOptions(
+    image_model_builder="custom",
+    image_model="micro-cnn",
+    text_model_builder="custom",
+    text_model="tiny-text",
+    teacher="none",
+)
 
 
 def tiny_train_args(

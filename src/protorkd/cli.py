@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": "protorkd.commands.eval",
     "watch": "protorkd.commands.watch",
     "elevater": "protorkd.commands.elevater",
-    "gather-cc": "protorkd.data.gather_cc",
+    "gather-cc": "protorkd.commands.gather_cc",
 }
 
 
@@ -41,13 +41,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         if name not in wanted:
             subparsers.add_parser(name, help=f"see `protorkd {name} --help`")
             continue
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as error:
-            if error.name and error.name.startswith(module_name):
-                continue  # command not built yet
-            raise
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 

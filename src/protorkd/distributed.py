@@ -8,10 +8,13 @@ SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from protorkd.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,27 @@ def state_from_env(env: dict[str, str] | None = None) -> DistState:
     if "SLURM_NTASKS" in env and "SLURM_PROCID" in env and int(env["SLURM_NTASKS"]) > 1:
         return DistState(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]))
     return DistState()
+
+
+def resolve_device(name: str, state: DistState | None = None) -> torch.device:
+    """The device `--device NAME` means for this process: "auto" is CUDA when available, else the CPU;
+    "cuda" under several processes is this process's local GPU. A CUDA device becomes the current one."""
+    state = state or DistState()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and state.distributed:
+        name = f"cuda:{state.local_rank}"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:N or auto)") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+        if device.index is None:  # set_device needs an index
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
 
 
 def init_process_group(state: DistState, device_type: str) -> None:
@@ -138,3 +162,21 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Replace each gradient by its mean over ranks (for parameters DDP does not own, e.g. a loss's)."""
+    if not is_initialized() or world_size() == 1:
+        return
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad.copy_(all_reduce_mean(parameter.grad))
+
+
+def check_same_on_all_ranks(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Raise when the parameters differ between ranks: a silent divergence would make checkpoints rank-dependent."""
+    with torch.no_grad():
+        fingerprint = torch.stack([p.detach().double().sum() for p in parameters])
+    gathered = all_gather_cat(fingerprint[None])
+    if not torch.equal(gathered.min(dim=0).values, gathered.max(dim=0).values):
+        raise RuntimeError("model parameters differ between ranks at the end of training")

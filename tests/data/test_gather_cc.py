@@ -1,56 +1,17 @@
-"""gather-cc against a local server (tests/data/conftest.py): outputs, failure kinds, retries, resume."""
+"""gather-cc against a local server (tests/support/gather_server.py): outputs, failure kinds, retries, resume."""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from protorkd.cli import main as cli_main
 from protorkd.data.gather_cc import gather_cc
 from protorkd.data.gather_rows import StateLog
 from protorkd.errors import UsageError
-
-FAST = dict(timeout=0.5, max_bytes=100_000, backoff=0.01, max_pixels=2_000_000, progress=False)
-
-# (caption, path on the test server, expected outcome)
-MIXED_ROWS = [
-    ("a large photo", "/jpg/1024x768", "ok"),
-    ("a png drawing", "/png/600x400", "ok"),
-    ("a webp picture", "/webp/300x300", "ok"),
-    ("a transparent logo", "/rgba/400x300", "ok"),
-    ("a dead link", "/status/404", "http_404"),
-    ("a slow host", "/slow", "timeout"),
-    ("a truncated jpeg", "/truncated", "decode_error"),
-    ("an error page", "/html", "not_an_image"),
-    ("a huge file", "/big/300000", "too_large"),
-    ("an endless stream", "/stream/300000", "too_large"),
-    ("a redirect loop", "/loop", "redirect_loop"),
-    ("a tracking pixel", "/jpg/8x8", "too_small"),
-    ("a panorama", "/jpg/1500x200", "bad_aspect"),
-    ("", "/jpg/310x300", "empty_caption"),
-    ("a busy server", "/flaky/mixed", "ok"),
-    ("a broken server", "/status/500", "http_500"),
-    ("a decompression bomb", "/png/2000x2000", "too_many_pixels"),
-    ("a tall photo", "/jpg/400x900", "ok"),
-    ("an opted-out image", "/optout", "opted_out"),
-]
-
-
-def write_tsv(path: Path, server, rows) -> Path:
-    path.write_text("".join(f"{caption}\t{server.url(url)}\n" for caption, url, *_ in rows), encoding="utf-8")
-    return path
-
-
-def read_tsv(path: Path) -> list[list[str]]:
-    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]
+from tests.support.gather_server import FAST, MIXED_ROWS, read_tsv, write_tsv
 
 
 @pytest.fixture(scope="module")
@@ -118,53 +79,6 @@ def test_rerun_of_a_finished_run_requests_nothing_and_rewrites_the_same_tsv(imag
     assert stats["this_run"]["rows"] == 0 and stats["ok"] == 5 and stats["failures"] == {"http_410": 1}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("output_format", ["tsv", "webdataset"])
-def test_killed_run_resumes_to_the_same_output_as_an_uninterrupted_run(image_server, tmp_path, output_format):
-    rows = [(f"photo {i}", f"/jpg/{200 + i}x150?delay=0.04") for i in range(40)]
-    rows[5] = ("dead", "/status/404?delay=0.04")
-    rows[23] = ("icon", "/jpg/16x16?delay=0.04")
-    tsv = write_tsv(tmp_path / "cc.tsv", image_server, rows)
-    options = ["--timeout", "5", "--shard-size", "8", "--format", output_format]
-
-    killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "protorkd", "gather-cc", str(tsv), "--out", str(killed), "--concurrency", "2"]
-    process = subprocess.Popen(command + options, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    state = killed / "state.jsonl"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and process.poll() is None:
-        if state.exists() and len(state.read_bytes().splitlines()) > 15:
-            break
-        time.sleep(0.01)
-    assert process.poll() is None, process.stderr.read().decode()
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stderr.close()
-    assert not (killed / "train.tsv").exists() and not (killed / "stats.json").exists()
-    for path in killed.glob("images/*/*.jpg"):  # staged images are whole: written to .tmp, then renamed
-        with Image.open(path) as image:
-            image.load()
-    done_before = [json.loads(line)["row"] for line in state.read_text().splitlines()[1:]]
-    assert 15 <= len(done_before) < 40
-
-    image_server.hits.clear()
-    settings = dict(output_format=output_format, timeout=5.0, shard_size=8, progress=False)
-    resumed = gather_cc(tsv, killed, concurrency=8, **settings)
-    assert all(image_server.hits[rows[row][1].split("?")[0]] == 0 for row in done_before)
-    assert resumed["this_run"]["rows"] == 40 - len(done_before)
-
-    whole = gather_cc(tsv, tmp_path / "whole", concurrency=8, **settings)
-    assert resumed["failures"] == whole["failures"] == {"http_404": 1, "too_small": 1}
-    if output_format == "tsv":
-        assert (killed / "train.tsv").read_bytes() == (tmp_path / "whole" / "train.tsv").read_bytes()
-        outputs = sorted(p.relative_to(killed).as_posix() for p in killed.glob("images/*/*"))
-    else:
-        outputs = sorted(p.name for p in killed.glob("*.tar")) + ["sizes.json"]
-        assert outputs[:-1] == [f"{shard:05d}.tar" for shard in range(5)] and not (killed / "images").exists()
-    for name in outputs:  # byte-identical images, or tar shards (fixed member times)
-        assert (killed / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
-
-
 def test_retry_failed_reattempts_only_transient_failures(image_server, tmp_path):
     image_server.failures["later"] = 1
     rows = [("comes back", "/flaky/later"), ("really gone", "/status/404"), ("fine", "/jpg/333x222")]
@@ -203,25 +117,6 @@ def test_captions_with_quotes_round_trip_through_the_csv_reader(image_server, tm
     assert captions == [caption] and Path(images[0]).is_file()
 
 
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (None, "no such file"),
-        ("a cat\thttp://x/1.jpg\nsecond row\n", "line 2: expected 2 tab-separated fields"),
-        ("http://x/1.jpg\ta cat\n", "columns look swapped"),
-    ],
-)
-def test_bad_input_is_a_usage_error_naming_file_and_line(tmp_path, capsys, content, message):
-    tsv = tmp_path / "cc.tsv"
-    if content is not None:
-        tsv.write_text(content)
-    with pytest.raises(UsageError, match=message):
-        gather_cc(tsv, tmp_path / "out", **FAST)
-    assert cli_main(["gather-cc", str(tsv), "--out", str(tmp_path / "out")]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and str(tsv) in error and message in error
-
-
 def test_changed_settings_on_resume_are_refused(image_server, tmp_path):
     tsv = write_tsv(tmp_path / "cc.tsv", image_server, [("photo", "/jpg/300x200")])
     gather_cc(tsv, tmp_path / "out", **FAST)
@@ -242,34 +137,3 @@ def test_torn_last_state_line_is_dropped_before_appending(tmp_path):
     reloaded = StateLog(path, header, num_lines=3, blank_lines=[])
     reloaded.load()
     assert reloaded.counts() == {"ok": 1, "http_404": 1}
-
-
-def test_cli_registers_every_flag_with_help(capsys):
-    with pytest.raises(SystemExit):
-        cli_main(["gather-cc", "--help"])
-    text = capsys.readouterr().out
-    for flag in (
-        "--out",
-        "--format",
-        "--concurrency",
-        "--timeout",
-        "--retries",
-        "--max-bytes",
-        "--max-side",
-        "--min-side",
-        "--max-pixels",
-        "--shard-size",
-        "--subset",
-        "--seed",
-        "--retry-failed",
-        "--decode-threads",
-    ):
-        assert flag in text
-
-
-def test_cli_accepts_human_byte_sizes(image_server, tmp_path):
-    tsv = write_tsv(tmp_path / "cc.tsv", image_server, [("photo", "/jpg/300x200"), ("big", "/big/300000")])
-    code = cli_main(["gather-cc", str(tsv), "--out", str(tmp_path / "out"), "--max-bytes", "100kB", "--timeout", "2"])
-    assert code == 0
-    assert json.loads((tmp_path / "out" / "stats.json").read_text())["failures"] == {"too_large": 1}
-    assert os.path.getsize(tmp_path / "out" / "images" / "00000" / "000000000.jpg") > 0

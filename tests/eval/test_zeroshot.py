@@ -76,16 +76,27 @@ def test_scores_are_100_times_cosine():
     assert torch.allclose(zeroshot_scores(features, features.T).diag(), torch.full((3,), 100.0))
 
 
-def test_names_of_empty_class_folders_are_dropped_so_labels_stay_aligned():
-    folders = ["000", "001", "002", "003"]
-    kept = ["000", "002", "003"]  # 001 was empty
-    names = align_classnames(folders, kept, ["albatross", "bunting", "crow", "dove"], "test")
-    assert names == ["albatross", "crow", "dove"]
-
-
-def test_folder_names_equal_to_class_names_are_matched_by_name_not_position():
-    names = align_classnames(["cat", "dog"], ["cat", "dog"], ["dog", "cat"], "test")
-    assert names == ["cat", "dog"]
+@pytest.mark.parametrize(
+    ("folders", "kept", "classnames", "expected"),
+    [
+        pytest.param(
+            ["000", "001", "002", "003"],
+            ["000", "002", "003"],  # 001 was empty
+            ["albatross", "bunting", "crow", "dove"],
+            ["albatross", "crow", "dove"],
+            id="names_of_empty_class_folders_are_dropped_so_labels_stay_aligned",
+        ),
+        pytest.param(
+            ["cat", "dog"],
+            ["cat", "dog"],
+            ["dog", "cat"],
+            ["cat", "dog"],
+            id="folder_names_equal_to_class_names_are_matched_by_name_not_position",
+        ),
+    ],
+)
+def test_class_names_follow_the_kept_class_folders(folders, kept, classnames, expected):
+    assert align_classnames(folders, kept, classnames, "test") == expected
 
 
 def test_a_class_count_mismatch_is_an_error_naming_the_source():

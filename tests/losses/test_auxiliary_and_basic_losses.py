@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.auxiliary import BYOL, LossWithAuxiliaries, SimCSE
 from protorkd.losses.base import LossInputs
 
@@ -32,7 +31,7 @@ def hand_symmetric_infonce(a, b, scale):
 
 def test_infonce_equals_hand_computation_and_its_value_for_identical_towers():
     assert not distributed.is_initialized()
-    loss = build_loss("InfoNCE", LossConfig(temperature=0.1), 2).double()
+    loss = build_loss("InfoNCE", LossOptions(temperature=0.1), 2).double()
     value = loss(LossInputs(image_features=A, text_features=B, teacher="none"))["infonce_loss"].item()
     # the log-scale parameter starts in float32: rel 1e-6
     assert value == pytest.approx(hand_symmetric_infonce(A.tolist(), B.tolist(), 10.0), rel=1e-6)
@@ -49,7 +48,7 @@ def test_infonce_equals_hand_computation_and_its_value_for_identical_towers():
     ],
 )
 def test_simreg_family_equals_hand_computation_and_is_zero_for_identical_features(name, penalty):
-    loss = build_loss(name, LossConfig(), 2)
+    loss = build_loss(name, LossOptions(), 2)
     student = A.clone().requires_grad_()
     teacher = B.clone().requires_grad_()
     value = loss(LossInputs(image_features=student, text_features=teacher, teacher="text"))["distill_loss"]
@@ -81,9 +80,9 @@ def test_byol_regresses_the_second_view_onto_the_detached_first_view():
 
 
 def test_build_loss_adds_enabled_auxiliary_terms_to_any_loss():
-    plain = build_loss("RKD", LossConfig(), 2)
+    plain = build_loss("RKD", LossOptions(), 2)
     assert not isinstance(plain, LossWithAuxiliaries)
-    combined = build_loss("RKD", LossConfig(w_simcse=0.3, byol=True, w_byol=2.0), 2)
+    combined = build_loss("RKD", LossOptions(w_simcse=0.3, byol=True, w_byol=2.0), 2)
     assert isinstance(combined, LossWithAuxiliaries)
     extra = {"text_features_dropout": B, "image_features_view2": B}
     terms = combined(LossInputs(image_features=A, text_features=A, teacher="none", extra=extra))

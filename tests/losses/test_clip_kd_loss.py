@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.losses.clip_kd import CLIPKD, ClipKDWeights, ClipTeacher
 from protorkd.losses.relational import RKD
@@ -149,7 +148,7 @@ def test_clip_kd_projects_a_narrower_student_into_the_teacher_space():
 
 
 def test_clip_kd_sends_no_gradient_to_the_teacher_features():
-    loss = build_loss("CLIP-KD", LossConfig(w_clip_kd_intra=1.0, w_clip_kd_rkd=1.0), 2).double()
+    loss = build_loss("CLIP-KD", LossOptions(w_clip_kd_intra=1.0, w_clip_kd_rkd=1.0), 2).double()
     t_image = T_IMAGE.clone().requires_grad_()
     t_text = T_TEXT.clone().requires_grad_()
     s_image = S_IMAGE.clone().requires_grad_()

@@ -16,8 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import LOSSES, build_loss
+from protorkd.losses import LOSSES, LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.prototypes.clustering import ClusterState, broadcast_cluster_state
 
@@ -50,8 +49,8 @@ def cases() -> list[str]:
 def build(case: str) -> torch.nn.Module:
     torch.manual_seed(0)  # CLIP-KD's projections use the global RNG: same on every process
     if case == AUXILIARY_CASE:
-        return build_loss("SimReg", LossConfig(**CONFIG, w_simcse=0.5, byol=True), DIM).double()
-    loss = build_loss(case, LossConfig(**CONFIG), DIM).double()
+        return build_loss("SimReg", LossOptions(**CONFIG, w_simcse=0.5, byol=True), DIM).double()
+    loss = build_loss(case, LossOptions(**CONFIG), DIM).double()
     return loss
 
 

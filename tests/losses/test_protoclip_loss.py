@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.losses.protoclip import ProtoCLIP
 from protorkd.prototypes.clustering import ClusterState
@@ -133,7 +132,7 @@ def test_protoclip_uses_only_infonce_during_warmup_and_before_the_first_clusteri
     assert terms["proto_loss"].item() == 0.0 and terms["proto_external_loss"].item() == 0.0
     assert terms["infonce_loss"].item() == pytest.approx(hand_infonce(IMAGE.tolist(), TEXT.tolist(), 20.0), rel=1e-9)
     assert warm(batch(epoch=2))["proto_loss"].item() > 0
-    unclustered = build_loss("ProtoCLIP", LossConfig(), 2).double()
+    unclustered = build_loss("ProtoCLIP", LossOptions(), 2).double()
     assert unclustered(batch())["proto_loss"].item() == 0.0
 
 

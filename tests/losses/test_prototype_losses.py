@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.losses.prototype import DINO, ProtoCPC, ProtoRKD
 
@@ -120,7 +119,7 @@ def test_prototype_losses_when_student_equals_teacher_have_the_known_value(cls):
 
 @pytest.mark.parametrize("name", ["DINO", "ProtoCPC", "ProtoRKD"])
 def test_prototypes_are_shared_and_learnt_only_through_the_student(name):
-    loss = build_loss(name, LossConfig(n_prototypes=5), 2).double()
+    loss = build_loss(name, LossOptions(n_prototypes=5), 2).double()
     student = F.normalize(torch.tensor(STEPS[0][0], dtype=torch.float64), dim=1).requires_grad_()
     teacher = F.normalize(torch.tensor(STEPS[0][1], dtype=torch.float64), dim=1).requires_grad_()
     terms = loss(LossInputs(image_features=student, text_features=teacher, teacher="text"))
@@ -137,9 +136,9 @@ def test_prototypes_are_shared_and_learnt_only_through_the_student(name):
 
 
 def test_prototypes_are_identical_on_every_rank_without_a_broadcast():
-    first = build_loss("ProtoRKD", LossConfig(n_prototypes=8), 4)
+    first = build_loss("ProtoRKD", LossOptions(n_prototypes=8), 4)
     torch.manual_seed(123)  # the global RNG does not matter
-    second = build_loss("ProtoRKD", LossConfig(n_prototypes=8), 4)
+    second = build_loss("ProtoRKD", LossOptions(n_prototypes=8), 4)
     torch.testing.assert_close(first.prototypes.weight, second.prototypes.weight)
 
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.losses.queue import SEED, CompRess, FeatureQueue
 
@@ -117,7 +116,7 @@ def test_seed_when_student_equals_teacher_is_the_positive_pair_cross_entropy():
 
 @pytest.mark.parametrize("name", ["CompRess-1q", "CompRess-2q", "SEED"])
 def test_queue_losses_send_no_gradient_to_the_teacher(name):
-    loss = build_loss(name, LossConfig(queue_size=16), 2).double()
+    loss = build_loss(name, LossOptions(queue_size=16), 2).double()
     for student, teacher in ((STEP1_STUDENT, STEP1_TEACHER), (STEP2_STUDENT, STEP2_TEACHER)):
         student = student.clone().requires_grad_()
         teacher = teacher.clone().requires_grad_()

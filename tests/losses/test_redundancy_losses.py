@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 
 # 4 samples x 2 features (the losses L2-normalise rows first, so these are unit rows already)
@@ -59,7 +58,7 @@ def hand_barlow(a, b, lam):
 
 def test_vicreg_equals_hand_computation():
     assert not distributed.is_initialized()
-    terms = build_loss("VICReg", LossConfig(), 2)(LossInputs(image_features=STUDENT, text_features=TEACHER))
+    terms = build_loss("VICReg", LossOptions(), 2)(LossInputs(image_features=STUDENT, text_features=TEACHER))
     invariance, variance, covariance = hand_vicreg(STUDENT.tolist(), TEACHER.tolist())
     assert terms["vicreg_invariance_loss"].item() == pytest.approx(25 * invariance, rel=1e-9)
     assert terms["vicreg_variance_loss"].item() == pytest.approx(25 * variance, rel=1e-9)
@@ -67,7 +66,7 @@ def test_vicreg_equals_hand_computation():
 
 
 def test_vicreg_when_student_equals_teacher_keeps_only_the_regularisers():
-    terms = build_loss("VICReg", LossConfig(), 2)(LossInputs(image_features=TEACHER, text_features=TEACHER))
+    terms = build_loss("VICReg", LossOptions(), 2)(LossInputs(image_features=TEACHER, text_features=TEACHER))
     _, variance, covariance = hand_vicreg(TEACHER.tolist(), TEACHER.tolist())
     assert terms["vicreg_invariance_loss"].item() == 0.0
     assert terms["vicreg_variance_loss"].item() == pytest.approx(25 * variance, rel=1e-9)
@@ -75,14 +74,14 @@ def test_vicreg_when_student_equals_teacher_keeps_only_the_regularisers():
 
 
 def test_barlow_twins_equals_hand_computation():
-    terms = build_loss("BarlowTwins", LossConfig(), 2)(LossInputs(image_features=STUDENT, text_features=TEACHER))
+    terms = build_loss("BarlowTwins", LossOptions(), 2)(LossInputs(image_features=STUDENT, text_features=TEACHER))
     on, off = hand_barlow(STUDENT.tolist(), TEACHER.tolist(), 0.0051)
     assert terms["barlow_on_diagonal_loss"].item() == pytest.approx(on, rel=1e-9)
     assert terms["barlow_off_diagonal_loss"].item() == pytest.approx(off, rel=1e-9)
 
 
 def test_barlow_twins_when_student_equals_teacher_is_the_self_correlation():
-    terms = build_loss("BarlowTwins", LossConfig(), 2)(LossInputs(image_features=TEACHER, text_features=TEACHER))
+    terms = build_loss("BarlowTwins", LossOptions(), 2)(LossInputs(image_features=TEACHER, text_features=TEACHER))
     on, off = hand_barlow(TEACHER.tolist(), TEACHER.tolist(), 0.0051)
     assert terms["barlow_on_diagonal_loss"].item() == pytest.approx(on, rel=1e-9)
     assert on < 1e-8  # standardised features correlate perfectly with themselves (up to BatchNorm's eps)
@@ -91,7 +90,7 @@ def test_barlow_twins_when_student_equals_teacher_is_the_self_correlation():
 
 @pytest.mark.parametrize("name", ["VICReg", "BarlowTwins"])
 def test_redundancy_losses_send_no_gradient_to_a_locked_teacher_but_train_both_towers_otherwise(name):
-    loss = build_loss(name, LossConfig(), 2)
+    loss = build_loss(name, LossOptions(), 2)
     for teacher_mode, teacher_gets_gradient in (("text", False), ("none", True)):
         student = STUDENT.clone().requires_grad_()
         teacher = TEACHER.clone().requires_grad_()

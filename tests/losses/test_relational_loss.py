@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd import distributed
-from protorkd.config import LossConfig
-from protorkd.losses import build_loss
+from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
 from protorkd.losses.relational import RKD, rkd_angle_loss, rkd_distance_loss
 
@@ -68,7 +67,7 @@ def test_rkd_is_zero_when_student_equals_teacher():
 def test_rkd_sends_no_gradient_to_the_teacher():
     student = STUDENT.clone().requires_grad_()
     teacher = TEACHER.clone().requires_grad_()
-    terms = build_loss("RKD", LossConfig(), 3)(
+    terms = build_loss("RKD", LossOptions(), 3)(
         LossInputs(image_features=student, text_features=teacher, teacher="text")
     )
     sum(terms.values()).backward()

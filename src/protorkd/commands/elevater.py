@@ -12,27 +12,20 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
-import math
 import os
 import time
 from pathlib import Path
 
+from protorkd.commands import common
 from protorkd.errors import UsageError
 
 log = logging.getLogger(__name__)
 MODES = ("zeroshot", "linear_probe")
 TEMPLATE_SETS = ("simple", "openai-imagenet")
-METRIC_KEYS = {
-    "top1": "acc1",
-    "mean_per_class_recall": "mean_per_class_recall",
-    "roc_auc": "roc_auc",
-    "map_11pt": "mean_average_precision_11pt",
-}  # ours -> CLIP_benchmark-style names
 
 
-def add_parser(subparsers) -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "elevater",
         help="ELEVATER image classification: zero-shot or linear probe",
@@ -40,7 +33,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("ELEVATER")
-    group.add_argument("--checkpoint", type=Path, help="checkpoint to evaluate (<experiment>/checkpoints/epoch_N.pt)")
+    common.add_checkpoint_argument(group)
     group.add_argument(
         "--dataset-root",
         type=Path,
@@ -99,9 +92,7 @@ def add_parser(subparsers) -> None:
         default=None,
         help="also write the CLIP_benchmark records (dataset, model, pretrained, task, metrics) here",
     )
-    group.add_argument("--batch-size", type=int, default=256, help="images or prompts per batch (default: 256)")
-    group.add_argument("--workers", type=int, default=4, help="data-loading worker processes (default: 4)")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
+    common.add_runtime_arguments(group, workers=4, items="images or prompts")
     parser.set_defaults(func=run)
 
 
@@ -194,42 +185,6 @@ def _prompts(spec, split, metadata: dict | None, template_set: str) -> tuple[lis
     return names, list(DEFAULT_TEMPLATES), "label map"
 
 
-def _record(name: str, spec, metrics: dict, args, description: dict, seeds: tuple[int, ...]) -> dict:
-    """One CLIP_benchmark record: metrics as fractions, `lp_` prefixed for the linear probe."""
-    prefix = "lp_" if args.mode == "linear_probe" else ""
-    values = {f"{prefix}{METRIC_KEYS[key]}": metrics[key] / 100.0 for key in METRIC_KEYS if key in metrics}
-    values["elevater_score"] = metrics["score"] / 100.0
-    if "score_std" in metrics:
-        values["elevater_score_std"] = metrics["score_std"] / 100.0
-    record = {
-        "dataset": f"elevater/{name}",
-        "model": description["model"],
-        "pretrained": description["pretrained"],
-        "task": "linear_probe" if args.mode == "linear_probe" else "zeroshot_classification",
-        "metrics": values,
-        "language": "en",
-        "elevater_metric": spec.metric,
-    }
-    if args.mode == "linear_probe":
-        record.update(num_shots=args.num_shots, seeds=list(seeds))
-    return record
-
-
-def _json(value) -> str:
-    """JSON with NaN (a metric that could not be computed) written as null, which every reader accepts."""
-
-    def clean(item):
-        if isinstance(item, float) and not math.isfinite(item):
-            return None
-        if isinstance(item, dict):
-            return {key: clean(v) for key, v in item.items()}
-        if isinstance(item, list):
-            return [clean(v) for v in item]
-        return item
-
-    return json.dumps(clean(value), indent=1, allow_nan=False) + "\n"
-
-
 def _experiment_dir(checkpoint: Path, loaded) -> Path:
     if loaded.experiment_dir is not None:
         return Path(loaded.experiment_dir)
@@ -248,26 +203,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     _check_args(args)
     seeds = _seeds(args)
-    from protorkd.data.transforms import image_transform
+    from protorkd.data.transforms import eval_transform
     from protorkd.eval import elevater
     from protorkd.eval.datasets import load_zeroshot_metadata
     from protorkd.eval.elevater_format import DEFINITIONS_FILE, load_definitions, read_split
-    from protorkd.eval.loading import load_model_from_checkpoint
+    from protorkd.eval.records import elevater_record, to_json, write_json
+    from protorkd.io import atomic_open, atomic_write
 
     definitions_file = args.definitions or (args.dataset_root / DEFINITIONS_FILE)
     definitions = load_definitions(definitions_file) if definitions_file.is_file() else None
     selected = _select(args, definitions)
     metadata = load_zeroshot_metadata(args.zeroshot_metadata) if args.zeroshot_metadata else None
 
-    from protorkd.distributed import DistState
-    from protorkd.train.setup import resolve_device
-
-    device = resolve_device(args.device, DistState())
-    loaded = load_model_from_checkpoint(args.checkpoint)
+    device = common.device_from(args)
+    loaded = common.load_model_from_checkpoint(args.checkpoint)
     model = loaded.model.to(device)
-    description = {"model": f"protorkd:{loaded.name}", "pretrained": str(args.checkpoint)}
-    p = model.image_preprocess
-    transform = image_transform(p.image_size, p.mean, p.std, train=False, interpolation=p.interpolation)
+    transform = eval_transform(model.image_preprocess)
 
     out = args.results_dir or elevater.results_folder(
         _experiment_dir(args.checkpoint, loaded), args.mode, args.num_shots
@@ -331,18 +282,28 @@ def run(args: argparse.Namespace) -> int:
                 )
                 info.update(num_shots=args.num_shots, seeds=list(seeds), train_images_available=len(train))
             info.update(metrics=metrics, seconds=round(time.time() - started, 2))
-            (out / f"{spec.name}.json").write_text(_json(info))
+            atomic_write(out / f"{spec.name}.json", to_json(info))
             log.info("%s: %s %.2f", spec.name, spec.metric, metrics["score"])
             results[spec.name] = metrics
-            records.append(_record(spec.name, spec, metrics, args, description, seeds))
+            records.append(
+                elevater_record(
+                    spec.name,
+                    metrics,
+                    official_metric=spec.metric,
+                    linear_probe=args.mode == "linear_probe",
+                    model=f"protorkd:{loaded.name}",
+                    pretrained=str(args.checkpoint),
+                    num_shots=args.num_shots,
+                    seeds=seeds,
+                )
+            )
 
         rows = elevater.summary_rows(results, {spec.name: spec.metric for spec, _ in selected})
-        with open(out / "summary.csv", "w", newline="") as handle:
+        with atomic_open(out / "summary.csv", "w", newline="") as handle:
             csv.writer(handle).writerows(rows)
-        (out / "results.json").write_text(_json(records))
+        write_json(out / "results.json", records)
         if args.output is not None:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(_json(records))
+            write_json(args.output, records)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

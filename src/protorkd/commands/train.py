@@ -22,7 +22,6 @@ def add_parser(subparsers) -> None:
         "train",
         help="train a student (default: the built-in demo)",
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter if False else argparse.HelpFormatter,
     )
     parser.add_argument("--list-losses", action="store_true", help="print the registered loss names and exit")
     add_config_arguments(parser)

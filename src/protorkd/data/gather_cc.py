@@ -1,4 +1,4 @@
-"""`protorkd gather-cc`: download CC3M (caption<TAB>url) into a training TSV or webdataset shards.
+"""The library behind `protorkd gather-cc`: download CC3M (caption<TAB>url) into a training TSV or shards.
 
 The download loop (gather_loop) keeps `concurrency` rows in flight and appends every finished row
 to `DIR/state.jsonl` at once, so a killed run resumes where it stopped and ends with the same output
@@ -15,8 +15,8 @@ row-level resume and an input-ordered TSV).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import csv
 import json
 import logging
@@ -33,6 +33,7 @@ from protorkd.data.gather_loop import GatherLoop, image_relpath
 from protorkd.data.gather_rows import OK, PENDING, STATE_VERSION, StateLog, iter_rows, scan_tsv
 from protorkd.data.gather_shards import shard_name, shards_spec, write_sizes
 from protorkd.errors import UsageError
+from protorkd.io import atomic_open, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,7 @@ def gather_cc(
             "user_agent": user_agent,
         },
     }
-    _write_atomic(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
+    atomic_write(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info(
         "gather-cc: %d of %d rows gathered, %d failed (%s); this run %d rows in %.1f s",
@@ -194,12 +195,6 @@ def _check_settings(output_format: str, subset: int | None, timeout: float, **at
         raise UsageError(f"--subset {subset}: needs a positive N and --format tsv")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp_path = path.with_name(path.name + ".tmp")
-    tmp_path.write_text(text, encoding="utf-8")
-    os.replace(tmp_path, path)
-
-
 def _write_outputs(
     tsv_path: Path,
     out_dir: Path,
@@ -228,11 +223,12 @@ def _write_outputs(
     if subset is not None and subset <= len(ok_rows):
         chosen = set(random.Random(seed).sample(ok_rows, subset))
         outputs["subset"] = f"train_subset{subset}_seed{seed}.tsv"
-    files = {"tsv": out_dir / "train.tsv.tmp"}
-    if chosen:
-        files["subset"] = out_dir / (outputs["subset"] + ".tmp")
-    handles = {name: open(path, "w", encoding="utf-8", newline="") for name, path in files.items()}
-    try:
+    names = ["tsv", "subset"] if chosen else ["tsv"]
+    with contextlib.ExitStack() as stack:
+        handles = {
+            name: stack.enter_context(atomic_open(out_dir / outputs[name], "w", encoding="utf-8", newline=""))
+            for name in names
+        }
         writers = {name: csv.writer(handle, delimiter="\t", lineterminator="\n") for name, handle in handles.items()}
         for writer in writers.values():
             writer.writerow(["title", "filepath"])
@@ -242,142 +238,4 @@ def _write_outputs(
                 writers["tsv"].writerow(line)
                 if row.index in chosen:
                     writers["subset"].writerow(line)
-    finally:
-        for handle in handles.values():
-            handle.close()
-    for name, path in files.items():
-        os.replace(path, out_dir / outputs[name])
     return outputs
-
-
-def _byte_size(text: str) -> int:
-    """`20MB`, `512k`, `1e6` or `20000000` -> bytes (decimal units)."""
-    units = {"k": 10**3, "m": 10**6, "g": 10**9}
-    cleaned = text.strip().lower().removesuffix("b")
-    try:
-        if cleaned and cleaned[-1] in units:
-            return int(float(cleaned[:-1]) * units[cleaned[-1]])
-        return int(float(cleaned))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 20MB, 512kB or 20000000") from None
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "gather-cc",
-        help="download CC3M (caption<TAB>url) into a training TSV or webdataset shards",
-        description="Download a CC3M-style URL list (caption<TAB>url, no header) into DIR: shrunk JPEGs and "
-        "DIR/train.tsv (usable as --train-data), or webdataset shards. Resumable: rerun the same command.",
-    )
-    add = parser.add_argument
-    add("tsv", type=Path, metavar="TSV", help="the URL list, e.g. Train_GCC-training.tsv (caption<TAB>url, no header)")
-    add("--out", type=Path, required=True, metavar="DIR", help="output folder; rerunning resumes it")
-    add(
-        "--format",
-        dest="output_format",
-        choices=FORMATS,
-        default="tsv",
-        help="tsv: DIR/images/ + DIR/train.tsv; webdataset: DIR/00000.tar ... (default: tsv)",
-    )
-    # downloading
-    add("--concurrency", type=int, default=128, metavar="N", help="requests in flight (default: 128)")
-    add("--timeout", type=float, default=20.0, metavar="S", help="seconds per request attempt (default: 20)")
-    add(
-        "--retries",
-        type=int,
-        default=2,
-        metavar="N",
-        help="extra attempts after a connection error or HTTP 429/5xx (default: 2)",
-    )
-    add(
-        "--backoff",
-        type=float,
-        default=1.0,
-        metavar="S",
-        help="the first retry waits about S seconds, doubling each time (default: 1)",
-    )
-    add(
-        "--max-bytes",
-        type=_byte_size,
-        default=20_000_000,
-        metavar="SIZE",
-        help="largest response accepted, e.g. 20MB; bigger ones count as too_large (default: 20MB)",
-    )
-    add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header sent with each request")
-    # images
-    add(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        metavar="N",
-        help=f"refuse images with more pixels, i.e. decompression bombs (default: {DEFAULT_MAX_PIXELS})",
-    )
-    add(
-        "--max-side", type=int, default=512, metavar="PX", help="shrink so the longer side is at most PX (default: 512)"
-    )
-    add(
-        "--min-side",
-        type=int,
-        default=64,
-        metavar="PX",
-        help="drop images whose shorter side is below PX (default: 64)",
-    )
-    add("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality of the stored images (default: 90)")
-    add(
-        "--decode-threads",
-        type=int,
-        default=None,
-        metavar="N",
-        help="threads decoding and resizing images (default: number of CPUs)",
-    )
-    # outputs and resuming
-    add(
-        "--shard-size",
-        type=int,
-        default=10_000,
-        metavar="N",
-        help="input rows per images/ subfolder or per tar shard (default: 10000)",
-    )
-    add(
-        "--subset",
-        type=int,
-        default=None,
-        metavar="N",
-        help="also write DIR/train_subset<N>_seed<S>.tsv with N random gathered rows (tsv format)",
-    )
-    add("--seed", type=int, default=0, metavar="S", help="random seed of --subset (default: 0)")
-    add(
-        "--retry-failed",
-        action="store_true",
-        help="on resume, retry rows that failed with timeouts, connection/DNS errors or HTTP 429/5xx",
-    )
-    parser.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    stats = gather_cc(
-        args.tsv,
-        args.out,
-        output_format=args.output_format,
-        concurrency=args.concurrency,
-        timeout=args.timeout,
-        retries=args.retries,
-        backoff=args.backoff,
-        max_bytes=args.max_bytes,
-        max_pixels=args.max_pixels,
-        max_side=args.max_side,
-        min_side=args.min_side,
-        jpeg_quality=args.jpeg_quality,
-        shard_size=args.shard_size,
-        decode_threads=args.decode_threads,
-        subset=args.subset,
-        seed=args.seed,
-        retry_failed=args.retry_failed,
-        user_agent=args.user_agent,
-    )
-    if stats["ok"] == 0:
-        log.error(
-            "gather-cc: no image could be gathered; see %s (is the network reachable?)", Path(args.out) / "stats.json"
-        )
-        return 1
-    return 0

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import ExifTags, Image, ImageOps
+
+from protorkd.io import replace
 
 # Pillow's own decompression-bomb threshold (~89.5 MP); above it we refuse before decoding a pixel.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -51,7 +52,7 @@ def process_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     quality: int = 90,
 ) -> ImageOutcome:
-    """Decode `data`, reject or shrink it, and write `destination` as a JPEG via `tmp_path` + os.replace.
+    """Decode `data`, reject or shrink it, and write `destination` as a JPEG via `tmp_path` + an fsynced rename.
 
     The size checks use the source image (after EXIF rotation): short side < `min_side` -> too_small,
     short side < long side / 3 -> bad_aspect (the original gather_cc.py rule). Accepted images are
@@ -86,7 +87,7 @@ def process_image(
             return ImageOutcome("decode_error", original_width=width, original_height=height)
     # Outside the try: a full disk or a missing folder must stop the run, not be counted as bad images.
     image.save(tmp_path, format="JPEG", quality=quality)
-    os.replace(tmp_path, destination)
+    replace(tmp_path, destination)  # fsync, rename, fsync the folder
     return ImageOutcome("ok", image.width, image.height, width, height)
 
 

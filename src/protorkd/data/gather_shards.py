@@ -3,16 +3,17 @@
 Shard s holds the gathered images of input rows [s * shard_size, (s + 1) * shard_size) in input
 order, as `{key}.jpg` (the JPEG), `{key}.txt` (the caption) and `{key}.json` (row metadata). Images
 are staged under `images/<shard>/` while their shard fills; the tar is written to a temporary name
-and moved into place with os.replace only when every row of the shard is done, so an existing
+and moved into place (fsynced rename) only when every row of the shard is done, so an existing
 `00042.tar` is always complete. Member times are fixed, so the same rows give byte-identical shards.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
+
+from protorkd.io import atomic_write, replace
 
 
 def shard_name(shard: int) -> str:
@@ -37,7 +38,7 @@ def pack_shard(out_dir: Path, shard: int, samples: list[dict], tmp_dir: Path) ->
                     "json": json.dumps(sample["meta"], ensure_ascii=False, sort_keys=True),
                 }
             )
-    os.replace(tmp_path, out_dir / shard_name(shard))
+    replace(tmp_path, out_dir / shard_name(shard))
     shutil.rmtree(out_dir / "images" / f"{shard:05d}", ignore_errors=True)
     return len(samples)
 
@@ -50,6 +51,4 @@ def shards_spec(num_shards: int) -> str:
 def write_sizes(out_dir: Path, sizes: dict[int, int]) -> None:
     """`sizes.json` ({"00000.tar": n, ...}), which open_clip reads to learn a shard folder's sample count."""
     payload = {shard_name(shard): count for shard, count in sorted(sizes.items())}
-    tmp_path = out_dir / "sizes.json.tmp"
-    tmp_path.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp_path, out_dir / "sizes.json")
+    atomic_write(out_dir / "sizes.json", json.dumps(payload, indent=1) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -13,6 +14,15 @@ INTERPOLATIONS = {
     "bilinear": T.InterpolationMode.BILINEAR,
     "nearest": T.InterpolationMode.NEAREST,
 }
+
+
+class PreprocessSpec(Protocol):
+    """What a tower says about its input images (`models.image_towers.Preprocess` is one)."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -53,3 +63,28 @@ def image_transform(
             ]
         )
     raise ValueError(f"unknown augmentation {augmentation!r}; valid: none, protoclip-light")
+
+
+def eval_transform(preprocess: PreprocessSpec) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform of a tower (resize + centre crop + normalise), from its own preprocessing.
+
+    Every evaluation and teacher-feature path builds its transform here, so a model is always measured on
+    images prepared the way its tower expects (`model.image_preprocess`, a teacher's `preprocess`).
+    """
+    return image_transform(
+        preprocess.image_size, preprocess.mean, preprocess.std, train=False, interpolation=preprocess.interpolation
+    )
+
+
+def train_transform(
+    preprocess: PreprocessSpec, augmentation: str | None = None
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The training transform of a tower (`--augmentation`: None or "protoclip-light"), from its preprocessing."""
+    return image_transform(
+        preprocess.image_size,
+        preprocess.mean,
+        preprocess.std,
+        train=True,
+        augmentation=augmentation,
+        interpolation=preprocess.interpolation,
+    )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.retrieval import encode_captioned_images
 
 
@@ -93,7 +94,13 @@ def analyze(
 
 
 def evaluate(
-    model, dataset, *, device, batch_size: int = 256, workers: int = 0, n_clusters: int = 10
+    model: torch.nn.Module,
+    dataset: CaptionedImages,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    workers: int = 0,
+    n_clusters: int = 10,
 ) -> dict[str, float]:
     """Analysis metrics of `model` on a `CaptionedImages` dataset."""
     images, texts = encode_captioned_images(model, dataset, device=device, batch_size=batch_size, workers=workers)

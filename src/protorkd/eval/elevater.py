@@ -1,20 +1,12 @@
 """ELEVATER image classification: zero-shot and (few-shot) linear probe, each dataset with its official metric.
 
-Metrics (all in %), as the ELEVATER toolkit computes them from a score matrix [N, C]:
-- accuracy: top-1;
-- mean-per-class: the mean over the classes present in the test set of each class's top-1 recall
-  (caltech101, fgvc-aircraft, oxford-flowers, oxford-pets);
-- roc_auc: ROC-AUC of the class-1 score (hateful-memes, a binary task);
-- 11point_mAP: per class, the precision interpolated at recall 0, 0.1, ..., 1 (the best precision at any
-  operating point with at least that recall, sklearn's precision-recall curve with its (recall 0,
-  precision 1) end point included, as vision-evaluation does), averaged over the 11 points, then over the
-  classes that have a positive test image (voc2007, multi-label).
-
-Zero-shot scores are softmax(100 * image features @ class embeddings), class embeddings built by
+The metrics (accuracy, mean-per-class, roc_auc, 11point_mAP) are in `eval.elevater_metrics`. Zero-shot
+scores are softmax(100 * image features @ class embeddings), class embeddings built by
 `zeroshot.build_zeroshot_classifier`. The linear probe fits the project's L-BFGS logistic regression
 (softmax; one-vs-rest sigmoid for multi-label) on standardised image-tower features, chooses the L2
-strength on a class-balanced 20% validation split of train by the dataset's own metric, refits on all of
-train and scores test once. Few-shot: `num_shots` images per class per seed (`sample_few_shot`).
+strength with `linear_probe.sweep_l2` on a class-balanced 20% validation split of train by the dataset's
+own metric, refits on all of train and scores test once. Few-shot: `num_shots` images per class per seed
+(`sample_few_shot`).
 """
 
 from __future__ import annotations
@@ -29,76 +21,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import UnreadableImage
 from protorkd.eval.elevater_format import ElevaterSplit, sample_few_shot
+from protorkd.eval.elevater_metrics import METRICS, accuracy, extra_metrics
 from protorkd.eval.features import image_features
-from protorkd.eval.linear_probe import DEFAULT_L2_GRID, fit_logistic_regression, standardize
+from protorkd.eval.linear_probe import (
+    DEFAULT_L2_GRID,
+    Fit,
+    L2Choice,
+    LogisticRegressionProblem,
+    Params,
+    fit_one_vs_rest,
+    standardize,
+    sweep_l2,
+)
 from protorkd.eval.zeroshot import build_zeroshot_classifier
-from protorkd.registry import Registry
 
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
-MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
-
-# ---------------------------------------------------------------------------------------------- metrics
-
-METRICS: Registry[MetricFn] = Registry("ELEVATER metric")
-
-
-@METRICS.register("accuracy")
-def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """scores [N, C], labels [N] -> top-1 accuracy in %."""
-    return 100.0 * (scores.argmax(dim=1) == labels).double().mean().item()
-
-
-@METRICS.register("mean-per-class")
-def mean_per_class_accuracy(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """scores [N, C], labels [N] -> mean over the classes present in `labels` of their top-1 recall, in %."""
-    correct = (scores.argmax(dim=1) == labels).double()
-    recalls = [correct[labels == c].mean().item() for c in labels.unique().tolist()]
-    return 100.0 * float(np.mean(recalls))
-
-
-@METRICS.register("roc_auc")
-def roc_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """scores [N, 2], labels [N] in {0, 1} -> ROC-AUC of the class-1 score, in %."""
-    from sklearn.metrics import roc_auc_score
-
-    if scores.shape[1] != 2:
-        raise ValueError(f"roc_auc needs a binary task; got {scores.shape[1]} classes")
-    return 100.0 * float(roc_auc_score(labels.numpy(), scores[:, 1].double().numpy()))
-
-
-@METRICS.register("11point_mAP")
-def map_11_point(scores: torch.Tensor, targets: torch.Tensor) -> float:
-    """scores [N, C], multi-hot targets [N, C] -> 11-point interpolated mAP in % (see the module docstring)."""
-    from sklearn.metrics import precision_recall_curve
-
-    points = np.linspace(0.0, 1.0, 11)
-    per_class = []
-    for c in range(targets.shape[1]):
-        positives = targets[:, c].numpy() > 0
-        if not positives.any():
-            continue
-        precision, recall, _ = precision_recall_curve(positives, scores[:, c].double().numpy())
-        per_class.append(np.mean([precision[recall >= t].max() for t in points]))
-    return 100.0 * float(np.mean(per_class)) if per_class else float("nan")
-
-
-def extra_metrics(scores: torch.Tensor, labels: torch.Tensor, *, multilabel: bool) -> dict[str, float]:
-    """Every metric that applies to the task (the official one is reported as `score` besides)."""
-    if multilabel:
-        return {"map_11pt": map_11_point(scores, labels)}
-    metrics = {"top1": accuracy(scores, labels), "mean_per_class_recall": mean_per_class_accuracy(scores, labels)}
-    if scores.shape[1] == 2 and labels.unique().numel() == 2:
-        metrics["roc_auc"] = roc_auc(scores, labels)
-    return metrics
-
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -170,7 +114,7 @@ def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> t
 
 
 def evaluate_zeroshot(
-    model,
+    model: torch.nn.Module,
     test: ElevaterSplit,
     *,
     classnames: list[str | list[str]],
@@ -199,46 +143,6 @@ def evaluate_zeroshot(
 
 
 # ---------------------------------------------------------------------------------------------- linear probe
-
-
-def fit_one_vs_rest(
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    l2: float,
-    *,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 150,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """C independent sigmoid classifiers in one L-BFGS run: features [N, D], multi-hot targets [N, C] ->
-    (weight [C, D], bias [C]) minimising the per-image sum of binary cross-entropies + l2/2 * ||W||^2."""
-    if init is None:
-        weight = torch.zeros(targets.shape[1], features.shape[1], dtype=features.dtype, device=features.device)
-        bias = torch.zeros(targets.shape[1], dtype=features.dtype, device=features.device)
-    else:
-        weight, bias = (t.detach().clone() for t in init)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=10,
-        tolerance_grad=1e-5,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = torch.addmm(bias, features, weight.T)
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(features)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 def validation_split(targets: torch.Tensor, *, fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -278,23 +182,23 @@ def probe_scores(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Test probabilities [M, C] of the classifier whose L2 strength scored best (by `metric`) on validation.
 
-    train_features [N, D], train_targets [N] or multi-hot [N, C]. The grid is walked from strong to weak
-    L2, each fit warm-started from the previous one. Returns (scores on CPU, {"l2", "val_score"}).
+    train_features [N, D], train_targets [N] or multi-hot [N, C]. The grid is walked by `sweep_l2` (strong
+    to weak, warm-started, no refinement). Returns (scores on CPU, {"l2", "val_score"}).
     """
     x_train, x_test = standardize(train_features.float().to(device), test_features.float().to(device))
     y_train = train_targets.to(device).float() if multilabel else train_targets.to(device).long()
     score_of = METRICS.get(metric)
 
-    def fit(x, y, l2, init=None):
+    def solve(x: torch.Tensor, y: torch.Tensor) -> Fit:
         if multilabel:
-            return fit_one_vs_rest(x, y, l2, init=init)
-        return fit_logistic_regression(x, y, num_classes, l2, init=init)
+            return lambda l2, init=None: fit_one_vs_rest(x, y, l2, init=init)
+        return LogisticRegressionProblem(x, y, num_classes).fit
 
-    def probabilities(x, params):
+    def probabilities(x: torch.Tensor, params: Params) -> torch.Tensor:
         logits = x @ params[0].T + params[1]
         return (logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu()
 
-    def validation_score(scores, targets) -> float:
+    def validation_score(scores: torch.Tensor, targets: torch.Tensor) -> float:
         try:
             value = score_of(scores, targets)
         except ValueError:  # e.g. ROC-AUC on a validation split holding a single class
@@ -302,21 +206,22 @@ def probe_scores(
         return accuracy(scores, targets) if math.isnan(value) and not multilabel else value
 
     fit_idx, val_idx = validation_split(train_targets.cpu(), fraction=val_fraction, seed=seed)
-    best_l2, best_score, best_params, params = max(l2_grid), -math.inf, None, None
+    # one training image per class leaves nothing to validate on: the strongest L2 of the grid
+    choice = L2Choice(max(l2_grid), None, -math.inf)
     if val_idx:
-        for l2 in sorted(l2_grid, reverse=True):
-            params = fit(x_train[fit_idx], y_train[fit_idx], l2, params)
-            score = validation_score(probabilities(x_train[val_idx], params), train_targets[val_idx].cpu())
-            if score > best_score:
-                best_l2, best_score, best_params = l2, score, params
-    # else one training image per class: nothing to validate on, so the strongest L2 of the grid
-    params = fit(x_train, y_train, best_l2, best_params)
-    val_score = best_score if math.isfinite(best_score) else float("nan")
-    return probabilities(x_test, params), {"l2": best_l2, "val_score": val_score}
+        x_val, y_val = x_train[val_idx], train_targets[val_idx].cpu()
+        choice = sweep_l2(
+            solve(x_train[fit_idx], y_train[fit_idx]),
+            lambda params: validation_score(probabilities(x_val, params), y_val),
+            l2_grid,
+        )
+    params = solve(x_train, y_train)(choice.l2, choice.params)
+    val_score = choice.score if math.isfinite(choice.score) else float("nan")
+    return probabilities(x_test, params), {"l2": choice.l2, "val_score": val_score}
 
 
 def evaluate_linear_probe(
-    model,
+    model: torch.nn.Module,
     train: ElevaterSplit,
     test: ElevaterSplit,
     *,
@@ -327,9 +232,9 @@ def evaluate_linear_probe(
     seeds: tuple[int, ...] = (0,),
     batch_size: int = 256,
     workers: int = 0,
-    probe_device: torch.device | str | None = None,
 ) -> dict[str, float]:
-    """Linear-probe metrics, averaged over `seeds` (few-shot subsets, and validation splits).
+    """Linear-probe metrics, averaged over `seeds` (few-shot subsets, and validation splits); features are
+    extracted and the probe is fitted on `device`.
 
     Returns {"score", "score_std", <extra metrics averaged>, "seed<k>/score", "seed<k>/l2", "train_images"}.
     Image features of the images any seed uses are extracted once.
@@ -365,8 +270,6 @@ def evaluate_linear_probe(
         desc=f"{test.name} test images",
     )
     test_targets = targets_of(test)
-    if probe_device is None:
-        probe_device = "cuda" if torch.cuda.is_available() else "cpu"
     per_seed: list[dict[str, float]] = []
     for seed, subset in subsets.items():
         rows = torch.tensor([row_of[i] for i in subset])
@@ -378,7 +281,7 @@ def evaluate_linear_probe(
             metric=metric,
             multilabel=train.multilabel,
             seed=seed,
-            device=probe_device,
+            device=device,
         )
         metrics = {
             "score": METRICS.get(metric)(scores, test_targets),

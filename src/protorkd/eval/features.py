@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import UnreadableImage
+from protorkd.io import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def collate_or_error(batch: list[tuple[Any, int]]) -> Any:
 
 @torch.no_grad()
 def image_features(
-    model,
+    model: torch.nn.Module,
     dataset: Dataset,
     *,
     device: torch.device | str,
@@ -93,7 +93,9 @@ def image_features(
 
 
 @torch.no_grad()
-def text_features(model, texts: list[str], *, device: torch.device | str, batch_size: int = 256) -> torch.Tensor:
+def text_features(
+    model: torch.nn.Module, texts: list[str], *, device: torch.device | str, batch_size: int = 256
+) -> torch.Tensor:
     """[N] strings -> [N, D] normalised joint text features (float32, CPU).
 
     Texts are encoded in order of length (less padding per batch) and returned in input order.
@@ -173,10 +175,9 @@ class FeatureCache:
         value = compute()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            torch.save(value, tmp)
-            os.replace(tmp, path)
-            path.with_suffix(".json").write_text(json.dumps(description, sort_keys=True, default=str, indent=1))
+            with atomic_path(path) as tmp:
+                torch.save(value, tmp)
+            atomic_write(path.with_suffix(".json"), json.dumps(description, sort_keys=True, default=str, indent=1))
         self._remember(key, value)
         return value
 

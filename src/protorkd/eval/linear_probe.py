@@ -1,21 +1,27 @@
-"""Linear probe: multinomial logistic regression on frozen image features, L2 strength chosen on validation.
+"""Linear probe: logistic regression on frozen image features, L2 strength chosen on validation.
 
 The CLIP paper's protocol: carve a validation split out of train, pick the L2 strength there, refit on
-all of train and score once on test. Hyperparameters never see the test set.
+all of train and score once on test. Hyperparameters never see the test set. `sweep_l2` walks the L2 grid;
+it serves this module's `linear_probe` (random 20% validation split, validation accuracy) and ELEVATER's
+probe (`eval.elevater.probe_scores`: class-balanced split, the dataset's own metric).
 
 Two solvers minimise the same objective, mean cross-entropy + l2/2 * ||W||^2 (bias not penalised):
-- "torch" (default): full-batch L-BFGS in float32 on the features' device (GPU when available), in a
-  whitened basis (see `LogisticRegressionProblem`), each fit warm-started from the previous one.
-- "sklearn": `LogisticRegression(C=1 / (l2 * n))`, the reference (benchmarks/bench_eval.py compares them).
+- "torch" (default): full-batch L-BFGS in float32 on the given device, in a whitened basis (see
+  `LogisticRegressionProblem`), each fit warm-started from the previous one.
+- "sklearn": `LogisticRegression(C=1 / (l2 * n))` on the CPU, the reference (benchmarks/bench_eval.py
+  compares them).
+Multi-label targets (ELEVATER's voc2007) use `fit_one_vs_rest`: one sigmoid classifier per class.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from protorkd.errors import UsageError
 from protorkd.eval.zeroshot import accuracy_metrics
@@ -24,6 +30,7 @@ DEFAULT_L2_GRID = (1.0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
 SOLVERS = ("torch", "sklearn")
 SINGLE_THREAD_ELEMENTS = 1 << 24  # CPU feature matrices up to this size are solved on one thread
 Params = tuple[torch.Tensor, torch.Tensor]  # (weight [C, D], bias [C])
+Fit = Callable[[float, Params | None], Params]  # (l2, warm start) -> parameters
 
 
 class LogisticRegressionProblem:
@@ -101,6 +108,46 @@ def fit_logistic_regression(
     return problem.fit(l2, init, max_iter=max_iter, tolerance=tolerance)
 
 
+def fit_one_vs_rest(
+    features: torch.Tensor,
+    targets: torch.Tensor,
+    l2: float,
+    *,
+    init: Params | None = None,
+    max_iter: int = 150,
+) -> Params:
+    """C independent sigmoid classifiers in one L-BFGS run: features [N, D], multi-hot targets [N, C] ->
+    (weight [C, D], bias [C]) minimising the per-image sum of binary cross-entropies + l2/2 * ||W||^2."""
+    if init is None:
+        weight = torch.zeros(targets.shape[1], features.shape[1], dtype=features.dtype, device=features.device)
+        bias = torch.zeros(targets.shape[1], dtype=features.dtype, device=features.device)
+    else:
+        weight, bias = (t.detach().clone() for t in init)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    optimizer = torch.optim.LBFGS(
+        [weight, bias],
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=10,
+        tolerance_grad=1e-5,
+        tolerance_change=1e-9,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.addmm(bias, features, weight.T)
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(features)
+        loss = loss + 0.5 * l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
 def _fit_sklearn(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float) -> Params:
     from sklearn.linear_model import LogisticRegression
 
@@ -143,6 +190,44 @@ def _accuracy(features: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
     return ((features @ weight.T + bias).argmax(1) == labels).float().mean().item()
 
 
+@dataclass
+class L2Choice:
+    """The outcome of an L2 sweep: the chosen strength, the fit that scored (None when no value scored, e.g.
+    every validation score was NaN) and its validation score (-inf when none)."""
+
+    l2: float
+    params: Params | None
+    score: float
+
+
+def sweep_l2(
+    fit: Fit, score: Callable[[Params], float], l2_grid: tuple[float, ...], *, refine: bool = False
+) -> L2Choice:
+    """The L2 strength whose fit (on the fit split) has the best validation `score`.
+
+    The grid is walked from strong to weak, each fit warm-started from the previous one (a good start for
+    the next). Ties, and NaN scores, keep the stronger regularisation. `refine` then tries the half-decade
+    neighbours of the best value, warm-started from its fit.
+    """
+    best = L2Choice(max(l2_grid), None, -math.inf)
+    params = None
+    for l2 in sorted(l2_grid, reverse=True):
+        params = fit(l2, params)
+        value = score(params)
+        if value > best.score:
+            best = L2Choice(l2, params, value)
+    if refine and best.params is not None:
+        start = best
+        up = [start.l2 * math.sqrt(10)] if start.l2 < max(l2_grid) else []
+        down = [start.l2 / math.sqrt(10)] if start.l2 > min(l2_grid) else []
+        for l2 in up + down:
+            params = fit(l2, start.params)
+            value = score(params)
+            if value > best.score:
+                best = L2Choice(l2, params, value)
+    return best
+
+
 def linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
@@ -154,22 +239,22 @@ def linear_probe(
     refine: bool = True,
     val_fraction: float = 0.2,
     seed: int = 0,
-    device: torch.device | str | None = None,
+    device: torch.device | str = "cpu",
     mean_per_class: bool = False,
 ) -> dict[str, float]:
     """Test metrics (%) with the L2 strength that scored best on a validation split of train.
 
     train_features [N, D], test_features [M, D], standardised with train statistics. Every grid value is
-    fitted on the other 80% of train (strong to weak, warm-started); `refine` then tries the half-decade
-    neighbours of the best one. Ties keep the stronger regularisation. The chosen value is refitted on all
-    of train. Returns top1, top5 [, mean_per_class_recall], val_top1 and l2.
+    fitted on the other 80% of train (`sweep_l2`, by validation accuracy; `refine` adds the half-decade
+    neighbours of the best). The chosen value is refitted on all of train. The torch solver runs on
+    `device`; sklearn always on the CPU. Returns top1, top5 [, mean_per_class_recall], val_top1 and l2.
     """
     if solver not in SOLVERS:
         raise UsageError(f"unknown linear-probe solver {solver!r}; valid: {', '.join(SOLVERS)}")
     if len(train_labels) < 2:
         raise UsageError("the linear probe needs at least 2 training images")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() and solver == "torch" else "cpu"
+    if solver == "sklearn":
+        device = "cpu"
     x_train, x_test = standardize(train_features.float().to(device), test_features.float().to(device))
     y_train, y_test = train_labels.long().to(device), test_labels.long().to(device)
     n_classes = int(max(int(y_train.max()), int(y_test.max())) + 1)
@@ -178,34 +263,19 @@ def linear_probe(
     val_idx, fit_idx = order[:n_val], order[n_val:]
     x_val, y_val = x_train[val_idx], y_train[val_idx]
 
-    def solve(x: torch.Tensor, y: torch.Tensor):
+    def solve(x: torch.Tensor, y: torch.Tensor) -> Fit:
         if solver == "sklearn":
             return lambda l2, init=None: _fit_sklearn(x, y, n_classes, l2)
         return LogisticRegressionProblem(x, y, n_classes).fit
 
     small = x_train.device.type == "cpu" and x_train.numel() <= SINGLE_THREAD_ELEMENTS
     with _cpu_threads(1) if small else contextlib.nullcontext():
-        best, fits, scores = _choose_l2(solve(x_train[fit_idx], y_train[fit_idx]), x_val, y_val, l2_grid, refine)
-        weight, bias = solve(x_train, y_train)(best, fits[best])
+        choice = sweep_l2(
+            solve(x_train[fit_idx], y_train[fit_idx]),
+            lambda params: _accuracy(x_val, y_val, *params),
+            l2_grid,
+            refine=refine,
+        )
+        weight, bias = solve(x_train, y_train)(choice.l2, choice.params)
     metrics = accuracy_metrics((x_test @ weight.T + bias).cpu(), y_test.cpu(), mean_per_class=mean_per_class)
-    return {**metrics, "val_top1": 100.0 * scores[best], "l2": best}
-
-
-def _choose_l2(fit, x_val: torch.Tensor, y_val: torch.Tensor, l2_grid: tuple[float, ...], refine: bool):
-    """(best l2, fits by l2, validation accuracy by l2): the grid strong -> weak, then the best's neighbours."""
-    scores: dict[float, float] = {}
-    fits: dict[float, Params] = {}
-    best, params = None, None
-    for l2 in sorted(l2_grid, reverse=True):  # strong -> weak: each solution is a good start for the next
-        params = fits[l2] = fit(l2, params)
-        scores[l2] = _accuracy(x_val, y_val, *params)
-        if best is None or scores[l2] > scores[best]:  # ties keep the stronger regularisation
-            best = l2
-    if refine:
-        start = best
-        for l2 in [start * math.sqrt(10)] * (start < max(scores)) + [start / math.sqrt(10)] * (start > min(scores)):
-            fits[l2] = fit(l2, fits[start])
-            scores[l2] = _accuracy(x_val, y_val, *fits[l2])
-            if scores[l2] > scores[best]:
-                best = l2
-    return best, fits, scores
+    return {**metrics, "val_top1": 100.0 * choice.score, "l2": choice.l2}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.features import image_features, text_features
 
 
@@ -62,7 +63,14 @@ def retrieval_metrics(
     return metrics
 
 
-def encode_captioned_images(model, dataset, *, device, batch_size: int = 256, workers: int = 0):
+def encode_captioned_images(
+    model: torch.nn.Module,
+    dataset: CaptionedImages,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features [I, D], caption features [T, D]) of a `CaptionedImages` dataset."""
     images, _ = image_features(
         model, dataset, device=device, batch_size=batch_size, workers=workers, desc="retrieval images"
@@ -71,7 +79,14 @@ def encode_captioned_images(model, dataset, *, device, batch_size: int = 256, wo
     return images, texts
 
 
-def evaluate(model, dataset, *, device, batch_size: int = 256, workers: int = 0) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    dataset: CaptionedImages,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    workers: int = 0,
+) -> dict[str, float]:
     """Retrieval metrics of `model` on a `CaptionedImages` dataset."""
     images, texts = encode_captioned_images(model, dataset, device=device, batch_size=batch_size, workers=workers)
     return retrieval_metrics(images, texts, dataset.caption_image)

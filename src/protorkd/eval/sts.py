@@ -8,12 +8,12 @@ subset-size weighted mean of per-subset correlations ("wmean"). STS-B and SICK-R
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
 
 from protorkd.errors import UsageError
 from protorkd.eval.features import text_features
@@ -125,6 +125,8 @@ def present_tasks(root: Path) -> list[str]:
 
 def spearman(system: np.ndarray, gold: np.ndarray) -> float:
     """Spearman's rank correlation x 100 (scipy's, ties get average ranks as in SentEval)."""
+    from scipy.stats import spearmanr  # imported when used: scipy.stats takes ~1 s to import
+
     return 100.0 * float(spearmanr(system, gold).statistic)
 
 
@@ -134,7 +136,7 @@ def cosine_scores(first: torch.Tensor, second: torch.Tensor) -> np.ndarray:
     return (torch.nn.functional.cosine_similarity(first, second, dim=1)).numpy()
 
 
-def score_pairs(pairs: STSPairs, encode) -> dict[str, float]:
+def score_pairs(pairs: STSPairs, encode: Callable[[list[str]], torch.Tensor]) -> dict[str, float]:
     """{"spearman", ["spearman_wmean"]} for one task; `encode(list[str]) -> [N, D]`."""
     system_all, gold_all, per_subset, sizes = [], [], [], []
     sentences = sorted({s for first, second, _ in pairs.subsets.values() for s in (*first, *second)})
@@ -152,7 +154,14 @@ def score_pairs(pairs: STSPairs, encode) -> dict[str, float]:
     return metrics
 
 
-def evaluate(model, root: Path, *, device, batch_size: int = 256, tasks: list[str] | None = None) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    root: Path,
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    tasks: list[str] | None = None,
+) -> dict[str, float]:
     """STS metrics of the model's text side on the SentEval folders under `root` (`ROOT/sts`).
 
     Keys: `<task>/spearman` (STS12-16: "all"), `<task>/spearman_wmean` (STS12-16), and `avg/spearman`

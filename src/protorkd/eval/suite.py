@@ -1,9 +1,15 @@
 """The evaluation suite: each task finds its datasets under the data root and runs its `evaluate`.
 
-Used by `protorkd eval` (`run_suite`) and by the training loop (`evaluate_during_training`), so both
-report the same numbers. Metric keys are flat `task/dataset/metric`: `zeroshot/cifar10/top1`,
-`linear/cifar10/top1`, `retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`,
-`analysis/coco2017/modality_gap`. A task whose data is absent is skipped, with the reason.
+Used by `protorkd eval`, `protorkd watch` and the training loop (`run_suite`), so all report the same
+numbers. Each task is one entry of `TASKS` (an `EvalTask`): its runner, the data it needs and its
+CLIP_benchmark task name; `TASK_NAMES` lists them in the order they run. Metric keys are flat
+`task/dataset/metric` (`eval.records`): `zeroshot/cifar10/top1`, `linear/cifar10/top1`,
+`retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`, `analysis/coco2017/modality_gap`. A task whose
+data is absent is skipped, with the reason.
+
+Training calls `run_suite(model, root, tasks=due, options=EvalOptions(device=..., batch_size=...,
+workers=..., cache=cache))` with the tasks due this epoch and a `FeatureCache` the run keeps, so zero-shot
+classifiers of a frozen text tower are built once per run.
 """
 
 from __future__ import annotations
@@ -12,20 +18,20 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from protorkd.data.transforms import image_transform
 from protorkd.errors import UsageError
 from protorkd.eval import analysis, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
 from protorkd.eval.features import FeatureCache, image_features, weights_fingerprint
 from protorkd.eval.linear_probe import linear_probe
+from protorkd.eval.records import SuiteResult, TaskResult
 from protorkd.registry import Registry
 
 log = logging.getLogger(__name__)
-TASK_NAMES = ("zeroshot", "linear", "retrieval", "sts", "analysis")
 METADATA_FILE = "zeroshot_metadata.json"  # a data root's own class names / templates (the demo writes one)
 
 
@@ -42,8 +48,9 @@ class EvalOptions:
 
 
 @dataclass
-class TaskResult:
-    task: str
+class DatasetScore:
+    """What a task runner returns for one dataset; `run_suite` adds the task's names to make a `TaskResult`."""
+
     dataset: str
     metrics: dict[str, float]
     clip_benchmark_name: str = ""
@@ -51,14 +58,13 @@ class TaskResult:
     images: int = 0
 
 
-@dataclass
-class SuiteResult:
-    results: list[TaskResult] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # task -> why
+class Needs(Enum):
+    """The data a task runs on."""
 
-    @property
-    def metrics(self) -> dict[str, float]:
-        return {f"{r.task}/{r.dataset}/{key}": value for r in self.results for key, value in r.metrics.items()}
+    CLASSIFICATION = "a classification dataset"
+    LABELLED_TRAIN = "a classification dataset with a train split"
+    CAPTIONS = "a captioned-image dataset"
+    STS = "SentEval STS folders"
 
 
 @dataclass
@@ -71,9 +77,10 @@ class _Run:
     options: EvalOptions
     memo: dict = field(default_factory=dict)
 
-    def transform(self):
-        p = self.model.image_preprocess
-        return image_transform(p.image_size, p.mean, p.std, train=False, interpolation=p.interpolation)
+    def transform(self) -> Callable:
+        from protorkd.data.transforms import eval_transform  # torchvision: imported when used, `--help` stays fast
+
+        return eval_transform(self.model.image_preprocess)
 
     def preprocess_key(self) -> list:
         p = self.model.image_preprocess
@@ -94,7 +101,19 @@ class _Run:
     def captioned(self) -> list[RetrievalSpec]:
         return [s for s in self.specs if isinstance(s, RetrievalSpec)]
 
-    def captioned_features(self, spec: RetrievalSpec):
+    def missing(self, needs: Needs) -> str | None:
+        """Why the data `needs` names is absent under the root, or None when it is there."""
+        if needs is Needs.CLASSIFICATION and not self.classification():
+            return f"no classification dataset under {self.root} (ROOT/<name>/test/<class>/, see docs/data.md)"
+        if needs is Needs.LABELLED_TRAIN and not self.classification(with_train=True):
+            return f"no classification dataset with a train split under {self.root}"
+        if needs is Needs.CAPTIONS and not self.captioned():
+            return f"no captions file under {self.root} (coco2017/annotations/captions_val2017.json, ...)"
+        if needs is Needs.STS and not sts.present_tasks(self.root / "sts"):
+            return f"no SentEval STS folders under {self.root / 'sts'}"
+        return None
+
+    def captioned_features(self, spec: RetrievalSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image features, caption features, caption_image) of a retrieval dataset, encoded once per run."""
         key = ("captioned", spec.name)
         if key not in self.memo:
@@ -107,17 +126,12 @@ class _Run:
         return self.memo[key]
 
 
-TASKS: Registry = Registry("evaluation task")
-TaskRunner = Callable[[_Run], list[TaskResult]]
-
-
-@TASKS.register("zeroshot")
-def _zeroshot(run: _Run) -> list[TaskResult]:
+def _zeroshot(run: _Run) -> list[DatasetScore]:
     o = run.options
     metadata_files = [p for p in (o.zeroshot_metadata, run.root / METADATA_FILE) if p is not None and Path(p).exists()]
     if o.zeroshot_metadata is not None and not Path(o.zeroshot_metadata).exists():
         raise UsageError(f"--zeroshot-metadata {o.zeroshot_metadata}: no such file")
-    results = []
+    scores = []
     for spec in run.classification():
         started = time.time()
         dataset = spec.load(run.root, spec.test_split, run.transform())
@@ -148,97 +162,83 @@ def _zeroshot(run: _Run) -> list[TaskResult]:
             mean_per_class=spec.mean_per_class,
             cache=o.cache,
         )
-        results.append(
-            TaskResult("zeroshot", spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(dataset))
-        )
-    return results
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(dataset)))
+    return scores
 
 
-@TASKS.register("linear")
-def _linear(run: _Run) -> list[TaskResult]:
+def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[str, torch.Tensor]:
+    """{"features" [N, D] tower features, "labels" [N]} of one split, from the feature cache when it has them."""
     o = run.options
-    results = []
+    dataset = spec.load(run.root, split, run.transform())
+
+    def compute() -> dict[str, torch.Tensor]:
+        x, y = image_features(
+            run.model,
+            dataset,
+            device=o.device,
+            batch_size=o.batch_size,
+            workers=o.workers,
+            normalize=False,
+            desc=f"linear-probe {split} images",
+        )
+        return {"features": x, "labels": y}
+
+    if o.cache is None:
+        return compute()
+    description = {
+        "kind": "linear_features",
+        "image_weights": run.image_fingerprint(),
+        "preprocess": run.preprocess_key(),
+        "data": str(spec.split_path(run.root, split).resolve()),
+        "split": split,
+        "size": len(dataset),
+        "classes": dataset.classes,
+    }
+    return o.cache.get_or_compute(description, compute)
+
+
+def _linear(run: _Run) -> list[DatasetScore]:
+    o = run.options
+    scores = []
     for spec in run.classification(with_train=True):
         started = time.time()
-        features = {}
-        for split in (spec.train_split, spec.test_split):
-            dataset = spec.load(run.root, split, run.transform())
-
-            def compute(dataset=dataset, split=split) -> dict[str, torch.Tensor]:
-                x, y = image_features(
-                    run.model,
-                    dataset,
-                    device=o.device,
-                    batch_size=o.batch_size,
-                    workers=o.workers,
-                    normalize=False,
-                    desc=f"linear-probe {split} images",
-                )
-                return {"features": x, "labels": y}
-
-            if o.cache is None:
-                features[split] = compute()
-            else:
-                description = {
-                    "kind": "linear_features",
-                    "image_weights": run.image_fingerprint(),
-                    "preprocess": run.preprocess_key(),
-                    "data": str(spec.split_path(run.root, split).resolve()),
-                    "split": split,
-                    "size": len(dataset),
-                    "classes": dataset.classes,
-                }
-                features[split] = o.cache.get_or_compute(description, compute)
-        train, test = features[spec.train_split], features[spec.test_split]
+        train = _linear_features(run, spec, spec.train_split)
+        test = _linear_features(run, spec, spec.test_split)
         metrics = linear_probe(
             train["features"],
             train["labels"],
             test["features"],
             test["labels"],
             solver=o.linear_solver,
+            device=o.device,
             mean_per_class=spec.mean_per_class,
         )
-        results.append(
-            TaskResult(
-                "linear",
-                spec.name,
-                metrics,
-                spec.clip_benchmark_name,
-                time.time() - started,
-                len(train["labels"]) + len(test["labels"]),
-            )
-        )
-    return results
+        images = len(train["labels"]) + len(test["labels"])
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, images))
+    return scores
 
 
-@TASKS.register("retrieval")
-def _retrieval(run: _Run) -> list[TaskResult]:
-    results = []
+def _retrieval(run: _Run) -> list[DatasetScore]:
+    scores = []
     for spec in run.captioned():
         started = time.time()
         images, texts, caption_image = run.captioned_features(spec)
         metrics = retrieval.retrieval_metrics(images, texts, caption_image)
-        results.append(
-            TaskResult("retrieval", spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(images))
-        )
-    return results
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(images)))
+    return scores
 
 
-@TASKS.register("analysis")
-def _analysis(run: _Run) -> list[TaskResult]:
-    results = []
+def _analysis(run: _Run) -> list[DatasetScore]:
+    scores = []
     for spec in run.captioned():
         started = time.time()
         images, texts, caption_image = run.captioned_features(spec)
         metrics = analysis.analyze(images, texts, caption_image, n_clusters=run.options.analysis_clusters)
-        results.append(
-            TaskResult("analysis", spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(images))
-        )
-    return results
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(images)))
+    return scores
 
 
-@TASKS.register("sts")
-def _sts(run: _Run) -> list[TaskResult]:
+def _sts(run: _Run) -> list[DatasetScore]:
     o = run.options
     started = time.time()
     metrics = sts.evaluate(run.model, run.root / "sts", device=o.device, batch_size=o.batch_size)
@@ -247,80 +247,64 @@ def _sts(run: _Run) -> list[TaskResult]:
         name, metric = key.split("/", 1)
         by_task.setdefault(name, {})[metric] = value
     log.info("sts: %d tasks in %.1f s", len(by_task), time.time() - started)
-    return [TaskResult("sts", name, values, name) for name, values in by_task.items()]
+    return [DatasetScore(name, values, name) for name, values in by_task.items()]
 
 
-def _missing_data(run: _Run, task: str) -> str | None:
-    """Why `task` has nothing to run on, or None when it has data."""
-    if task == "zeroshot" and not run.classification():
-        return f"no classification dataset under {run.root} (ROOT/<name>/test/<class>/, see docs/data.md)"
-    if task == "linear" and not run.classification(with_train=True):
-        return f"no classification dataset with a train split under {run.root}"
-    if task in ("retrieval", "analysis") and not run.captioned():
-        return f"no captions file under {run.root} (coco2017/annotations/captions_val2017.json, ...)"
-    if task == "sts" and not sts.present_tasks(run.root / "sts"):
-        return f"no SentEval STS folders under {run.root / 'sts'}"
-    return None
+@dataclass(frozen=True)
+class EvalTask:
+    """One evaluation task: its runner, the data it needs under the root, and CLIP_benchmark's name for it."""
+
+    name: str
+    run: Callable[[_Run], list[DatasetScore]]
+    needs: Needs
+    clip_benchmark_task: str
 
 
-def run_suite(model, root: Path, *, tasks: list[str] | None = None, options: EvalOptions | None = None) -> SuiteResult:
+_TASK_LIST = (  # in the order they run and are printed
+    EvalTask("zeroshot", _zeroshot, Needs.CLASSIFICATION, "zeroshot_classification"),
+    EvalTask("linear", _linear, Needs.LABELLED_TRAIN, "linear_probe"),
+    EvalTask("retrieval", _retrieval, Needs.CAPTIONS, "zeroshot_retrieval"),
+    EvalTask("sts", _sts, Needs.STS, "sts"),
+    EvalTask("analysis", _analysis, Needs.CAPTIONS, "feature_analysis"),
+)
+TASKS: Registry[EvalTask] = Registry("evaluation task")
+for _task in _TASK_LIST:
+    TASKS.register(_task.name)(_task)
+TASK_NAMES: tuple[str, ...] = tuple(task.name for task in _TASK_LIST)
+
+
+def run_suite(
+    model: torch.nn.Module, root: Path, *, tasks: list[str] | None = None, options: EvalOptions | None = None
+) -> SuiteResult:
     """Run `tasks` (default: all) on the datasets under `root`; tasks without data are skipped, not failed."""
     options = options or EvalOptions()
     root = Path(root)
     chosen = tasks or list(TASK_NAMES)
-    for task in chosen:
-        TASKS.get(task)  # an unknown name is an error that lists the valid ones
+    for name in chosen:
+        TASKS.get(name)  # an unknown name is an error that lists the valid ones
     run = _Run(model, root, select(root, options.datasets), options)
     result = SuiteResult()
-    for task in TASK_NAMES:
-        if task not in chosen:
+    for task in _TASK_LIST:
+        if task.name not in chosen:
             continue
-        reason = _missing_data(run, task)
+        reason = run.missing(task.needs)
         if reason:
-            result.skipped[task] = reason
-            log.info("%s: skipped (%s)", task, reason)
+            result.skipped[task.name] = reason
+            log.info("%s: skipped (%s)", task.name, reason)
             continue
-        for record in TASKS.get(task)(run):
-            if record.seconds:
-                rate = f", {record.images / record.seconds:.0f} images/s" if record.images else ""
-                log.info("%s %s: %.1f s%s", task, record.dataset, record.seconds, rate)
-            result.results.append(record)
+        for score in task.run(run):
+            if score.seconds:
+                rate = f", {score.images / score.seconds:.0f} images/s" if score.images else ""
+                log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
+            result.results.append(
+                TaskResult(
+                    task.name,
+                    score.dataset,
+                    score.metrics,
+                    task.clip_benchmark_task,
+                    score.clip_benchmark_name,
+                    score.seconds,
+                    score.images,
+                )
+            )
     return result
-
-
-_TRAINING_CACHE = FeatureCache()  # zero-shot classifiers survive across epochs when the text side is frozen
-
-
-def evaluate_during_training(
-    model,
-    root: Path | None,
-    *,
-    epoch: int,
-    last_epoch: int,
-    frequencies: dict[str, int],
-    device: torch.device,
-    batch_size: int = 256,
-    workers: int = 0,
-    zeroshot_metadata: Path | None = None,
-    cache_dir: Path | None = None,
-) -> dict[str, float]:
-    """Run each task whose frequency divides `epoch` (or at the last epoch when the frequency is > 0).
-
-    `frequencies` keys: zeroshot, linear, retrieval, sts, analysis (missing = 0 = never). Zero-shot
-    classifiers are cached in memory, keyed by the text tower's weights; `cache_dir` also keeps
-    linear-probe features on disk (worth it only when the image tower is locked).
-    """
-    if root is None:
-        return {}
-    due = [
-        task
-        for task in TASK_NAMES
-        if frequencies.get(task, 0) > 0 and (epoch % frequencies[task] == 0 or epoch == last_epoch)
-    ]
-    if not due:
-        return {}
-    cache = _TRAINING_CACHE if cache_dir is None else FeatureCache(cache_dir)
-    options = EvalOptions(
-        device=device, batch_size=batch_size, workers=workers, zeroshot_metadata=zeroshot_metadata, cache=cache
-    )
-    return run_suite(model, Path(root), tasks=due, options=options).metrics

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd.errors import UsageError
-from protorkd.eval.datasets import load_zeroshot_metadata
+from protorkd.eval.datasets import ImageFolderDataset, TorchvisionDataset, load_zeroshot_metadata
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -86,7 +86,12 @@ def resolve_prompts(
 
 
 def build_zeroshot_classifier(
-    model, classnames: list[ClassName], templates: list[str], *, device: torch.device | str, batch_size: int = 256
+    model: torch.nn.Module,
+    classnames: list[ClassName],
+    templates: list[str],
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
 ) -> torch.Tensor:
     """[D, C]: per class, the normalised mean of its normalised template embeddings (CLIP's recipe).
 
@@ -104,12 +109,17 @@ def build_zeroshot_classifier(
     return F.normalize(sums / torch.bincount(owner, minlength=len(classnames))[:, None], dim=-1).T
 
 
-def text_side_fingerprint(model) -> str:
+def text_side_fingerprint(model: torch.nn.Module) -> str:
     return weights_fingerprint(model.text_tower, model.text_head)
 
 
 def cached_classifier(
-    model, prompts: ZeroShotPrompts, *, device, batch_size: int, cache: FeatureCache | None
+    model: torch.nn.Module,
+    prompts: ZeroShotPrompts,
+    *,
+    device: torch.device | str,
+    batch_size: int,
+    cache: FeatureCache | None,
 ) -> torch.Tensor:
     """The classifier, reused from `cache` when the same text tower + head already embedded the same prompts."""
 
@@ -153,11 +163,11 @@ def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> t
 
 
 def evaluate(
-    model,
-    dataset,
+    model: torch.nn.Module,
+    dataset: ImageFolderDataset | TorchvisionDataset,
     prompts: ZeroShotPrompts,
     *,
-    device,
+    device: torch.device | str,
     batch_size: int = 256,
     workers: int = 0,
     mean_per_class: bool = False,

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossNeeds, needs_of
 from protorkd.losses.common import gather_frozen, gather_trainable
 from protorkd.losses.contrastive import clip_loss
 
@@ -31,6 +31,8 @@ class SimCSE(nn.Module):
     Uses inputs.text_features and extra["text_features_dropout"] ([B, D]); global batch under DDP.
     """
 
+    needs = LossNeeds(text_dropout_view=True)
+
     def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE) -> None:
         super().__init__()
         self.weight = weight
@@ -50,6 +52,8 @@ class BYOL(nn.Module):
     Uses extra["image_features_view2"] ([B, D]) against inputs.image_features; global batch under DDP.
     """
 
+    needs = LossNeeds(image_view2=True)
+
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = weight
@@ -67,6 +71,9 @@ class LossWithAuxiliaries(nn.Module):
         super().__init__()
         self.main = main
         self.auxiliaries = nn.ModuleDict(auxiliaries)
+        self.needs = needs_of(main)
+        for auxiliary in auxiliaries.values():
+            self.needs = self.needs | needs_of(auxiliary)
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         terms = dict(self.main(inputs))

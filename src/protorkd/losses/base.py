@@ -12,13 +12,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from protorkd.models.options import TeacherSide
+
 
 @dataclass
 class LossInputs:
     """Joint-space features of one local batch.
 
     image_features / text_features: [B, D], L2-normalised outputs of the projection heads.
-    teacher: which tower is the locked teacher ("text", "image") or "none" (both towers train).
+    teacher: which tower is the locked teacher (TEXT, IMAGE) or NONE (both towers train).
     indices: [B] corpus row of each sample (used by prototype / clustering losses).
     extra: optional named tensors, e.g. "image_features_view2" [B, D] for BYOL,
         "text_features_dropout" [B, D] for SimCSE, or raw teacher features.
@@ -26,17 +28,54 @@ class LossInputs:
 
     image_features: torch.Tensor
     text_features: torch.Tensor
-    teacher: str = "text"
+    teacher: TeacherSide = TeacherSide.TEXT
     indices: torch.Tensor | None = None
     epoch: int = 0
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self.teacher = TeacherSide(self.teacher)  # "text" / "image" / "none" are accepted too
+
     @property
     def teacher_features(self) -> torch.Tensor:
-        """[B, D] features of the teacher tower (the text tower when teacher is "none")."""
-        return self.image_features if self.teacher == "image" else self.text_features
+        """[B, D] features of the teacher tower (the text tower when teacher is NONE)."""
+        return self.image_features if self.teacher is TeacherSide.IMAGE else self.text_features
 
     @property
     def student_features(self) -> torch.Tensor:
-        """[B, D] features of the student tower (the image tower when teacher is "none")."""
-        return self.text_features if self.teacher == "image" else self.image_features
+        """[B, D] features of the student tower (the image tower when teacher is NONE)."""
+        return self.text_features if self.teacher is TeacherSide.IMAGE else self.image_features
+
+
+@dataclass(frozen=True)
+class LossNeeds:
+    """What a loss needs from the training run beyond the two towers' features; the run checks these
+    capabilities (never a loss's name) and provides exactly what is asked for.
+
+    row_ids: `LossInputs.indices` are corpus rows that mean the same thing every epoch (per-row state such
+        as cluster labels), so the corpus must have addressable rows (a TSV, not streamed shards).
+    teacher_features: keys of separate locked teachers' features the loss reads from `LossInputs.extra`.
+    clustering: the run clusters each episode and installs the clusters with `loss.set_clusters`.
+    image_view2: a second augmented view of each image, as extra["image_features_view2"].
+    text_dropout_view: a second dropout pass of a trainable text tower, as extra["text_features_dropout"].
+    """
+
+    row_ids: bool = False
+    teacher_features: frozenset[str] = frozenset()
+    clustering: bool = False
+    image_view2: bool = False
+    text_dropout_view: bool = False
+
+    def __or__(self, other: LossNeeds) -> LossNeeds:
+        return LossNeeds(
+            self.row_ids or other.row_ids,
+            self.teacher_features | other.teacher_features,
+            self.clustering or other.clustering,
+            self.image_view2 or other.image_view2,
+            self.text_dropout_view or other.text_dropout_view,
+        )
+
+
+def needs_of(loss: torch.nn.Module) -> LossNeeds:
+    """A loss's declared needs (`loss.needs`); a loss that declares none needs nothing extra."""
+    return getattr(loss, "needs", LossNeeds())

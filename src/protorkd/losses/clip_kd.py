@@ -27,10 +27,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossNeeds
 from protorkd.losses.common import drop_diagonal, gather_frozen, gather_trainable, kl_divergence
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.losses.relational import rkd_terms
+from protorkd.teachers.keys import CLIP_IMAGE_KEY, CLIP_LOGIT_SCALE_KEY, CLIP_TEXT_KEY
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class ClipTeacher:
     """Where one teacher's features arrive in `inputs.extra`, their width and the teacher's weight."""
 
     name: str = "teacher"
-    image_key: str = "teacher_image_features"
-    text_key: str = "teacher_text_features"
-    logit_scale_key: str = "teacher_logit_scale"
+    image_key: str = CLIP_IMAGE_KEY
+    text_key: str = CLIP_TEXT_KEY
+    logit_scale_key: str = CLIP_LOGIT_SCALE_KEY
     dim: int = -1  # -1: the student's width
     weight: float = 1.0
     temperature: float = 0.01  # used when extra has no logit scale for this teacher
@@ -81,6 +82,7 @@ class CLIPKD(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
         self.teachers = tuple(dataclasses.replace(t, dim=dim if t.dim < 0 else t.dim) for t in teachers)
+        self.needs = LossNeeds(teacher_features=frozenset(k for t in self.teachers for k in (t.image_key, t.text_key)))
         self.weights = weights
         self.rkd_angle_chunk = rkd_angle_chunk
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))

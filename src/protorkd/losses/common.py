@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from protorkd import distributed
 from protorkd.losses.base import LossInputs
+from protorkd.models.options import TeacherSide
 
 
 def gather_trainable(features: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ def student_teacher(inputs: LossInputs, normalize: bool = True) -> tuple[torch.T
     """Global ([N, D]) student features (with gradient) and teacher features (always detached).
 
     Directional distillation losses never send a gradient into the teacher, even when
-    `inputs.teacher == "none"` makes the "teacher" a trainable tower.
+    `inputs.teacher is TeacherSide.NONE` makes the "teacher" a trainable tower.
     """
     student = gather_trainable(inputs.student_features)
     teacher = gather_frozen(inputs.teacher_features)
@@ -48,10 +49,10 @@ def student_teacher(inputs: LossInputs, normalize: bool = True) -> tuple[torch.T
 def both_towers(inputs: LossInputs, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Global (student, teacher) features for symmetric losses (VICReg, BarlowTwins).
 
-    The teacher side is detached unless `inputs.teacher == "none"` (both towers train).
+    The teacher side is detached unless `inputs.teacher is TeacherSide.NONE` (both towers train).
     """
     student = gather_trainable(inputs.student_features)
-    if inputs.teacher == "none":
+    if inputs.teacher is TeacherSide.NONE:
         teacher = gather_trainable(inputs.teacher_features)
     else:
         teacher = gather_frozen(inputs.teacher_features)

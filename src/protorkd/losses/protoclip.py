@@ -24,13 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossNeeds
 from protorkd.losses.common import gather_frozen, gather_trainable, soft_cross_entropy, zero_with_grad
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.prototypes.clustering import TENSOR_FIELDS, ClusterState
 
 
 class ProtoCLIP(nn.Module):
+    needs = LossNeeds(row_ids=True, clustering=True)  # labels are looked up by corpus row
+
     def __init__(
         self,
         *,

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import logging
 
-from protorkd.config import ModelConfig
 from protorkd.errors import UsageError
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.heads import make_head
 from protorkd.models.image_towers import build_image_tower
+from protorkd.models.options import ModelOptions
 from protorkd.models.text_towers import add_lora, build_text_tower
 
 log = logging.getLogger(__name__)
 DEFAULT_JOINT_DIM = 512
 
 
-def resolve_locks(cfg: ModelConfig) -> tuple[bool, bool]:
-    """(lock image, lock text): the teacher tower is always locked."""
-    return cfg.lock_image_model or cfg.teacher == "image", cfg.lock_text_model or cfg.teacher == "text"
-
-
-def joint_dim(cfg: ModelConfig, image_dim: int, text_dim: int) -> int:
+def joint_dim(cfg: ModelOptions, image_dim: int, text_dim: int) -> int:
     if cfg.joint_projection_dim > 0:
         return cfg.joint_projection_dim
     if cfg.text_head_n_layers == 0:
@@ -30,9 +25,9 @@ def joint_dim(cfg: ModelConfig, image_dim: int, text_dim: int) -> int:
     return DEFAULT_JOINT_DIM
 
 
-def build_dual_encoder(cfg: ModelConfig) -> DualEncoder:
+def build_dual_encoder(cfg: ModelOptions) -> DualEncoder:
     """Build both towers, their heads and the locks that `cfg` describes."""
-    lock_image, lock_text = resolve_locks(cfg)
+    lock_image, lock_text = cfg.locks
     image_tower = build_image_tower(cfg.image_model_builder, cfg.image_model, cfg.image_model_tag, cfg.image_size)
     text_tower = build_text_tower(
         cfg.text_model_builder, cfg.text_model, cfg.text_model_tag, cfg.text_pooler, cfg.max_seq_length

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from protorkd.errors import UsageError
+from protorkd.models.open_clip_models import load_open_clip_model
 from protorkd.models.tiny import CUSTOM_IMAGE_ARCHS
 from protorkd.registry import Registry
 
@@ -54,36 +54,9 @@ class ImageTower(nn.Module):
 IMAGE_BUILDERS: Registry = Registry("image model builder")
 
 
-def _open_clip_model(name: str, tag: str):
-    import open_clip
-
-    register_open_clip_configs()
-    if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
-        raise UsageError(f"unknown open_clip model {name!r}; see open_clip.list_models() (e.g. RN50, ViT-B-32)")
-    pretrained = tag or None
-    try:
-        return open_clip.create_model(name, pretrained=pretrained, device="cpu")
-    except RuntimeError as error:
-        if pretrained and not os.path.exists(pretrained):
-            tags = [t for n, t in open_clip.list_pretrained() if n == name]
-            raise UsageError(
-                f"open_clip could not load {name}@{pretrained}: {error}. Known tags for {name}: {', '.join(tags)}; "
-                "a local checkpoint path also works"
-            ) from error
-        raise
-
-
-def register_open_clip_configs() -> None:
-    """Make the small configs shipped with protorkd (e.g. protorkd-tiny-clip) known to open_clip."""
-    import open_clip
-
-    if "protorkd-tiny-clip" not in open_clip.list_models():
-        open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
-
-
 @IMAGE_BUILDERS.register("open_clip")
 def build_open_clip_image(name: str, tag: str, image_size: int | None) -> ImageTower:
-    model = _open_clip_model(name, tag)
+    model = load_open_clip_model(name, tag)
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     cfg = getattr(visual, "preprocess_cfg", {}) or {}

@@ -135,9 +135,9 @@ class OpenCLIPTextTower(TextTower):
         super().__init__()
         import open_clip
 
-        from protorkd.models.image_towers import _open_clip_model
+        from protorkd.models.open_clip_models import load_open_clip_model
 
-        model = _open_clip_model(name, tag)
+        model = load_open_clip_model(name, tag)
         model.visual = None  # the image side is not used here
         self.model = model
         self._tokenizer = open_clip.get_tokenizer(name)

@@ -29,13 +29,14 @@ import numpy as np
 import torch
 
 from protorkd import distributed
-from protorkd.config import LossConfig
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
+from protorkd.losses import LossOptions
 from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.options import TeacherSide
 from protorkd.prototypes.clustering import broadcast_cluster_state, cluster_episode, load_external_teacher
+from protorkd.teachers.cache import TeacherFeatures
 from protorkd.train.logs import MetricWriter
-from protorkd.train.teacher_cache import TeacherFeatures
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +173,11 @@ def cluster_and_install(
     return stats, sizes
 
 
-def clustering_schedule(
-    cfg: LossConfig, model: DualEncoder, teacher: str, loss: torch.nn.Module, *, seed: int
-) -> ClusteringSchedule | None:
-    """A schedule when the loss takes clusters (it has `set_clusters`: ProtoCLIP), else None."""
-    if not hasattr(loss, "set_clusters"):
-        return None
+def clustering_schedule(cfg: LossOptions, model: DualEncoder, teacher: TeacherSide, *, seed: int) -> ClusteringSchedule:
+    """When and how to cluster for a loss that needs clustering (ProtoCLIP)."""
     fixed = False
-    if teacher != "none":  # a locked teacher whose head has no parameters: its joint features never change
-        head = model.text_head if teacher == "text" else model.image_head
+    if teacher is not TeacherSide.NONE:  # a locked teacher whose head has no parameters: its features never change
+        head = model.text_head if teacher is TeacherSide.TEXT else model.image_head
         fixed = not any(p.requires_grad for p in head.parameters())
     return ClusteringSchedule(
         frequency=cfg.clustering_frequency,
@@ -199,7 +196,7 @@ def clustering_phase(
     loss: torch.nn.Module,
     schedule: ClusteringSchedule,
     model: DualEncoder,
-    teacher: str,
+    teacher: TeacherSide,
     teacher_cache: TeacherFeatures | None,
     collected: EpisodeFeatures | None,
     extract: Callable[[], EpisodeFeatures],
@@ -214,7 +211,7 @@ def clustering_phase(
     started = time.perf_counter()
     if schedule.teacher_fixed:  # only the master needs them (no collective involved)
         indices = torch.arange(len(teacher_cache.rows) if state.is_master else 0)
-        project = model.project_text if teacher == "text" else model.project_image
+        project = model.project_text if teacher is TeacherSide.TEXT else model.project_image
         rows = teacher_cache.rows if state.is_master else teacher_cache.rows[:0]
         features = fixed_teacher_features(lambda x: project(x.to(device)), teacher_cache.features, rows)
         image, text, source = features, features, "cached teacher features, clustered once"

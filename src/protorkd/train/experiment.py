@@ -41,9 +41,7 @@ class ExperimentPaths:
 
 def default_name(cfg: Config, world_size: int) -> str:
     """`{L|U}-{image model}-h{n}-{L|U}-{text model}-h{n}-{loss}-b{global batch}-ep{epochs}-{time}` (L = locked)."""
-    from protorkd.models.build import resolve_locks
-
-    lock_image, lock_text = resolve_locks(cfg.model)
+    lock_image, lock_text = cfg.model.locks
     image = cfg.model.image_model.replace("/", "-")
     text = Path(cfg.model.text_model).name.replace("/", "-")
     return (

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -129,3 +130,38 @@ def image_server():
     yield server
     server.shutdown()
     server.server_close()
+
+
+FAST = dict(timeout=0.5, max_bytes=100_000, backoff=0.01, max_pixels=2_000_000, progress=False)
+
+# (caption, path on the test server, expected outcome)
+MIXED_ROWS = [
+    ("a large photo", "/jpg/1024x768", "ok"),
+    ("a png drawing", "/png/600x400", "ok"),
+    ("a webp picture", "/webp/300x300", "ok"),
+    ("a transparent logo", "/rgba/400x300", "ok"),
+    ("a dead link", "/status/404", "http_404"),
+    ("a slow host", "/slow", "timeout"),
+    ("a truncated jpeg", "/truncated", "decode_error"),
+    ("an error page", "/html", "not_an_image"),
+    ("a huge file", "/big/300000", "too_large"),
+    ("an endless stream", "/stream/300000", "too_large"),
+    ("a redirect loop", "/loop", "redirect_loop"),
+    ("a tracking pixel", "/jpg/8x8", "too_small"),
+    ("a panorama", "/jpg/1500x200", "bad_aspect"),
+    ("", "/jpg/310x300", "empty_caption"),
+    ("a busy server", "/flaky/mixed", "ok"),
+    ("a broken server", "/status/500", "http_500"),
+    ("a decompression bomb", "/png/2000x2000", "too_many_pixels"),
+    ("a tall photo", "/jpg/400x900", "ok"),
+    ("an opted-out image", "/optout", "opted_out"),
+]
+
+
+def write_tsv(path: Path, server, rows) -> Path:
+    path.write_text("".join(f"{caption}\t{server.url(url)}\n" for caption, url, *_ in rows), encoding="utf-8")
+    return path
+
+
+def read_tsv(path: Path) -> list[list[str]]:
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import tiny_train_args
-from tests.eval_elevater.elevater_data import balanced, write_coco_dataset, write_iris_dataset
+from tests.support.elevater_data import balanced, write_coco_dataset, write_iris_dataset
 
 
 @pytest.fixture(scope="session")

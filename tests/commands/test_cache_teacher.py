@@ -11,9 +11,9 @@ import torch
 
 from protorkd.cli import main
 from protorkd.models.tiny import CUSTOM_TEXT_ARCHS, HashedBagOfWords
+from tests.commands.test_train_losses import clip_teacher_args, last_step_line
+from tests.commands.test_train_losses import tiny_clip_checkpoint as _tiny_clip_checkpoint
 from tests.conftest import TINY_MODEL_ARGS
-from tests.train.test_distillers_cli import clip_teacher_args, last_step_line
-from tests.train.test_distillers_cli import tiny_clip_checkpoint as _tiny_clip_checkpoint
 
 tiny_clip_checkpoint = _tiny_clip_checkpoint  # the same session fixture
 
@@ -66,7 +66,7 @@ def test_training_reads_the_cache_instead_of_running_the_teachers(
 
 
 def test_interrupted_cache_teacher_resumes_where_it_stopped(tiny_corpus, tiny_text_checkpoint, tmp_path, monkeypatch):
-    import protorkd.train.teacher_cache as teacher_cache
+    import protorkd.teachers.cache as teacher_cache
 
     args = ["cache-teacher", *data_args(tiny_corpus, tiny_text_checkpoint), "--cache-batch-size", "16"]
     assert main([*args, "--teacher-cache", str(tmp_path / "whole")]) == 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from protorkd.errors import UsageError
+from protorkd.io import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 CHUNK = 2048
@@ -104,9 +104,7 @@ def _check_manifest(manifest: dict, expected: dict, folder: Path) -> None:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    tmp = folder / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / "manifest.json")
+    atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
 def build_teacher_cache(
@@ -201,7 +199,8 @@ def build_teacher_cache(
             {**expected, "dim": dim, "done": done, "complete": done == len(unique), "bad_unique": bad_unique, **extra},
         )
     bar.close()
-    np.save(folder / "rows.npy", rows)
+    with atomic_path(folder / "rows.npy") as tmp:
+        np.save(tmp, rows)
     features = np.load(folder / "features.npy", mmap_mode="r")
     manifest = read_manifest(folder) or {}
     return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
@@ -254,7 +253,8 @@ def save_pca(cache: TeacherFeatures, pca: dict[str, np.ndarray]) -> Path:
     """Store a PCA beside the cache (`pca-<dim>.npz`) and record it in the manifest."""
     dim = int(pca["components"].shape[1])
     path = cache.folder / f"pca-{dim}.npz"
-    np.savez(path, **pca)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, **pca)
     manifest = read_manifest(cache.folder) or {}
     total = float(np.asarray(cache.features[: min(len(cache.features), 100_000)], dtype=np.float32).var(0).sum())
     manifest.setdefault("pca", {})[str(dim)] = {
@@ -274,14 +274,13 @@ def export_rows(
     """
     path = Path(path)
     width = cache.dim if pca is None else pca["components"].shape[1]
-    tmp = path.with_name(path.name + ".tmp.npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(cache.rows), width))
-    for start in range(0, len(cache.rows), chunk):
-        block = np.asarray(cache.features[cache.rows[start : start + chunk]], dtype=np.float32)
-        if pca is not None:
-            block = (block - pca["mean"]) @ pca["components"]
-        out[start : start + len(block)] = block
-    out.flush()
-    del out
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(cache.rows), width))
+        for start in range(0, len(cache.rows), chunk):
+            block = np.asarray(cache.features[cache.rows[start : start + chunk]], dtype=np.float32)
+            if pca is not None:
+                block = (block - pca["mean"]) @ pca["components"]
+            out[start : start + len(block)] = block
+        out.flush()
+        del out
     return path

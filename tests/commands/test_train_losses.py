@@ -27,7 +27,7 @@ def tiny_clip_checkpoint(tmp_path_factory) -> Path:
     """A `protorkd-tiny-clip` state dict saved to a file: the "pretrained" CLIP teacher of these tests."""
     import open_clip
 
-    from protorkd.models.image_towers import register_open_clip_configs
+    from protorkd.models.open_clip_models import register_open_clip_configs
 
     register_open_clip_configs()
     torch.manual_seed(0)

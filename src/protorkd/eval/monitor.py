@@ -1,4 +1,7 @@
-"""The checkpoint monitor: evaluate each new `checkpoints/epoch_N.pt` of an experiment exactly once.
+"""The checkpoint monitor behind `protorkd watch`: evaluate each new `checkpoints/epoch_N.pt` of an experiment once.
+
+The evaluation itself is a callable the caller passes (`Evaluator`: checkpoint path -> flat metrics);
+this module only finds checkpoints, keeps the bookkeeping and draws the plot.
 
 Results go to `EXP_DIR/evaluation_metrics_all.csv` (one row per epoch, column `epoch` then every metric
 key; a new metric adds a column) and `EXP_DIR/evaluation_metrics_all.png` (one panel per metric). The CSV
@@ -11,11 +14,12 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from protorkd.io import atomic_open, atomic_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d+)\.pt$")
@@ -36,6 +40,7 @@ def list_checkpoints(checkpoint_dir: Path) -> dict[int, Path]:
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
+    """The CSV's rows as strings ([] when it does not exist yet)."""
     if not path.exists():
         return []
     with open(path, newline="") as handle:
@@ -47,12 +52,10 @@ def write_rows(path: Path, rows: list[dict]) -> None:
     columns: list[str] = ["epoch"]
     for row in rows:
         columns.extend(key for key in row if key not in columns)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def plot_rows(rows: list[dict], path: Path) -> None:
@@ -78,10 +81,11 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     for axis in list(axes.flat)[len(metrics) :]:
         axis.axis("off")
     figure.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    figure.savefig(tmp, dpi=90)
-    plt.close(figure)
-    os.replace(tmp, path)
+    try:
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=90)
+    finally:
+        plt.close(figure)
 
 
 def _is_stable(path: Path, settle_seconds: float) -> bool:

@@ -21,7 +21,7 @@ from protorkd.eval.elevater_format import (
     read_split,
     sample_few_shot,
 )
-from tests.eval_elevater.elevater_data import balanced, write_coco_dataset, write_iris_dataset
+from tests.support.elevater_data import balanced, write_coco_dataset, write_iris_dataset
 
 
 def test_registry_holds_the_twenty_datasets_with_their_official_metrics():

@@ -6,30 +6,31 @@ import numpy as np
 import pytest
 import torch
 
-from protorkd.eval.elevater import (
-    METRICS,
-    fit_one_vs_rest,
-    map_11_point,
-    mean_per_class_accuracy,
-    probe_scores,
-    roc_auc,
-    validation_split,
-    zeroshot_scores,
-)
+from protorkd.eval.elevater import probe_scores, validation_split, zeroshot_scores
+from protorkd.eval.elevater_metrics import METRICS, map_11_point, mean_per_class_accuracy, roc_auc
+from protorkd.eval.linear_probe import fit_one_vs_rest
 
 
 def one_hot(labels: list[int], n: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.tensor(labels), n).float()
 
 
-def test_a_perfect_classifier_scores_100_on_every_metric():
+def _perfect(metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores, labels or targets) of a classifier that ranks every right answer first."""
+    if metric == "roc_auc":
+        binary = torch.tensor([0, 1, 1, 0])
+        return one_hot(binary.tolist(), 2), binary
+    if metric == "11point_mAP":
+        targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]]).float()
+        return targets * 0.9 + 0.05, targets
     labels = torch.tensor([0, 1, 2, 2, 1, 0, 0])
-    assert METRICS.get("accuracy")(one_hot(labels.tolist(), 3), labels) == 100.0
-    assert METRICS.get("mean-per-class")(one_hot(labels.tolist(), 3), labels) == 100.0
-    binary = torch.tensor([0, 1, 1, 0])
-    assert METRICS.get("roc_auc")(one_hot(binary.tolist(), 2), binary) == 100.0
-    targets = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 1]]).float()
-    assert METRICS.get("11point_mAP")(targets * 0.9 + 0.05, targets) == pytest.approx(100.0)
+    return one_hot(labels.tolist(), 3), labels
+
+
+@pytest.mark.parametrize("metric", ["accuracy", "mean-per-class", "roc_auc", "11point_mAP"])
+def test_a_perfect_classifier_scores_100_on_every_metric(metric):
+    expected = pytest.approx(100.0) if metric == "11point_mAP" else 100.0  # mAP sums float precisions
+    assert METRICS.get(metric)(*_perfect(metric)) == expected
 
 
 def test_mean_per_class_accuracy_weighs_classes_not_images():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from protorkd.watch import ALL_CSV, ALL_PNG, evaluate_pending, evaluate_single, read_rows, watch
+from protorkd.eval.monitor import ALL_CSV, ALL_PNG, evaluate_pending, evaluate_single, read_rows, watch
 
 
 def _checkpoints(root: Path, *epochs: int) -> None:

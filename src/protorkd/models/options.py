@@ -1,0 +1,72 @@
+"""The model flags as a library spec: what `build_dual_encoder` and the teacher definitions read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from protorkd.options import flag
+
+
+class TeacherSide(str, Enum):
+    """Which tower of the dual encoder is the locked teacher (`--teacher`); NONE trains both CLIP-style."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    NONE = "none"
+
+
+@dataclass
+class ModelOptions:
+    """The towers, heads, locks and locked teachers of a dual encoder (the `model` flags of `protorkd train`)."""
+
+    image_model_builder: str = flag("custom", "image tower library", ("open_clip", "timm", "torchvision", "custom"))
+    image_model: str = flag("tiny-cnn", "image tower architecture name within its builder")
+    image_model_tag: str = flag(
+        "",
+        "pretrained weights: an open_clip pretrained tag, a torchvision weights name, 'pretrained' for timm, "
+        "or a local checkpoint path",
+    )
+    image_size: int | None = flag(None, "input resolution (default: the tower's own)")
+    text_model_builder: str = flag("sbert", "text tower library", ("open_clip", "huggingface", "sbert", "custom"))
+    text_model: str = flag("all-MiniLM-L6-v2", "text tower name: a hub id, a local folder, or an architecture name")
+    text_model_tag: str = flag("", "open_clip pretrained tag or local checkpoint path for an open_clip text tower")
+    text_pooler: str = flag("mean", "pooling of a huggingface text tower", ("cls", "cls_before_pooler", "mean"))
+    max_seq_length: int = flag(0, "truncate captions to this many tokens (0 = the tower's default)")
+    lock_image_model: bool = flag(False, "freeze the image tower (eval mode, no gradients)")
+    lock_text_model: bool = flag(False, "freeze the text tower (eval mode, no gradients)")
+    teacher: str = flag(
+        "text",
+        "which tower is the locked teacher (it is locked automatically); none = train both CLIP-style",
+        ("text", "image", "none"),
+    )
+    image_head_n_layers: int = flag(1, "image projection head: 0 identity, 1 linear, >=2 MLP")
+    text_head_n_layers: int = flag(0, "text projection head: 0 identity, 1 linear, >=2 MLP")
+    head_hidden_dim: int = flag(2048, "hidden width of MLP heads")
+    joint_projection_dim: int = flag(-1, "joint embedding width (-1: the width of a tower whose head is identity)")
+    adapter: str | None = flag(None, "parameter-efficient adapter for a trainable text tower", (None, "lora"))
+    lora_r: int = flag(8, "LoRA rank")
+    lora_alpha: int = flag(16, "LoRA scaling alpha")
+    lora_dropout: float = flag(0.1, "LoRA dropout")
+    grad_checkpointing: bool = flag(False, "gradient checkpointing in towers that support it")
+    # Separate locked teachers (CLIP-KD); their features are computed once into the teacher cache
+    clip_teacher_model: str = flag(
+        "", "CLIP-KD: open_clip architecture of a locked CLIP teacher, e.g. ViT-B-32 ('' = no CLIP teacher)"
+    )
+    clip_teacher_tag: str = flag("", "CLIP-KD: the CLIP teacher's open_clip pretrained tag (e.g. openai) or checkpoint")
+    extra_text_teacher: str = flag(
+        "", "CLIP-KD: a locked text-only teacher distilled alongside (e.g. all-MiniLM-L6-v2; '' = none)"
+    )
+    extra_text_teacher_builder: str = flag(
+        "sbert", "library of --extra-text-teacher", ("open_clip", "huggingface", "sbert", "custom")
+    )
+
+    @property
+    def teacher_side(self) -> TeacherSide:
+        return TeacherSide(self.teacher)
+
+    @property
+    def locks(self) -> tuple[bool, bool]:
+        """(lock image, lock text): the teacher tower is always locked."""
+        side = self.teacher_side
+        return self.lock_image_model or side is TeacherSide.IMAGE, self.lock_text_model or side is TeacherSide.TEXT

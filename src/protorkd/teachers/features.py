@@ -1,0 +1,204 @@
+"""A run's locked teachers: which ones the model flags ask for, and their features for a whole corpus.
+
+`teacher_definitions(options)` lists every locked teacher whose features are cached: the student's own
+locked tower (`--teacher text|image`) and separate teachers (a CLIP teacher, an extra text teacher),
+each with the `LossInputs.extra` key it reaches the loss under (`teachers.keys`). `load_teachers`
+computes each teacher's features once per corpus (or reads them from the cache) into a `Teachers`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from protorkd.data.corpus import TsvCorpus
+from protorkd.data.transforms import eval_transform
+from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.options import ModelOptions, TeacherSide
+from protorkd.teachers.cache import (
+    TeacherFeatures,
+    build_teacher_cache,
+    corpus_hash,
+    image_loader,
+    resolve_cache_folder,
+)
+from protorkd.teachers.definitions import TeacherDef, build_teacher_tower, tower_info
+from protorkd.teachers.keys import CLIP_IMAGE_KEY, CLIP_LOGIT_SCALE_KEY, CLIP_TEXT_KEY, TEXT_TEACHER_KEY
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Teachers:
+    """The run's cached teacher features.
+
+    tower: backbone features [U, D] of the student's own locked tower (`--teacher text|image`); the loop
+        feeds them to the model instead of running that tower.
+    extra: features of separate locked teachers (a CLIP teacher, a text teacher), by the `LossInputs.extra`
+        key the loss reads them under.
+    scalars: per-run constants for the loss, e.g. a CLIP teacher's "teacher_logit_scale".
+    """
+
+    tower: TeacherFeatures | None = None
+    extra: dict[str, TeacherFeatures] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def bad_rows(self) -> set[int]:
+        rows: set[int] = set()
+        for features in (self.tower, *self.extra.values()):
+            if features is not None:
+                rows |= features.bad_rows
+        return rows
+
+    @property
+    def dims(self) -> dict[str, int]:
+        """{extra key: feature width} of the separate teachers (what CLIP-KD builds its projections from)."""
+        return {key: features.dim for key, features in self.extra.items()}
+
+    def extra_inputs(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+        """{key: [B, D_key] features of corpus rows `indices`} plus the scalars as 0-d tensors."""
+        inputs = {key: features.lookup(indices).to(device, non_blocking=True) for key, features in self.extra.items()}
+        inputs.update({key: torch.tensor(value, device=device) for key, value in self.scalars.items()})
+        return inputs
+
+
+def teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str | None]]:
+    """Every locked teacher whose features the run caches, with the `extra` key they reach the loss under
+    (None for the student's own locked tower, whose cached backbone features replace running it)."""
+    definitions: list[tuple[TeacherDef, str | None]] = []
+    side = options.teacher_side
+    if side is TeacherSide.TEXT:
+        text = TeacherDef(
+            "text",
+            "text",
+            options.text_model_builder,
+            options.text_model,
+            options.text_model_tag,
+            options.text_pooler,
+            options.max_seq_length,
+        )
+        definitions.append((text, None))
+    elif side is TeacherSide.IMAGE:
+        image = TeacherDef(
+            "image",
+            "image",
+            options.image_model_builder,
+            options.image_model,
+            options.image_model_tag,
+            image_size=options.image_size,
+        )
+        definitions.append((image, None))
+    if options.clip_teacher_model:
+        model, tag = options.clip_teacher_model, options.clip_teacher_tag
+        definitions.append((TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY))
+        definitions.append((TeacherDef("clip-text", "text", "open_clip", model, tag), CLIP_TEXT_KEY))
+    if options.extra_text_teacher:
+        extra = TeacherDef("extra-text", "text", options.extra_text_teacher_builder, options.extra_text_teacher)
+        definitions.append((extra, TEXT_TEACHER_KEY))
+    return definitions
+
+
+class _LazyTower:
+    """Builds (or takes) a teacher's tower on first use, so a complete cache never loads the teacher."""
+
+    def __init__(self, definition: TeacherDef, tower: torch.nn.Module | None, device: torch.device) -> None:
+        self.definition = definition
+        self.tower = tower
+        self.device = device
+        self._moved = False
+        self._transform = None
+
+    def get(self) -> torch.nn.Module:
+        if self.tower is None:
+            log.info(
+                "building teacher %s (%s %s)", self.definition.name, self.definition.builder, self.definition.model
+            )
+            self.tower = build_teacher_tower(self.definition)
+        if not self._moved:
+            self.tower.to(self.device)
+            self._moved = True
+        return self.tower
+
+    def load_image(self, path: str) -> torch.Tensor:
+        if self._transform is None:
+            # the teacher's own preprocessing, never the student's
+            self._transform = image_loader(eval_transform(self.get().preprocess))
+        return self._transform(path)
+
+
+@torch.no_grad()
+def cached_teacher_features(
+    definition: TeacherDef,
+    corpus: TsvCorpus,
+    cache_root: Path,
+    device: torch.device,
+    *,
+    tower: torch.nn.Module | None = None,
+    needed: int = 1,
+    progress: bool = False,
+    batch_size: int = 256,
+) -> TeacherFeatures:
+    """One teacher's features for the whole corpus: reused, resumed or computed (`tower` or built lazily)."""
+    lazy = _LazyTower(definition, tower, device)
+    spec = definition.spec(lazy.get() if definition.needs_tower_for_spec else None)
+    keys = corpus.captions if definition.modality == "text" else corpus.images
+    folder = resolve_cache_folder(cache_root, definition.modality, spec, corpus_hash(keys), needed=needed)
+
+    def encode_texts(texts: list[str]) -> torch.Tensor:
+        tokens = {k: v.to(device) for k, v in lazy.get().tokenize(texts).items()}
+        return lazy.get()(tokens)
+
+    def encode_images(images: list[torch.Tensor]) -> torch.Tensor:
+        return lazy.get()(torch.stack(images).to(device))
+
+    text = definition.modality == "text"
+    return build_teacher_cache(
+        folder,
+        modality=definition.modality,
+        keys=keys,
+        spec=spec,
+        encode=encode_texts if text else encode_images,
+        load=None if text else lazy.load_image,
+        batch_size=batch_size,
+        progress=progress,
+        info=lambda: tower_info(lazy.get()),
+    )
+
+
+def load_teachers(
+    model: DualEncoder,
+    corpus: TsvCorpus,
+    options: ModelOptions,
+    cache_root: Path,
+    device: torch.device,
+    *,
+    progress: bool,
+) -> Teachers:
+    """Every teacher's features for the run (computed once per corpus and teacher, then read from the cache)."""
+    definitions = teacher_definitions(options)
+    teachers = Teachers()
+    for definition, key in definitions:
+        own_tower = None
+        if key is None:
+            own_tower = model.text_tower if definition.modality == "text" else model.image_tower
+        features = cached_teacher_features(
+            definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
+        )
+        log.info(
+            "teacher %s features: %s (%d unique x %d)",
+            definition.name,
+            features.folder,
+            features.features.shape[0],
+            features.dim,
+        )
+        if key is None:
+            teachers.tower = features
+        else:
+            teachers.extra[key] = features
+        if key == CLIP_TEXT_KEY and "logit_scale" in features.info:
+            teachers.scalars[CLIP_LOGIT_SCALE_KEY] = float(features.info["logit_scale"])
+    return teachers

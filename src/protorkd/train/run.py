@@ -1,0 +1,334 @@
+"""`build_run(cfg, state, device) -> Run`: everything one training run needs, built once.
+
+This is where the user's config is unpacked into library calls and where every fact derived from it is
+resolved once into a typed value: the teacher side (`TeacherSide`), the corpus kind (`TsvCorpus` or
+`ShardCorpus`), the separate teachers' feature widths (passed to the loss, never written into the config),
+what the loss needs from the run (`LossNeeds`), the learning-rate schedule and the evaluation plan.
+Every check a user can fail runs before the experiment folder is created, or removes it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from protorkd import __version__, distributed
+from protorkd.checkpoint import load_checkpoint, resolve_resume, strip_module_prefix
+from protorkd.config import Config, DataConfig, default_eval_root, write_params
+from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, open_corpus, training_batches
+from protorkd.data.transforms import train_transform
+from protorkd.distributed import DistState
+from protorkd.errors import UsageError
+from protorkd.eval.features import FeatureCache
+from protorkd.losses import LOSSES, LossNeeds, build_auxiliary_losses, build_loss, main_loss, needs_of
+from protorkd.models.build import build_dual_encoder
+from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.options import TeacherSide
+from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
+from protorkd.teachers.keys import TEACHER_FLAGS
+from protorkd.train.clustering import ClusteringSchedule, check_clustering_inputs, clustering_schedule
+from protorkd.train.experiment import ExperimentPaths, experiment_paths
+from protorkd.train.logs import MetricWriter, setup_file_logging
+from protorkd.train.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class LrSchedule:
+    """Warmup + cosine over the run's optimizer steps, a pure function of the global step."""
+
+    base_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    def __call__(self, step: int) -> float:
+        return lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which evaluation tasks run after which epoch, on which data root."""
+
+    root: Path | None
+    frequencies: Mapping[str, int]  # task -> every N epochs (0 = never); the last epoch always
+    last_epoch: int
+    batch_size: int
+    workers: int
+
+    def due(self, epoch: int) -> list[str]:
+        if self.root is None:
+            return []
+        return [
+            task
+            for task, every in self.frequencies.items()
+            if every > 0 and (epoch % every == 0 or epoch == self.last_epoch)
+        ]
+
+
+@dataclass
+class Run:
+    """A training run, built once by `build_run`; the loop reads it and never the raw config for facts."""
+
+    cfg: Config
+    state: DistState
+    device: torch.device
+    paths: ExperimentPaths
+    corpus: Corpus
+    teacher: TeacherSide
+    model: DualEncoder
+    train_model: torch.nn.Module  # the model as trained: DDP- and/or compile-wrapped
+    loss: torch.nn.Module
+    needs: LossNeeds
+    teachers: Teachers
+    batches: TrainBatches
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    schedule: LrSchedule
+    steps_per_epoch: int
+    clustering: ClusteringSchedule | None
+    eval_plan: EvalPlan
+    writer: MetricWriter
+    start_epoch: int = 0
+    eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
+    log_handler: logging.Handler | None = None
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.log_handler is not None:
+            logging.getLogger().removeHandler(self.log_handler)
+            self.log_handler.close()
+
+
+def check_batch_fits(rows: int, episode_size: int, world_size: int, batch_size: int) -> None:
+    per_process = -(-(episode_size if episode_size > 0 else rows) // world_size)
+    if per_process < batch_size:
+        raise UsageError(
+            f"an epoch has {per_process} samples per process, fewer than --batch-size {batch_size}; "
+            "lower --batch-size or use more data"
+        )
+
+
+def check_auxiliary_inputs(needs: LossNeeds, model: DualEncoder, teacher: TeacherSide) -> None:
+    """SimCSE needs a second dropout pass of an online text tower; BYOL a second view through the image tower."""
+    if needs.text_dropout_view and model.lock_text:
+        raise UsageError(
+            "--w-simcse needs an online, trainable text tower, but the text tower is locked "
+            "(--teacher text or --lock-text-model) and its features may come from the cache; "
+            "use --teacher image or --teacher none"
+        )
+    if needs.image_view2 and teacher is TeacherSide.IMAGE:
+        raise UsageError(
+            "--byol needs the image tower to run on a second view, but --teacher image caches its features"
+        )
+
+
+def check_teacher_inputs(needs: LossNeeds, provided: set[str], loss_name: str) -> None:
+    """The separate teachers' features the loss reads must be provided, and none provided may go unused."""
+    missing = sorted(needs.teacher_features - provided)
+    if missing:
+        flags = sorted({TEACHER_FLAGS.get(key, key) for key in missing})
+        raise UsageError(
+            f"--loss {loss_name} distils from locked teacher features ({', '.join(missing)}); give {' / '.join(flags)} "
+            "(e.g. --clip-teacher-model ViT-B-32 --clip-teacher-tag openai, or --extra-text-teacher all-MiniLM-L6-v2)"
+        )
+    unused = sorted({TEACHER_FLAGS[key] for key in provided - needs.teacher_features})
+    if unused:
+        raise UsageError(f"{', '.join(unused)}: --loss {loss_name} does not use these teachers (CLIP-KD does)")
+
+
+def _load_teachers(
+    cfg: Config, corpus: Corpus, model: DualEncoder, paths: ExperimentPaths, state: DistState, device: torch.device
+) -> Teachers:
+    """Every locked teacher's features, computed once (the master first, then the others read its cache)."""
+    definitions = teacher_definitions(cfg.model)
+    if isinstance(corpus, ShardCorpus):  # streamed samples have no rows to key a cache by: teachers run online
+        if any(key is not None for _, key in definitions):
+            raise UsageError(
+                f"--loss {cfg.loss.loss} with separate teachers needs a TSV corpus (cached features are keyed by "
+                "row); use --dataset-type csv"
+            )
+        return Teachers()
+    if not definitions:
+        return Teachers()
+    cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
+    teachers = Teachers()
+    if state.is_master:
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=True)
+    distributed.barrier()
+    if not state.is_master:
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False)
+    return teachers
+
+
+def open_run_corpus(d: DataConfig) -> Corpus:
+    """The corpus the data flags name (the built-in demo corpus without --train-data)."""
+    return open_corpus(
+        d.train_data,
+        dataset_type=d.dataset_type,
+        samples_per_epoch=d.train_num_samples,
+        img_key=d.csv_img_key,
+        caption_key=d.csv_caption_key,
+        separator=d.csv_separator,
+        dataset_size=d.dataset_size,
+        demo_size=d.demo_size,
+        demo_seed=d.demo_seed,
+    )
+
+
+def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
+    """Validate, create the experiment folder, build model, teachers, loss, data, optimizer; resume if asked."""
+    seed_everything(cfg.optim.seed)  # the same initial weights on every rank
+    if not state.is_master:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
+    # --- validate everything a user can get wrong before the experiment folder exists
+    d = cfg.data
+    corpus = open_run_corpus(d)
+    check_batch_fits(corpus.rows, d.episode_size, state.world_size, cfg.optim.batch_size)
+    name = distributed.broadcast_object(experiment_paths(cfg, state.world_size).root.name)
+    paths = ExperimentPaths(Path(cfg.log.logs) / name)
+    resume_path = resolve_resume(cfg.log.resume, paths.checkpoints) if cfg.log.resume else None
+    teacher = cfg.model.teacher_side
+    model = build_dual_encoder(cfg.model)
+    LOSSES.get(cfg.loss.loss)  # an unknown name fails here; the loss is built once the teachers' widths are known
+    auxiliary_needs = LossNeeds()
+    for auxiliary in build_auxiliary_losses(cfg.loss).values():
+        auxiliary_needs = auxiliary_needs | needs_of(auxiliary)
+    check_auxiliary_inputs(auxiliary_needs, model, teacher)
+    eval_root = default_eval_root(cfg)
+    if eval_root is not None and not eval_root.is_dir():
+        raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
+
+    created = not paths.root.exists()
+    if state.is_master:
+        paths.create()
+    distributed.barrier()
+    handler = setup_file_logging(paths.log_file) if state.is_master else None
+    try:
+        log.info(
+            "experiment %s (protorkd %s, world size %d, device %s)", paths.root, __version__, state.world_size, device
+        )
+        if isinstance(corpus, ShardCorpus):
+            log.info("corpus %s: webdataset shards, %d samples per epoch", corpus.source, corpus.rows)
+        else:
+            log.info("corpus %s: %d rows", corpus.source, corpus.rows)
+        teachers = _load_teachers(cfg, corpus, model, paths, state, device)
+        loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
+        needs = needs_of(loss)
+        if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
+            raise UsageError(
+                f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
+                "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
+            )
+        check_teacher_inputs(needs, set(teachers.extra), cfg.loss.loss)
+        batches = training_batches(
+            corpus,
+            transform=train_transform(model.image_preprocess, d.augmentation),
+            batch_size=cfg.optim.batch_size,
+            workers=d.workers,
+            seed=cfg.optim.seed,
+            rank=state.rank,
+            world_size=state.world_size,
+            episode_size=d.episode_size,
+            load_images=teacher is not TeacherSide.IMAGE,
+            bad_rows=teachers.bad_rows,
+            views=2 if needs.image_view2 else 1,
+            pin_memory=device.type == "cuda",
+        )
+        clustering = None
+        if needs.clustering:
+            clustering = clustering_schedule(cfg.loss, model, teacher, seed=cfg.optim.seed)
+            episode_rows = len(batches) * cfg.optim.batch_size * state.world_size
+            check_clustering_inputs(clustering, corpus.rows if clustering.teacher_fixed else episode_rows, corpus.rows)
+        if state.is_master:
+            resolved = {"experiment": name, "teacher_side": teacher.value, "version": __version__}
+            write_params(cfg, paths.params, resolved={**resolved, "world_size": state.world_size})
+    except BaseException as error:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+        if isinstance(error, UsageError) and created and state.is_master:
+            paths.remove()
+        raise
+
+    # --- model, optimizer, resume
+    model.to(device)
+    loss.to(device)
+    if cfg.optim.precision == "bf16":
+        model.to(torch.bfloat16)
+    if device.type == "cuda" and model.image_tower is not None:
+        model.image_tower.to(memory_format=torch.channels_last)
+    o = cfg.optim
+    optimizer = build_optimizer(
+        [model, loss], lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
+    )
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and o.precision == "amp" else None
+    start_epoch = 0
+    if resume_path is not None:
+        checkpoint = load_checkpoint(resume_path)
+        model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+        loss.load_state_dict(checkpoint["loss_state"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scaler is not None and "scaler" in checkpoint:
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch = int(checkpoint["epoch"])
+        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    train_model: torch.nn.Module = model
+    if state.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if o.torchcompile:
+        train_model = torch.compile(train_model)
+    writer = MetricWriter(
+        paths.root,
+        cfg.log.report_to if state.is_master else "",
+        config=cfg.to_flat_dict(),
+        wandb_project=cfg.log.wandb_project,
+    )
+    steps_per_epoch = len(batches) // o.accum_freq
+    e = cfg.eval
+    frequencies = {
+        "zeroshot": e.zeroshot_frequency,
+        "linear": e.linear_frequency,
+        "retrieval": e.retrieval_frequency,
+        "sts": e.nlp_eval_frequency,
+    }
+    return Run(
+        cfg=cfg,
+        state=state,
+        device=device,
+        paths=paths,
+        corpus=corpus,
+        teacher=teacher,
+        model=model,
+        train_model=train_model,
+        loss=loss,
+        needs=needs,
+        teachers=teachers,
+        batches=batches,
+        optimizer=optimizer,
+        scaler=scaler,
+        schedule=LrSchedule(o.lr, o.warmup, steps_per_epoch * o.epochs),
+        steps_per_epoch=steps_per_epoch,
+        clustering=clustering,
+        eval_plan=EvalPlan(eval_root, frequencies, o.epochs, max(o.batch_size, 256), d.workers),
+        writer=writer,
+        start_epoch=start_epoch,
+        log_handler=handler,
+    )
+
+
+__all__ = ["EvalPlan", "LrSchedule", "Run", "build_run", "main_loss", "seed_everything"]
