@@ -113,6 +113,8 @@ def gather_cc(
     webdataset = output_format == "webdataset"
     num_shards = (num_lines + shard_size - 1) // shard_size
     packed = {s for s in range(num_shards) if (out_dir / shard_name(s)).exists()} if webdataset else set()
+    for shard in packed:  # a kill between a shard's rename and the removal of its staging folder left it behind
+        shutil.rmtree(out_dir / "images" / f"{shard:05d}", ignore_errors=True)
     extras = state.load(keep_extras=(lambda row: row // shard_size not in packed) if webdataset else None)
     if retry_failed:
         transient = {code for reason, code in state.codes.items() if is_transient(reason)}
