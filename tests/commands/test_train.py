@@ -198,6 +198,14 @@ def test_a_resume_with_other_flags_stops_in_one_line_and_changes_nothing(tiny_co
     assert _state(root / "checkpoints" / "epoch_2.pt")["epoch"] == 2
 
 
+def test_resume_latest_starts_an_experiment_that_does_not_exist_yet(tiny_corpus, tmp_path):
+    """One command for the first launch and every requeue of a preemptible job (open_clip's convention)."""
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0", "--resume", "latest")
+    assert main(args) == 0 and main(args) == 0  # the second call finds the run finished: nothing to train
+    log_text = (tmp_path / "run" / "out.log").read_text()
+    assert "no experiment" in log_text and "starting it" in log_text and "nothing left to train" in log_text
+
+
 def test_resume_latest_needs_the_experiment_name(tiny_corpus, tmp_path, capsys):
     args = [a for a in train_args(tiny_corpus, tmp_path, "run") if a not in ("--name", "run")]
     assert main([*args, "--resume", "latest"]) == 2
@@ -265,7 +273,7 @@ class _Pickled:
         (["--loss", "NoSuchLoss"], "valid names: "),
         (["--image-model", "no-such-net"], "unknown custom image architecture"),
         (["--train-data", "/nonexistent/train.tsv"], "no such file"),
-        (["--resume", "latest"], "no checkpoint"),
+        (["--resume", "/nonexistent/epoch_3.pt"], "no checkpoint at /nonexistent/epoch_3.pt"),
         (["--csv-caption-key", "caption"], "no column 'caption'"),
         (
             [

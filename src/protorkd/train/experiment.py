@@ -5,7 +5,9 @@
   params.txt. Whatever stops the run afterwards (an error, a kill, a preemption) leaves a folder that the
   same command plus `--resume latest` continues.
 * `--resume latest` continues `--name`: from checkpoints/epoch_latest.pt, or, when the run never finished
-  an epoch, from scratch in the same folder (its teacher cache, possibly half filled, is kept and resumed).
+  an epoch, from scratch in the same folder (its teacher cache, possibly half filled, is kept and resumed);
+  an experiment that does not exist yet is started (as open_clip does), so one command serves the first
+  launch and every requeue of a preemptible job.
 * `--resume PATH` starts from any checkpoint (into a new `--name`, or the same one).
 
 Before anything is written, `prepare_experiment` checks the command against the folder: its params.txt and
@@ -139,10 +141,6 @@ def _decide(cfg: Config, world_size: int) -> tuple[str, bool, str | None]:
         raise UsageError(
             f"{root} exists but is not a protorkd experiment (it has no params.txt); choose another --name"
         )
-    if resume == "latest" and not exists:
-        raise UsageError(
-            f"--resume latest: no experiment {root} yet, so no checkpoint to continue; drop --resume to start it"
-        )
     path = resolve_resume(resume, root / "checkpoints") if resume else None
     return name, exists, None if path is None else str(path)
 
@@ -235,6 +233,8 @@ def commit_resume(experiment: Experiment, cfg: Config, resolved: dict[str, Any],
                 paths.root,
                 LATEST,
             )
+        elif cfg.log.resume == "latest":
+            log.info("--resume latest: no experiment %s yet; starting it", paths.root)
     else:
         log.info("resumed from %s at epoch %d", experiment.resume_path, experiment.start_epoch)
         epoch = experiment.start_epoch
