@@ -69,10 +69,6 @@ class ExperimentPaths:
     def results(self) -> Path:
         return self.root / "results.jsonl"
 
-    def create(self) -> None:
-        for folder in (self.root, self.checkpoints, self.cache):
-            folder.mkdir(parents=True, exist_ok=True)
-
     def remove(self) -> None:
         import shutil
 
