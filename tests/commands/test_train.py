@@ -206,6 +206,21 @@ def test_resume_latest_starts_an_experiment_that_does_not_exist_yet(tiny_corpus,
     assert "no experiment" in log_text and "starting it" in log_text and "nothing left to train" in log_text
 
 
+def test_resume_latest_adopts_a_folder_an_earlier_version_left_without_params_txt(tiny_corpus, tmp_path, capsys):
+    """Earlier versions wrote params.txt after the teacher cache, so a kill during the fill left no params.txt."""
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")
+    for folder in ("checkpoints", "cache"):
+        (tmp_path / "run" / folder).mkdir(parents=True)
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, "--resume", "latest"]) == 0
+    assert read_params(tmp_path / "run" / "params.txt").optim.epochs == 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not an experiment")
+    other = train_args(tiny_corpus, tmp_path, "other", "--epochs", "1", "--resume", "latest")
+    assert main(other) == 2 and "is not a protorkd experiment" in capsys.readouterr().err
+
+
 def test_resume_latest_needs_the_experiment_name(tiny_corpus, tmp_path, capsys):
     args = [a for a in train_args(tiny_corpus, tmp_path, "run") if a not in ("--name", "run")]
     assert main([*args, "--resume", "latest"]) == 2

@@ -1,7 +1,10 @@
 """The tab-separated image-caption corpus (CC3M layout) with bad-sample accounting.
 
-A missing, corrupt or truncated image, or an empty caption, never crashes a worker: the sample is
-returned marked bad, dropped by `collate`, and counted by `BadSampleCounter` with its file and row.
+The file is read one row per line, split on the separator, without quoting (`read_corpus_table`): a quote
+is part of the caption, so a stray one cannot swallow the following lines; a line that cannot be parsed
+(wrong field count, not UTF-8) is kept as a bad row with its reason. A missing, corrupt, truncated or too
+large image, or an empty caption, never crashes a worker either: the sample is returned marked bad,
+dropped by `collate`, and counted by `BadSampleCounter` with its file, row and line.
 """
 
 from __future__ import annotations

@@ -82,6 +82,7 @@ class Experiment:
 
     paths: ExperimentPaths
     exists: bool  # the folder is an experiment already (a resume); nothing in it is replaced before commit
+    adopt: bool = False  # an older protorkd's folder killed before it wrote params.txt: continued from scratch
     resume_path: Path | None = None
     checkpoint: dict[str, Any] | None = None
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resumable flags that differ
@@ -121,8 +122,9 @@ def _check_flags(stored: dict[str, Any], cfg: Config, where: str) -> dict[str, t
     return {name: values for name, values in differences.items() if name not in ("resume", "name", "logs")}
 
 
-def _decide(cfg: Config, world_size: int) -> tuple[str, bool, str | None]:
-    """(experiment name, whether it exists, resume checkpoint path or None): rank 0's view, checked."""
+def _decide(cfg: Config, world_size: int) -> tuple[str, bool, str | None, bool]:
+    """(experiment name, whether it exists, resume checkpoint path or None, whether to adopt a folder without
+    params.txt): rank 0's view, checked."""
     resume = cfg.log.resume
     if resume == "latest" and not cfg.log.name:
         raise UsageError("--resume latest needs --name: the experiment to continue (the default name has a time in it)")
@@ -134,11 +136,14 @@ def _decide(cfg: Config, world_size: int) -> tuple[str, bool, str | None]:
             f"experiment {root} already exists; choose another --name, or continue it with --resume latest"
         )
     if exists and not (root / "params.txt").is_file():
+        # earlier versions wrote params.txt after the teacher cache: a kill before it left such a folder
+        if resume == "latest" and (root / "checkpoints").is_dir() and not (root / "checkpoints" / LATEST).exists():
+            return name, True, None, True
         raise UsageError(
             f"{root} exists but is not a protorkd experiment (it has no params.txt); choose another --name"
         )
     path = resolve_resume(resume, root / "checkpoints") if resume else None
-    return name, exists, None if path is None else str(path)
+    return name, exists, None if path is None else str(path), False
 
 
 def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
@@ -147,7 +152,7 @@ def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
     Rank 0 decides (so every rank agrees even while rank 0 creates the folder); every rank then loads the
     resume checkpoint, which must load safely and agree with the command (`_check_flags`).
     """
-    decision: tuple[str, bool, str | None] | str | None = None
+    decision: tuple[str, bool, str | None, bool] | str | None = None
     if distributed.rank() == 0:
         try:
             decision = _decide(cfg, world_size)
@@ -156,9 +161,9 @@ def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
     decision = distributed.broadcast_object(decision)
     if isinstance(decision, str):
         raise UsageError(decision)
-    name, exists, resume_path = decision
-    experiment = Experiment(ExperimentPaths(Path(cfg.log.logs) / name), exists)
-    if exists:
+    name, exists, resume_path, adopt = decision
+    experiment = Experiment(ExperimentPaths(Path(cfg.log.logs) / name), exists, adopt)
+    if exists and not adopt:
         try:
             stored = read_params(experiment.paths.params).to_flat_dict()
         except (OSError, ValueError, SyntaxError) as error:
@@ -180,6 +185,11 @@ def open_experiment(experiment: Experiment, cfg: Config, resolved: dict[str, Any
     """Create a new experiment folder atomically with its params.txt (master only); an existing one is left
     as it is. Returns whether this call created the folder."""
     paths = experiment.paths
+    if experiment.adopt and is_master:
+        for folder in (paths.checkpoints, paths.cache):
+            folder.mkdir(exist_ok=True)
+        write_params(cfg, paths.params, resolved=resolved)
+        log.info("%s had no params.txt (a setup an earlier protorkd did not finish): adopting it", paths.root)
     if experiment.exists or not is_master:
         return False
     paths.root.parent.mkdir(parents=True, exist_ok=True)
