@@ -113,6 +113,7 @@ def main() -> None:
                         concurrency=concurrency,
                         decode_threads=args.decode_threads,
                         progress=False,
+                        allow_private_hosts=True,  # the local server is on 127.0.0.1
                     )
                     seconds = time.perf_counter() - started
                     results.append((output_format, concurrency, latency_ms, stats["ok"], seconds))

@@ -74,7 +74,8 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     args = parser.parse_args()
     root = ensure_demo_corpus()
-    images, captions = read_corpus_table(root / "train.tsv", "filepath", "title", "\t", args.size)
+    table = read_corpus_table(root / "train.tsv", "filepath", "title", "\t", args.size)
+    images, captions = table.images, table.captions
     transform = image_transform(64, OPENAI_MEAN, OPENAI_STD, train=True, interpolation="bilinear")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

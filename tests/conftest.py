@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from protorkd.models.options import ModelOptions
 from tests.support.gather_server import image_server  # noqa: F401  (a fixture for tests/data and tests/commands)
+
+# A pytest started through a wrapper script without an `if __name__ == "__main__":` guard (pip's own console
+# script has one) would run again inside every worker that multiprocessing spawns, since a spawned worker
+# re-imports the parent's __main__ by path. Naming pytest's real entry module makes workers skip it.
+_main = sys.modules.get("__main__")
+_launcher = Path(getattr(_main, "__file__", None) or "").name
+if _main is not None and getattr(_main, "__spec__", None) is None and _launcher in ("pytest", "py.test"):
+    _main.__spec__ = importlib.util.find_spec("pytest.__main__")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

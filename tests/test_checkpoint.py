@@ -18,3 +18,53 @@ def test_checkpoint_is_atomic_and_plain(tmp_path):
     assert load_checkpoint(path)["epoch"] == 1
     with pytest.raises(UsageError, match="no checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+class _RunsAShellCommand:
+    """Unpickling this object would run `touch <marker>`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pickled_object_checkpoint_is_refused_in_one_line_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"epoch": 1, "state_dict": {}, "payload": _RunsAShellCommand(marker)}, path)
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message == (
+        f"cannot load checkpoint {path}: it holds a pickled object (posix.system); protorkd loads only plain "
+        "dicts of tensors, numbers and strings and never unpickles objects"
+    )
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("keep", [0, 10, 200, -30])
+def test_a_truncated_checkpoint_is_refused_in_one_line(tmp_path, keep):
+    whole = tmp_path / "whole.pt"
+    save_checkpoint(whole, {"epoch": 1, "state_dict": {"w": torch.ones(1000)}})
+    data = whole.read_bytes()
+    path = tmp_path / "cut.pt"
+    path.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(UsageError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert message.startswith(f"cannot load checkpoint {path}: it is truncated or not a torch checkpoint")
+    assert "never unpickles objects" in message and "\n" not in message and "weights_only" not in message
+
+
+def test_a_kill_between_the_two_checkpoint_files_is_repaired_from_the_latest(tmp_path):
+    from protorkd.checkpoint import restore_numbered_checkpoint
+
+    save_checkpoint(tmp_path / "epoch_latest.pt", {"epoch": 2, "state_dict": {"w": torch.arange(3.0)}})
+    assert restore_numbered_checkpoint(tmp_path, 2) == tmp_path / "epoch_2.pt"
+    assert (tmp_path / "epoch_2.pt").read_bytes() == (tmp_path / "epoch_latest.pt").read_bytes()
+    assert restore_numbered_checkpoint(tmp_path, 2) is None  # already there: left alone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_2.pt", "epoch_latest.pt"]

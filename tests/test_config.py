@@ -40,3 +40,60 @@ def test_every_flag_has_help_and_parses_back():
         and cfg.optim.lr == 3.0
         and cfg == config_from_namespace(parser.parse_args(["--lr", "3"]))
     )
+
+
+def test_every_numeric_flag_has_an_allowed_range():
+    import dataclasses
+
+    from protorkd.config import GROUPS, _base_type, _field_types
+
+    unbounded = {"target_temperature"}  # any real: <= 0 means hard labels
+    missing = []
+    for group in GROUPS.values():
+        hints = _field_types(group)
+        for f in dataclasses.fields(group):
+            if _base_type(hints[f.name])[0] in (int, float) and f.metadata.get("rule") is None:
+                missing.append(f.name)
+    assert sorted(missing) == sorted(unbounded)
+
+
+def test_validate_config_names_the_flag_and_its_range():
+    import pytest
+
+    from protorkd.config import OptimConfig, validate_config
+    from protorkd.errors import UsageError
+
+    validate_config(Config())  # the defaults are valid
+    with pytest.raises(UsageError, match=r"^--epochs 0: must be at least 1$"):
+        validate_config(Config(optim=OptimConfig(epochs=0)))
+    with pytest.raises(UsageError, match=r"^--precision 'fp8': must be one of fp32, amp, amp_bf16, bf16$"):
+        validate_config(Config(optim=OptimConfig(precision="fp8")))
+    with pytest.raises(UsageError, match=r"^--dataset-type 'zip': must be one of auto, csv, webdataset$"):
+        validate_config(Config(data=DataConfig(dataset_type="zip")))
+    validate_config(Config(data=DataConfig(dataset_size=None, augmentation=None)))  # None passes for optional flags
+
+
+def test_the_flags_a_resume_may_change_are_exactly_the_documented_ones():
+    from protorkd.config import resumable_flags
+
+    assert resumable_flags() == {
+        "max_bad_fraction",
+        "workers",
+        "epochs",
+        "device",
+        "torchcompile",
+        "dist_timeout_minutes",
+        "eval_data_dir",
+        "zeroshot_frequency",
+        "linear_frequency",
+        "retrieval_frequency",
+        "nlp_eval_frequency",
+        "logs",
+        "name",
+        "resume",
+        "save_frequency",
+        "report_to",
+        "wandb_project",
+        "log_every_n_steps",
+        "teacher_cache",
+    }

@@ -15,10 +15,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
+from protorkd.distributed import DEFAULT_TIMEOUT_MINUTES
+from protorkd.errors import UsageError
 from protorkd.io import atomic_write
 from protorkd.losses.options import LossOptions
 from protorkd.models.options import ModelOptions
-from protorkd.options import flag
+from protorkd.options import Rule, flag, violation
+
+REPORT_TARGET_NAMES = ("tensorboard", "wandb", "all")
+REPORT_TARGETS = Rule(
+    "a comma-separated list of tensorboard, wandb, all (or '' for none)",
+    lambda text: all(t.strip() in REPORT_TARGET_NAMES for t in text.split(",") if t.strip()),
+)
+SINGLE_CHARACTER = Rule("one character other than a newline", lambda text: len(text) == 1 and text not in "\r\n")
+BETA = Rule("at least 0 and less than 1", lambda value: 0 <= value < 1)
 
 
 @dataclass
@@ -31,50 +42,88 @@ class DataConfig:
         "corpus format: csv, webdataset, or auto (webdataset when --train-data ends in .tar or has {..} braces)",
         ("auto", "csv", "webdataset"),
     )
-    train_num_samples: int | None = flag(None, "samples per epoch for a webdataset corpus (required for webdataset)")
+    train_num_samples: int | None = flag(
+        None, "samples per epoch for a webdataset corpus (required for webdataset)", minimum=1
+    )
     csv_img_key: str = flag("filepath", "CSV column holding image paths (relative paths resolve against the CSV)")
     csv_caption_key: str = flag("title", "CSV column holding captions")
-    csv_separator: str = flag("\t", "CSV column separator")
-    dataset_size: int | None = flag(None, "use only the first N rows of the corpus")
-    episode_size: int = flag(0, "rows per epoch, drawn uniformly with replacement (0 = one shuffled pass)")
-    max_bad_fraction: float = flag(0.01, "stop when more than this fraction of an epoch's samples is unreadable")
+    csv_separator: str = flag("\t", "CSV column separator (one character)", rule=SINGLE_CHARACTER)
+    csv_quoting: str = flag(
+        "none",
+        "none: every line is one row split on the separator, quotes are part of the text (CC3M, gather-cc); "
+        "minimal: each line is parsed as CSV, so quoted fields may hold the separator",
+        ("none", "minimal"),
+    )
+    dataset_size: int | None = flag(None, "use only the first N rows of the corpus", minimum=1)
+    episode_size: int = flag(0, "rows per epoch, drawn uniformly with replacement (0 = one shuffled pass)", minimum=0)
+    max_bad_fraction: float = flag(
+        0.01,
+        "stop when more than this fraction of an epoch's samples (or of the corpus' rows) is unreadable",
+        minimum=0.0,
+        maximum=1.0,
+        resumable=True,
+    )
+    max_image_pixels: int = flag(
+        DEFAULT_MAX_PIXELS,
+        "an image with more pixels is a bad sample, refused before it is decoded (gather-cc's --max-pixels)",
+        minimum=1,
+    )
+    max_member_bytes: int = flag(
+        DEFAULT_MAX_MEMBER_BYTES,
+        "a webdataset member larger than this many bytes is a bad sample, skipped without reading it",
+        minimum=1,
+    )
     augmentation: str | None = flag(
         None, "training image augmentation (default: random resized crop 0.9-1.0)", (None, "protoclip-light")
     )
-    workers: int = flag(2, "data-loading worker processes per GPU/process")
-    demo_size: int = flag(10240, "training pairs of the built-in demo corpus")
-    demo_seed: int = flag(0, "seed of the built-in demo corpus")
+    workers: int = flag(2, "data-loading worker processes per GPU/process", minimum=0, resumable=True)
+    demo_size: int = flag(10240, "training pairs of the built-in demo corpus", minimum=1)
+    demo_seed: int = flag(0, "seed of the built-in demo corpus", minimum=0)
 
 
 @dataclass
 class OptimConfig:
-    epochs: int = flag(3, "training epochs (episodes)")
-    batch_size: int = flag(64, "batch size per process")
-    lr: float = flag(2e-3, "peak learning rate")
-    wd: float = flag(0.1, "AdamW weight decay (not applied to biases, norms, temperatures)")
-    beta1: float = flag(0.9, "AdamW beta1")
-    beta2: float = flag(0.98, "AdamW beta2")
-    eps: float = flag(1e-6, "AdamW epsilon")
-    warmup: int = flag(50, "linear warmup steps before the cosine decay")
-    accum_freq: int = flag(1, "accumulate gradients over this many batches per optimizer step")
-    max_grad_norm: float = flag(0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)")
+    epochs: int = flag(
+        3,
+        "training epochs (episodes); may change on --resume, which then stretches the cosine schedule",
+        minimum=1,
+        resumable=True,
+    )
+    batch_size: int = flag(64, "batch size per process", minimum=1)
+    lr: float = flag(2e-3, "peak learning rate", minimum=0.0)
+    wd: float = flag(0.1, "AdamW weight decay (not applied to biases, norms, temperatures)", minimum=0.0)
+    beta1: float = flag(0.9, "AdamW beta1", rule=BETA)
+    beta2: float = flag(0.98, "AdamW beta2", rule=BETA)
+    eps: float = flag(1e-6, "AdamW epsilon", above=0.0)
+    warmup: int = flag(50, "linear warmup steps before the cosine decay", minimum=0)
+    accum_freq: int = flag(1, "accumulate gradients over this many batches per optimizer step", minimum=1)
+    max_grad_norm: float = flag(
+        0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)", minimum=0.0
+    )
     precision: str = flag(
         "amp", "numeric precision (autocast is used only on CUDA)", ("fp32", "amp", "amp_bf16", "bf16")
     )
-    seed: int = flag(0, "random seed")
-    device: str = flag("auto", "cpu, cuda, cuda:N, or auto")
-    torchcompile: bool = flag(False, "compile the towers with torch.compile")
+    seed: int = flag(0, "random seed", minimum=0)
+    device: str = flag("auto", "cpu, cuda, cuda:N, or auto", resumable=True)
+    torchcompile: bool = flag(False, "compile the towers with torch.compile", resumable=True)
+    dist_timeout_minutes: float = flag(
+        DEFAULT_TIMEOUT_MINUTES,
+        "minutes a process waits in a collective before the job fails: long enough for rank 0 to fill a "
+        "CC3M-scale teacher cache or evaluate while the others wait (docs/distributed.md)",
+        above=0.0,
+        resumable=True,
+    )
 
 
 @dataclass
 class EvalConfig:
     eval_data_dir: str | None = flag(
-        None, "root of downstream datasets (default with the demo corpus: its held-out split)"
+        None, "root of downstream datasets (default with the demo corpus: its held-out split)", resumable=True
     )
-    zeroshot_frequency: int = flag(1, "zero-shot evaluation every N epochs (0 = never)")
-    linear_frequency: int = flag(1, "linear-probe evaluation every N epochs (0 = never)")
-    retrieval_frequency: int = flag(1, "retrieval evaluation every N epochs (0 = never)")
-    nlp_eval_frequency: int = flag(0, "STS evaluation every N epochs (0 = never)")
+    zeroshot_frequency: int = flag(1, "zero-shot evaluation every N epochs (0 = never)", minimum=0, resumable=True)
+    linear_frequency: int = flag(1, "linear-probe evaluation every N epochs (0 = never)", minimum=0, resumable=True)
+    retrieval_frequency: int = flag(1, "retrieval evaluation every N epochs (0 = never)", minimum=0, resumable=True)
+    nlp_eval_frequency: int = flag(0, "STS evaluation every N epochs (0 = never)", minimum=0, resumable=True)
 
 
 @dataclass
@@ -84,14 +133,28 @@ class LogConfig:
         "folder holding experiment directories (--logs-dir is the same flag; use it under torchrun, "
         "whose own --logs-specs makes a bare --logs ambiguous)",
         aliases=("--logs-dir",),
+        resumable=True,
     )
-    name: str | None = flag(None, "experiment name (default: generated from models, loss, batch and time)")
-    resume: str | None = flag(None, "checkpoint path, or 'latest' for this experiment's epoch_latest.pt")
-    save_frequency: int = flag(1, "write checkpoints/epoch_N.pt every N epochs (and at the last)")
-    report_to: str = flag("tensorboard", "comma-separated: tensorboard, wandb, or '' for none")
-    wandb_project: str = flag("protorkd", "wandb project when reporting to wandb")
-    log_every_n_steps: int = flag(20, "write a progress line to out.log every N steps")
-    teacher_cache: str | None = flag(None, "folder of precomputed teacher features (default: the experiment's cache/)")
+    name: str | None = flag(
+        None, "experiment name (default: generated from models, loss, batch and time)", resumable=True
+    )
+    resume: str | None = flag(
+        None,
+        "checkpoint path, or 'latest' to continue --name: from its epoch_latest.pt, or from scratch in the same "
+        "folder (keeping its teacher cache) when it has no checkpoint yet",
+        resumable=True,
+    )
+    save_frequency: int = flag(
+        1, "write checkpoints/epoch_N.pt every N epochs (and at the last)", minimum=1, resumable=True
+    )
+    report_to: str = flag(
+        "tensorboard", "comma-separated: tensorboard, wandb, all, or '' for none", rule=REPORT_TARGETS, resumable=True
+    )
+    wandb_project: str = flag("protorkd", "wandb project when reporting to wandb", resumable=True)
+    log_every_n_steps: int = flag(20, "write a progress line to out.log every N steps", minimum=1, resumable=True)
+    teacher_cache: str | None = flag(
+        None, "folder of precomputed teacher features (default: the experiment's cache/)", resumable=True
+    )
 
 
 GROUPS: dict[str, type] = {
@@ -169,10 +232,12 @@ def _add_fields(parser: argparse.ArgumentParser, group_name: str, title: str, *,
     hints = _field_types(group_cls)
     for f in dataclasses.fields(group_cls):
         scalar, optional = _base_type(hints[f.name])
+        rule = f.metadata.get("rule")
+        allowed = f"; {rule.describe}" if rule is not None else ""
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": f.default if defaults else argparse.SUPPRESS,
-            "help": f.metadata.get("help", "") + f" (default: {f.default!r})",
+            "help": f.metadata.get("help", "") + f" (default: {f.default!r}{allowed})",
         }
         choices = f.metadata.get("choices")
         if scalar is bool:
@@ -202,6 +267,51 @@ def add_group_arguments(parser: argparse.ArgumentParser, group_name: str, *, def
 def config_from_namespace(namespace: argparse.Namespace) -> Config:
     known = {f.name for group in GROUPS.values() for f in dataclasses.fields(group)}
     return Config.from_flat_dict({k: v for k, v in vars(namespace).items() if k in known})
+
+
+def _fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for group in GROUPS.values() for f in dataclasses.fields(group)}
+
+
+def validate_config(cfg: Config) -> None:
+    """Check every flag against its choices and range (the field metadata) before anything is created.
+
+    Raises a UsageError naming the first bad flag, its value and what it must be: one line, exit 2.
+    """
+    values = cfg.to_flat_dict()
+    for name, f in _fields().items():
+        problem = violation(f.metadata, values[name])
+        if problem is not None:
+            raise UsageError(f"{flag_name(f)} {values[name]!r}: {problem}")
+    targets = {t.strip() for t in cfg.log.report_to.split(",") if t.strip()}
+    if targets & {"wandb", "all"}:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise UsageError("--report-to wandb needs `pip install wandb` (or protorkd[wandb])")
+
+
+def resumable_flags() -> set[str]:
+    """Field names of the flags a continued run may change (`flag(..., resumable=True)`): how long to train,
+    how often to evaluate and save, where logs and data live, how many workers load them."""
+    return {name for name, f in _fields().items() if f.metadata.get("resumable")}
+
+
+def flag_differences(stored: dict[str, Any], current: Config) -> dict[str, tuple[Any, Any]]:
+    """{field name: (stored value, current value)} for every flag whose value in `stored` (params.txt or a
+    checkpoint's config) differs from `current`; a flag missing from `stored` counts as its default."""
+    fields = _fields()
+    return {
+        name: (stored.get(name, fields[name].default), value)
+        for name, value in current.to_flat_dict().items()
+        if stored.get(name, fields[name].default) != value
+    }
+
+
+def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
+    """`--epochs 3 -> 5, --lr 0.002 -> 0.001` (flag names, old and new values)."""
+    fields = _fields()
+    return ", ".join(f"{flag_name(fields[name])} {old!r} -> {new!r}" for name, (old, new) in differences.items())
 
 
 RESOLVED_HEADER = "# resolved by protorkd (facts of the run, not flags)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -63,8 +64,15 @@ def resolve_device(name: str, state: DistState | None = None) -> torch.device:
     return device
 
 
-def init_process_group(state: DistState, device_type: str) -> None:
-    """Join the process group (nccl on CUDA, gloo on CPU) when more than one process runs."""
+DEFAULT_TIMEOUT_MINUTES = 180.0
+
+
+def init_process_group(state: DistState, device_type: str, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU) when more than one process runs.
+
+    `timeout_minutes` bounds every collective, barriers included. It is generous on purpose: rank 0 alone
+    fills the teacher cache and evaluates while the other ranks wait in a barrier, and NCCL's own default
+    (10 minutes) would kill a job whose rank 0 fills a CC3M-scale cache (docs/distributed.md)."""
     if not state.distributed or dist.is_initialized():
         return
     if "MASTER_ADDR" not in os.environ and "SLURM_NODELIST" in os.environ:
@@ -77,7 +85,9 @@ def init_process_group(state: DistState, device_type: str) -> None:
     os.environ.setdefault("RANK", str(state.rank))
     os.environ.setdefault("WORLD_SIZE", str(state.world_size))
     backend = "nccl" if device_type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, rank=state.rank, world_size=state.world_size)
+    dist.init_process_group(
+        backend=backend, rank=state.rank, world_size=state.world_size, timeout=timedelta(minutes=timeout_minutes)
+    )
 
 
 def is_initialized() -> bool:

@@ -3,13 +3,15 @@
 A write goes to a hidden temporary file in the same folder, is flushed and fsynced, then renamed over
 the final name with `os.replace`, and the folder is fsynced. A reader (or a run killed at any point,
 or a power loss after the rename returned) sees either the old complete file or the new complete
-file, never a truncated or empty one.
+file, never a truncated or empty one. `atomic_folder` does the same for a whole folder (every file in it
+fsynced before the rename), and `append_line` is the durable append for JSON-lines logs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -83,3 +85,40 @@ def atomic_write(path: Path, data: str | bytes, encoding: str = "utf-8") -> None
     else:
         with atomic_open(path, "w", encoding=encoding, newline="") as handle:
             handle.write(data)
+
+
+def copy_file(source: Path, path: Path) -> None:
+    """Copy `source` to `path` atomically (the copy appears complete or not at all)."""
+    with atomic_path(Path(path)) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (a newline is added) and fsync: a later crash can only tear a line written after it.
+
+    Readers of such logs (results.jsonl) skip a torn last line."""
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line.rstrip("\n") + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a hidden sibling folder to fill; when the block succeeds every file in it is fsynced and the
+    folder is renamed to `path` (which must not exist, or be empty), when it raises the folder is removed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                fsync_file(Path(folder) / name)
+            fsync_folder(Path(folder))
+        os.replace(tmp, path)
+        fsync_folder(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

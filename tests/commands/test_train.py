@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -68,33 +68,164 @@ def _state(path: Path) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def test_resumed_run_after_sigkill_matches_uninterrupted_run(tiny_corpus, tmp_path):
-    common = ["--epochs", "3", "--episode-size", "960", "--zeroshot-frequency", "0"]
-    assert main(train_args(tiny_corpus, tmp_path, "full", *common)) == 0
+def _assert_same_weights(path: Path, reference: Path) -> None:
+    mine, theirs = _state(path), _state(reference)
+    assert mine["epoch"] == theirs["epoch"]
+    for part in ("state_dict", "loss_state"):
+        assert mine[part].keys() == theirs[part].keys()
+        for key, value in theirs[part].items():
+            assert torch.equal(value, mine[part][key]), f"{path.name} {part} {key}"
+    assert mine["optimizer"]["state"][0]["step"] == theirs["optimizer"]["state"][0]["step"]
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "protorkd", *train_args(tiny_corpus, tmp_path, "killed", *common)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first = tmp_path / "killed" / "checkpoints" / "epoch_1.pt"
-    deadline = time.time() + 120
-    while not first.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert first.exists()
-    assert not (tmp_path / "killed" / "checkpoints" / "epoch_3.pt").exists(), "the run finished before the kill"
 
-    assert main(train_args(tiny_corpus, tmp_path, "killed", *common, "--resume", "latest")) == 0
-    full, resumed = _state(tmp_path / "full/checkpoints/epoch_3.pt"), _state(tmp_path / "killed/checkpoints/epoch_3.pt")
-    for key, value in full["state_dict"].items():
-        assert torch.equal(value, resumed["state_dict"][key]), key
-    for key, value in full["loss_state"].items():
-        assert torch.equal(value, resumed["loss_state"][key]), key
-    assert full["optimizer"]["state"][0]["step"] == resumed["optimizer"]["state"][0]["step"]
+@pytest.fixture(scope="module")
+def unique_caption_corpus(tiny_corpus, tmp_path_factory) -> Path:
+    """2100 rows over the 96 demo images, every caption different, so the text teacher's cache (2048
+    captions a chunk) fills in two chunks and a kill can land between them."""
+    lines = (tiny_corpus / "train.tsv").read_text().splitlines()[1:]
+    root = tmp_path_factory.mktemp("unique")
+    rows = []
+    for i in range(2100):
+        image, caption = lines[i % len(lines)].split("\t")
+        rows.append(f"{tiny_corpus / image}\t{caption} number {i}\n")
+    (root / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
+    (root / "eval").symlink_to(tiny_corpus / "eval")
+    return root
+
+
+def _killed_at(point: str, args: list[str]) -> None:
+    """Run `protorkd <args>` in a child that SIGKILLs itself at failpoint `point` (NAME=N)."""
+    # the same thread count as this process (no OMP_NUM_THREADS override): float sums must add up identically
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PROTORKD_FAILPOINTS": point}
+    result = subprocess.run([sys.executable, "-m", "protorkd", *args], env=env, capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_run_killed_at_any_point_continues_with_resume_latest_to_the_uninterrupted_weights(
+    unique_caption_corpus, tmp_path
+):
+    """Kills at deterministic points (failpoints, docs/reliability.md): during the teacher-cache fill,
+    mid-epoch 1 (no checkpoint yet), and between epoch_latest.pt and epoch_2.pt. Each time the same command
+    plus --resume latest continues; the end is bit-identical to a run never interrupted."""
+    common = ["--epochs", "3", "--episode-size", "96", "--zeroshot-frequency", "0"]
+    assert main(train_args(unique_caption_corpus, tmp_path, "full", *common)) == 0
+    args = train_args(unique_caption_corpus, tmp_path, "killed", *common)
+    root = tmp_path / "killed"
+
+    _killed_at("teacher-cache-chunk=1", args)  # 2048 of 2100 captions cached
+    params = (root / "params.txt").read_bytes()
+    (manifest,) = root.glob("cache/teacher-text-*/manifest.json")
+    assert json.loads(manifest.read_text())["done"] == 2048 and not any((root / "checkpoints").iterdir())
+    assert main(args) == 2  # a plain rerun is refused, pointing at --resume latest
+
+    _killed_at("train-step=3", [*args, "--resume", "latest"])  # mid-epoch 1: no checkpoint yet
+    log_text = (root / "out.log").read_text()
+    assert "resuming teacher cache" in log_text and "at 2048 / 2100" in log_text
+    assert json.loads(manifest.read_text())["complete"] and not any((root / "checkpoints").iterdir())
+    cached = manifest.stat().st_mtime_ns
+
+    _killed_at("checkpoint-latest=2", [*args, "--resume", "latest"])  # epoch 2's latest written, epoch_2.pt not
+    assert "starting from scratch in the same folder, keeping its teacher cache" in (root / "out.log").read_text()
+    assert manifest.stat().st_mtime_ns == cached  # the complete cache was reused, not recomputed
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+    assert _state(root / "checkpoints" / "epoch_latest.pt")["epoch"] == 2
+
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "restored" in (root / "out.log").read_text()
+    assert (root / "params.txt").read_bytes() == params  # the same flags: params.txt never rewritten
+    for epoch in (1, 2, 3):
+        _assert_same_weights(
+            root / "checkpoints" / f"epoch_{epoch}.pt", tmp_path / "full/checkpoints" / f"epoch_{epoch}.pt"
+        )
+
+
+def test_a_failure_after_the_folder_exists_leaves_it_resumable(tiny_corpus, tmp_path, capsys):
+    from protorkd import failpoints
+
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")
+    failpoints.arm("experiment-created=1:raise")
+    try:
+        with pytest.raises(RuntimeError, match="failpoint experiment-created"):
+            main(args)
+    finally:
+        failpoints.arm("")
+    assert (tmp_path / "run" / "params.txt").is_file()
+    assert main(args) == 2 and "continue it with --resume latest" in capsys.readouterr().err
+    assert main([*args, "--resume", "latest"]) == 0
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").is_file()
+    assert "starting from scratch in the same folder" in (tmp_path / "run" / "out.log").read_text()
+
+
+def test_an_evaluation_a_kill_interrupted_runs_when_the_run_resumes(tiny_corpus, tmp_path):
+    from protorkd import failpoints
+
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1")
+    failpoints.arm("checkpoint-saved=1:raise")  # after epoch 1's checkpoints, before its evaluation
+    try:
+        with pytest.raises(RuntimeError):
+            main(args)
+    finally:
+        failpoints.arm("")
+    assert not (tmp_path / "run" / "results.jsonl").exists()
+    assert main([*args, "--resume", "latest"]) == 0
+    lines = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1] and "zeroshot/shapes/top1" in lines[0]
+
+
+def test_a_resume_with_other_flags_stops_in_one_line_and_changes_nothing(tiny_corpus, tmp_path, capsys):
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")
+    assert main(args) == 0
+    root = tmp_path / "run"
+    before = {
+        p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file() and "tensorboard" not in p.parts
+    }
+    capsys.readouterr()
+    assert main([*args, "--resume", "latest", "--lr", "0.1", "--batch-size", "8"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "--batch-size 16 -> 8" in err and "--lr 0.002 -> 0.1" in err and str(root / "params.txt") in err
+    after = {
+        p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file() and "tensorboard" not in p.parts
+    }
+    assert after == before  # params.txt, checkpoints, out.log... untouched
+
+    # flags that change neither the model, the loss, the data nor the steps taken may change
+    assert main([*args, "--resume", "latest", "--epochs", "2", "--save-frequency", "2", "--workers", "1"]) == 0
+    assert read_params(root / "params.txt").optim.epochs == 2
+    changed = "flags changed on resume: --workers 0 -> 1, --epochs 1 -> 2, --save-frequency 1 -> 2"
+    assert changed in (root / "out.log").read_text()
+    assert _state(root / "checkpoints" / "epoch_2.pt")["epoch"] == 2
+
+
+def test_resume_latest_starts_an_experiment_that_does_not_exist_yet(tiny_corpus, tmp_path):
+    """One command for the first launch and every requeue of a preemptible job (open_clip's convention)."""
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0", "--resume", "latest")
+    assert main(args) == 0 and main(args) == 0  # the second call finds the run finished: nothing to train
+    log_text = (tmp_path / "run" / "out.log").read_text()
+    assert "no experiment" in log_text and "starting it" in log_text and "nothing left to train" in log_text
+
+
+def test_resume_latest_adopts_a_folder_an_earlier_version_left_without_params_txt(tiny_corpus, tmp_path, capsys):
+    """Earlier versions wrote params.txt after the teacher cache, so a kill during the fill left no params.txt."""
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")
+    for folder in ("checkpoints", "cache"):
+        (tmp_path / "run" / folder).mkdir(parents=True)
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, "--resume", "latest"]) == 0
+    assert read_params(tmp_path / "run" / "params.txt").optim.epochs == 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1.pt").is_file()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not an experiment")
+    other = train_args(tiny_corpus, tmp_path, "other", "--epochs", "1", "--resume", "latest")
+    assert main(other) == 2 and "is not a protorkd experiment" in capsys.readouterr().err
+
+
+def test_resume_latest_needs_the_experiment_name(tiny_corpus, tmp_path, capsys):
+    args = [a for a in train_args(tiny_corpus, tmp_path, "run") if a not in ("--name", "run")]
+    assert main([*args, "--resume", "latest"]) == 2
+    assert "--resume latest needs --name" in capsys.readouterr().err
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
@@ -136,6 +267,20 @@ def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
     assert main([*args, "--name", "strict", "--max-bad-fraction", "0.01"]) == 2
 
 
+def _bad_checkpoints(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    truncated, pickled = folder / "truncated.pt", folder / "pickled.pt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(100)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:-40])
+    torch.save({"epoch": 1, "state_dict": {}, "bad": _Pickled()}, pickled)
+    return {"{truncated}": truncated, "{pickled}": pickled}
+
+
+class _Pickled:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -143,7 +288,7 @@ def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
         (["--loss", "NoSuchLoss"], "valid names: "),
         (["--image-model", "no-such-net"], "unknown custom image architecture"),
         (["--train-data", "/nonexistent/train.tsv"], "no such file"),
-        (["--resume", "latest"], "no checkpoint"),
+        (["--resume", "/nonexistent/epoch_3.pt"], "no checkpoint at /nonexistent/epoch_3.pt"),
         (["--csv-caption-key", "caption"], "no column 'caption'"),
         (
             [
@@ -160,31 +305,64 @@ def test_bad_rows_are_skipped_counted_and_named(tiny_corpus, tmp_path):
             "identity head",
         ),
         (["--epochs", "1", "--batch-size", "4096"], "lower --batch-size"),
+        # every numeric and choice flag is checked against its range before anything is created
+        (["--epochs", "0"], "--epochs 0: must be at least 1"),
+        (["--epochs", "-1"], "--epochs -1: must be at least 1"),
+        (["--save-frequency", "0"], "--save-frequency 0: must be at least 1"),
+        (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+        (["--workers", "-1"], "--workers -1: must be at least 0"),
+        (["--accum-freq", "0"], "--accum-freq 0: must be at least 1"),
+        (["--log-every-n-steps", "0"], "--log-every-n-steps 0: must be at least 1"),
+        (["--max-bad-fraction", "-0.5"], "--max-bad-fraction -0.5: must be at least 0.0 and at most 1.0"),
+        (["--max-bad-fraction", "1.5"], "--max-bad-fraction 1.5: must be at least 0.0 and at most 1.0"),
+        (["--report-to", "foo"], "--report-to 'foo': must be a comma-separated list of tensorboard, wandb, all"),
+        (["--report-to", "tensorboard,foo"], "--report-to 'tensorboard,foo': must be"),
+        (["--temperature", "0"], "--temperature 0.0: must be greater than 0"),
+        (["--lora-r", "0"], "--lora-r 0: must be at least 1"),
+        (["--k", "0"], "--k 0: must be at least 1"),
+        (["--clustering-frequency", "0"], "--clustering-frequency 0: must be -1 (never) or at least 1"),
+        (["--joint-projection-dim", "0"], "--joint-projection-dim 0: must be -1 (automatic) or at least 1"),
+        (["--beta2", "1.0"], "--beta2 1.0: must be at least 0 and less than 1"),
+        (["--dist-timeout-minutes", "0"], "--dist-timeout-minutes 0.0: must be greater than 0"),
+        (["--max-image-pixels", "0"], "--max-image-pixels 0: must be at least 1"),
+        (["--csv-separator", "ab"], "--csv-separator 'ab': must be one character"),
+        (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+        (["--csv-quoting", "all"], "argument --csv-quoting: invalid choice: 'all'"),
+        # a bad --resume file with a new --name: refused before the folder exists
+        (["--resume", "{truncated}"], "it is truncated or not a torch checkpoint"),
+        (["--resume", "{pickled}"], "it holds a pickled object (print)"),
     ],
 )
 def test_bad_input_exits_2_and_leaves_nothing_behind(tiny_corpus, tmp_path, capsys, extra, message):
     logs = tmp_path / "logs"
     args = train_args(tiny_corpus, logs, "run")
     if "--train-data" in extra:
-        args = [a for a in args]
         index = args.index("--train-data")
         del args[index : index + 2]
-    with pytest.raises(SystemExit) if extra[0] == "--lrr" else _no_raise() as exit_info:
+    files = _bad_checkpoints(tmp_path / "checkpoints")
+    extra = [str(files.get(value, value)) for value in extra]
+    try:
         code = main([*args, *extra])
-    if extra[0] == "--lrr":
-        code = exit_info.value.code
+    except SystemExit as exit_info:  # argparse's own errors (unknown flag, invalid choice)
+        code = exit_info.code
     assert code == 2
     err = capsys.readouterr().err
-    assert message in err and len(err.strip().splitlines()) == 1
-    assert not (logs / "run").exists()
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not logs.exists() or list(logs.iterdir()) == []  # no folder, not even a hidden temporary one
+    assert "unpickled!" not in capsys.readouterr().out
 
 
-class _no_raise:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def test_every_numeric_flag_has_a_range_in_its_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in (
+        "(default: 3; at least 1)",  # --epochs
+        "(default: 0.01; at least 0.0 and at most 1.0)",  # --max-bad-fraction
+        "at least 0 and less than 1",  # --beta1, --beta2
+        "a comma-separated list of tensorboard, wandb, all",  # --report-to
+    ):
+        assert fragment in text, fragment
 
 
 def test_existing_experiment_is_refused(tiny_corpus, tmp_path, capsys):

@@ -11,7 +11,7 @@ from PIL import Image
 from protorkd.data.gather_cc import gather_cc
 from protorkd.data.gather_rows import StateLog
 from protorkd.errors import UsageError
-from tests.support.gather_server import FAST, MIXED_ROWS, read_tsv, write_tsv
+from tests.support.gather_server import LOCAL, MIXED_ROWS, SHORT_TIMEOUT, read_tsv, write_tsv
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def mixed_run(image_server, tmp_path_factory):
     image_server.failures["mixed"] = 2  # two 503s, then the image: recovered by the in-run retries
     image_server.hits.clear()
     tmp = tmp_path_factory.mktemp("mixed")
-    stats = gather_cc(write_tsv(tmp / "cc.tsv", image_server, MIXED_ROWS), tmp / "out", retries=2, **FAST)
+    stats = gather_cc(write_tsv(tmp / "cc.tsv", image_server, MIXED_ROWS), tmp / "out", retries=2, **LOCAL)
     return tmp / "out", stats, dict(image_server.hits)
 
 
@@ -46,7 +46,17 @@ def test_stored_images_are_rgb_jpegs_shrunk_to_longer_side_512(mixed_run):
             sizes[int(path.stem)] = image.size
             if int(path.stem) == 3:  # transparent areas land on white, not black
                 assert image.getpixel((0, 0)) == (255, 255, 255)
-    assert sizes == {0: (512, 384), 1: (512, 341), 2: (300, 300), 3: (400, 300), 14: (320, 240), 17: (228, 512)}
+            if int(path.stem) == 5:  # 16-bit gray 32768 is scaled to 128, not clipped to white
+                assert image.getpixel((150, 100)) == (128, 128, 128)
+    assert sizes == {
+        0: (512, 384),
+        1: (512, 341),
+        2: (300, 300),
+        3: (400, 300),
+        5: (300, 200),
+        14: (320, 240),
+        17: (228, 512),
+    }
 
 
 def test_stats_json_counts_each_failure_kind(mixed_run):
@@ -57,23 +67,31 @@ def test_stats_json_counts_each_failure_kind(mixed_run):
             expected[outcome] = expected.get(outcome, 0) + 1
     on_disk = json.loads((out / "stats.json").read_text())
     assert on_disk["failures"] == stats["failures"] == expected
-    assert (on_disk["rows"], on_disk["ok"], on_disk["failed"]) == (len(MIXED_ROWS), 6, len(MIXED_ROWS) - 6)
+    assert (on_disk["rows"], on_disk["ok"], on_disk["failed"]) == (len(MIXED_ROWS), 7, len(MIXED_ROWS) - 7)
 
 
 def test_only_transient_failures_are_retried(mixed_run):
     _, _, hits = mixed_run
     assert hits["/flaky/mixed"] == 3  # 503, 503, 200
     assert hits["/status/500"] == 3  # 1 + --retries 2
-    assert hits["/status/404"] == 1 and hits["/slow"] == 1 and hits["/jpg/8x8"] == 1
+    assert hits["/status/404"] == 1 and hits["/jpg/8x8"] == 1
+
+
+def test_a_host_slower_than_the_timeout_counts_as_timeout_and_is_not_retried(image_server, tmp_path):
+    image_server.hits.clear()
+    tsv = write_tsv(tmp_path / "cc.tsv", image_server, [("a slow host", "/slow"), ("fine", "/jpg/321x222")])
+    stats = gather_cc(tsv, tmp_path / "out", retries=2, **{**LOCAL, "timeout": SHORT_TIMEOUT})
+    assert stats["failures"] == {"timeout": 1} and stats["ok"] == 1
+    assert image_server.hits["/slow"] == 1
 
 
 def test_rerun_of_a_finished_run_requests_nothing_and_rewrites_the_same_tsv(image_server, tmp_path):
     rows = [(f"photo {i}", f"/jpg/{300 + i}x200") for i in range(5)] + [("gone", "/status/410")]
     tsv = write_tsv(tmp_path / "cc.tsv", image_server, rows)
-    gather_cc(tsv, tmp_path / "out", **FAST)
+    gather_cc(tsv, tmp_path / "out", **LOCAL)
     first = (tmp_path / "out" / "train.tsv").read_bytes()
     image_server.hits.clear()
-    stats = gather_cc(tsv, tmp_path / "out", **FAST)
+    stats = gather_cc(tsv, tmp_path / "out", **LOCAL)
     assert sum(image_server.hits.values()) == 0
     assert (tmp_path / "out" / "train.tsv").read_bytes() == first
     assert stats["this_run"]["rows"] == 0 and stats["ok"] == 5 and stats["failures"] == {"http_410": 1}
@@ -83,10 +101,10 @@ def test_retry_failed_reattempts_only_transient_failures(image_server, tmp_path)
     image_server.failures["later"] = 1
     rows = [("comes back", "/flaky/later"), ("really gone", "/status/404"), ("fine", "/jpg/333x222")]
     tsv = write_tsv(tmp_path / "cc.tsv", image_server, rows)
-    assert gather_cc(tsv, tmp_path / "out", retries=0, **FAST)["failures"] == {"http_503": 1, "http_404": 1}
-    assert gather_cc(tsv, tmp_path / "out", retries=0, **FAST)["failures"] == {"http_503": 1, "http_404": 1}
+    assert gather_cc(tsv, tmp_path / "out", retries=0, **LOCAL)["failures"] == {"http_503": 1, "http_404": 1}
+    assert gather_cc(tsv, tmp_path / "out", retries=0, **LOCAL)["failures"] == {"http_503": 1, "http_404": 1}
     image_server.hits.clear()
-    stats = gather_cc(tsv, tmp_path / "out", retries=0, retry_failed=True, **FAST)
+    stats = gather_cc(tsv, tmp_path / "out", retries=0, retry_failed=True, **LOCAL)
     assert stats["failures"] == {"http_404": 1} and stats["ok"] == 2
     assert dict(image_server.hits) == {"/flaky/later": 1}
     assert [row[0] for row in read_tsv(tmp_path / "out" / "train.tsv")] == ["title", "comes back", "fine"]
@@ -95,33 +113,37 @@ def test_retry_failed_reattempts_only_transient_failures(image_server, tmp_path)
 def test_subset_is_a_fixed_random_sample_of_gathered_rows_in_input_order(image_server, tmp_path):
     rows = [(f"photo {i}", f"/jpg/{400 + i}x300") for i in range(12)]
     tsv = write_tsv(tmp_path / "cc.tsv", image_server, rows)
-    gather_cc(tsv, tmp_path / "a", subset=5, seed=3, **FAST)
-    gather_cc(tsv, tmp_path / "b", subset=5, seed=3, **FAST)
+    gather_cc(tsv, tmp_path / "a", subset=5, seed=3, **LOCAL)
+    gather_cc(tsv, tmp_path / "b", subset=5, seed=3, **LOCAL)
     subset = read_tsv(tmp_path / "a" / "train_subset5_seed3.tsv")
     assert subset == read_tsv(tmp_path / "b" / "train_subset5_seed3.tsv")
     full = read_tsv(tmp_path / "a" / "train.tsv")
     assert subset[0] == ["title", "filepath"] and len(subset) == 6
     assert [full.index(line) for line in subset[1:]] == sorted(full.index(line) for line in subset[1:])
-    gather_cc(tsv, tmp_path / "a", subset=5, seed=4, **FAST)
+    gather_cc(tsv, tmp_path / "a", subset=5, seed=4, **LOCAL)
     assert read_tsv(tmp_path / "a" / "train_subset5_seed4.tsv") != subset
     with pytest.raises(UsageError, match="only 12 images"):
-        gather_cc(tsv, tmp_path / "a", subset=13, seed=4, **FAST)
+        gather_cc(tsv, tmp_path / "a", subset=13, seed=4, **LOCAL)
 
 
-def test_captions_with_quotes_round_trip_through_the_csv_reader(image_server, tmp_path):
+def test_captions_with_quotes_round_trip_through_the_corpus_reader(image_server, tmp_path):
     from protorkd.data.tsv import read_corpus_table
 
-    caption = 'the "best" view, 100% real'
-    gather_cc(write_tsv(tmp_path / "cc.tsv", image_server, [(caption, "/jpg/300x301")]), tmp_path / "out", **FAST)
-    images, captions = read_corpus_table(tmp_path / "out" / "train.tsv", "filepath", "title")
-    assert captions == [caption] and Path(images[0]).is_file()
+    captions = ['the "best" view, 100% real', '"an unbalanced leading quote', "a plain caption"]
+    rows = [(caption, f"/jpg/{300 + i}x301") for i, caption in enumerate(captions)]
+    gather_cc(write_tsv(tmp_path / "cc.tsv", image_server, rows), tmp_path / "out", **LOCAL)
+    lines = (tmp_path / "out" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["title", *captions]  # written as they came, unquoted
+    table = read_corpus_table(tmp_path / "out" / "train.tsv", "filepath", "title")
+    assert table.captions == captions and all(Path(image).is_file() for image in table.images)
+    assert table.problems == {}
 
 
 def test_changed_settings_on_resume_are_refused(image_server, tmp_path):
     tsv = write_tsv(tmp_path / "cc.tsv", image_server, [("photo", "/jpg/300x200")])
-    gather_cc(tsv, tmp_path / "out", **FAST)
+    gather_cc(tsv, tmp_path / "out", **LOCAL)
     with pytest.raises(UsageError, match="max_side: 512 -> 256"):
-        gather_cc(tsv, tmp_path / "out", max_side=256, **FAST)
+        gather_cc(tsv, tmp_path / "out", max_side=256, **LOCAL)
 
 
 def test_torn_last_state_line_is_dropped_before_appending(tmp_path):

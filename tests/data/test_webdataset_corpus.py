@@ -15,6 +15,7 @@ from PIL import Image
 from protorkd.data.gather_cc import gather_cc
 from protorkd.data.webdataset_corpus import webdataset_loader
 from protorkd.errors import BadDataError, UsageError
+from tests.support.gather_server import LOCAL, write_tsv
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -33,9 +34,8 @@ def shards(image_server, tmp_path_factory) -> tuple[Path, dict]:
     rows.insert(3, ("a dead link", "/status/404"))
     rows.insert(7, ("a tracking pixel", "/jpg/4x4"))
     tmp = tmp_path_factory.mktemp("wds")
-    tsv = tmp / "cc.tsv"
-    tsv.write_text("".join(f"{caption}\t{image_server.url(url)}\n" for caption, url in rows))
-    stats = gather_cc(tsv, tmp / "out", output_format="webdataset", shard_size=4, timeout=5.0, progress=False)
+    tsv = write_tsv(tmp / "cc.tsv", image_server, rows)
+    stats = gather_cc(tsv, tmp / "out", output_format="webdataset", shard_size=4, **{**LOCAL, "max_bytes": 20_000_000})
     return tmp / "out", stats
 
 

@@ -21,7 +21,7 @@ import argparse
 import logging
 import os
 
-from protorkd.config import add_config_arguments, config_from_namespace
+from protorkd.config import add_config_arguments, config_from_namespace, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.train.run import open_run_corpus
 
     cfg = config_from_namespace(args)
+    validate_config(cfg)
+    if args.cache_batch_size < 1:
+        raise UsageError(f"--cache-batch-size {args.cache_batch_size}: must be at least 1")
     if not cfg.log.teacher_cache:
         raise UsageError("--teacher-cache DIR is required: the folder to fill (train later with the same flag)")
     definitions = teacher_definitions(cfg.model)

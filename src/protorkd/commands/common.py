@@ -51,6 +51,21 @@ def add_tasks_argument(group: argparse._ActionsContainer) -> None:
     )
 
 
+def int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (a bad value is argparse's one-line error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def add_runtime_arguments(
     group: argparse._ActionsContainer,
     *,
@@ -59,10 +74,10 @@ def add_runtime_arguments(
     items: str = "images or texts",
 ) -> None:
     """--batch-size, --workers (default `workers`, described as `workers_default` when given) and --device."""
-    group.add_argument("--batch-size", type=int, default=256, help=f"{items} per batch (default: 256)")
+    group.add_argument("--batch-size", type=int_at_least(1), default=256, help=f"{items} per batch (default: 256)")
     group.add_argument(
         "--workers",
-        type=int,
+        type=int_at_least(0),
         default=workers,
         help=f"data-loading worker processes (default: {workers_default or workers})",
     )

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from protorkd.commands import common
 from protorkd.config import Config, add_group_arguments
 from protorkd.errors import UsageError
+from protorkd.io import append_line
 from protorkd.models.options import ModelOptions
 
 if TYPE_CHECKING:
@@ -191,8 +192,7 @@ def run(args: argparse.Namespace) -> int:
             "eval_data_dir": str(root),
             **metrics,
         }
-        with open(loaded.experiment / "results.jsonl", "a") as handle:  # appended: earlier lines stay as they are
-            handle.write(json.dumps(line) + "\n")
+        append_line(loaded.experiment / "results.jsonl", json.dumps(line))  # appended: earlier lines stay
         print(f"appended to {loaded.experiment / 'results.jsonl'}")
     if args.output is not None:
         write_json(args.output, suite_records(result, model=loaded.name, pretrained=loaded.pretrained))

@@ -69,6 +69,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="largest response accepted, e.g. 20MB; bigger ones count as too_large (default: 20MB)",
     )
     add("--user-agent", default=DEFAULT_USER_AGENT, help="User-Agent header sent with each request")
+    add(
+        "--allow-private-hosts",
+        action="store_true",
+        help="also fetch from loopback, private, link-local and other non-public addresses (refused by default "
+        "and counted as blocked_address, after DNS and on every redirect); for a local mirror",
+    )
+    add(
+        "--allow-private-host",
+        action="append",
+        default=[],
+        metavar="ADDRESS[:PORT]",
+        help="allow one non-public endpoint, e.g. 10.0.0.5:8080 or [fd00::1]:80 (repeatable); safer than "
+        "--allow-private-hosts, which allows them all",
+    )
     # images
     add(
         "--max-pixels",
@@ -139,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         retry_failed=args.retry_failed,
         user_agent=args.user_agent,
+        allow_private_hosts=True if args.allow_private_hosts else args.allow_private_host,
     )
     if stats["ok"] == 0:
         log.error(

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from protorkd.config import add_config_arguments, config_from_namespace
+from protorkd.config import add_config_arguments, config_from_namespace, validate_config
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.train.loop import train
 
     cfg = config_from_namespace(args)
+    validate_config(cfg)  # every flag's range and choices, before anything is created
     state = distributed.state_from_env()
     result = train(cfg)
     if state.is_master:

@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from protorkd.data.demo import ensure_demo_corpus
+from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
 from protorkd.data.sampling import EpisodeSampler
 from protorkd.data.tsv import CsvCorpus, collate, read_corpus_table
 from protorkd.errors import UsageError
@@ -29,11 +30,14 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 @dataclass(frozen=True)
 class TsvCorpus:
-    """Rows of a tab-separated corpus: image paths (resolved) and captions, in file order."""
+    """Rows of a tab-separated corpus: image paths (resolved) and captions, in file order; `lines` holds each
+    row's line in the file and `problems` the rows that could not be parsed (row -> reason)."""
 
     images: list[str]
     captions: list[str]
     source: str  # the file, as users know it
+    lines: list[int] | None = None
+    problems: dict[int, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -78,9 +82,11 @@ def open_corpus(
     dataset_size: int | None = None,
     demo_size: int = 10240,
     demo_seed: int = 0,
+    max_bad_fraction: float | None = None,
+    quoting: str = "none",
 ) -> Corpus:
     """The training CSV, webdataset shards, or (no `train_data`) the built-in demo corpus, generated and
-    cached on first use."""
+    cached on first use. A TSV with more unparsable rows than `max_bad_fraction` is a UsageError."""
     if train_data is not None and is_webdataset(train_data, dataset_type):
         from protorkd.data.webdataset_corpus import expand_shards
 
@@ -89,8 +95,8 @@ def open_corpus(
         expand_shards(train_data)  # names no shard, or missing shards: a clear error now
         return ShardCorpus(train_data, samples_per_epoch)
     path = Path(train_data) if train_data is not None else ensure_demo_corpus(demo_size, demo_seed) / "train.tsv"
-    images, captions = read_corpus_table(path, img_key, caption_key, separator, dataset_size)
-    return TsvCorpus(images, captions, str(path))
+    table = read_corpus_table(path, img_key, caption_key, separator, dataset_size, max_bad_fraction, quoting)
+    return TsvCorpus(table.images, table.captions, str(path), table.lines, table.problems)
 
 
 @dataclass
@@ -127,11 +133,14 @@ def training_batches(
     bad_rows: set[int] | None = None,
     views: int = 1,
     pin_memory: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> TrainBatches:
     """The one place that turns a corpus into training batches.
 
     Batches are `collate`'s dicts: indices [b], captions, images [b, 3, H, W] unless `load_images` is
     False, images_view2 (a second augmented view) when `views` is 2, and bad [(row or source, reason)].
+    An image over `max_pixels` pixels, or a shard member over `max_member_bytes` bytes, is a bad sample.
     """
     if isinstance(corpus, ShardCorpus):
         from protorkd.data.webdataset_corpus import webdataset_loader
@@ -147,6 +156,8 @@ def training_batches(
             seed=seed,
             rank=rank,
             world_size=world_size,
+            max_pixels=max_pixels,
+            max_member_bytes=max_member_bytes,
         )
         return TrainBatches(stream, None, str, stream.set_epoch, len(stream))
     dataset = CsvCorpus(
@@ -157,6 +168,9 @@ def training_batches(
         views=views,
         source=corpus.source,
         bad_rows=bad_rows,
+        problems=corpus.problems,
+        lines=corpus.lines,
+        max_pixels=max_pixels,
         seed=seed,
     )
     sampler = EpisodeSampler(len(dataset), episode_size, seed=seed, rank=rank, world_size=world_size)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import csv
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 from protorkd import __version__
+from protorkd.data.gather_addresses import AddressPolicy
 from protorkd.data.gather_fetch import is_transient
 from protorkd.data.gather_image import DEFAULT_MAX_PIXELS
 from protorkd.data.gather_loop import GatherLoop, image_relpath
@@ -62,12 +62,15 @@ def gather_cc(
     retry_failed: bool = False,
     user_agent: str = DEFAULT_USER_AGENT,
     progress: bool = True,
+    allow_private_hosts: bool | list[str] | tuple[str, ...] = False,
 ) -> dict:
     """Gather the images of a CC3M-style URL list into `out_dir`; returns the stats also in stats.json.
 
     Resumes from `out_dir/state.jsonl` when present. `retry_failed` re-attempts rows whose recorded
     failure may be transient (timeouts, connection and DNS errors, HTTP 429/5xx); in webdataset
-    format only rows of shards not yet written.
+    format only rows of shards not yet written. Only public addresses are fetched (`blocked_address`
+    otherwise, after DNS and on every redirect); `allow_private_hosts` True allows every address, a list
+    of `ADDRESS[:PORT]` allows those endpoints (a local mirror).
     """
     _check_settings(
         output_format,
@@ -85,6 +88,13 @@ def gather_cc(
     )
     if jpeg_quality > 100:
         raise UsageError(f"--jpeg-quality {jpeg_quality}: must be at most 100 (Pillow recommends <= 95)")
+    try:
+        if isinstance(allow_private_hosts, bool):
+            policy = AddressPolicy(allow_private=allow_private_hosts)
+        else:
+            policy = AddressPolicy.from_flags(False, list(allow_private_hosts))
+    except ValueError as error:
+        raise UsageError(f"--allow-private-host {allow_private_hosts}: {error}; use ADDRESS[:PORT]") from None
     tsv_path, out_dir = Path(tsv_path), Path(out_dir)
     num_lines, blank_lines = scan_tsv(tsv_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +113,8 @@ def gather_cc(
     webdataset = output_format == "webdataset"
     num_shards = (num_lines + shard_size - 1) // shard_size
     packed = {s for s in range(num_shards) if (out_dir / shard_name(s)).exists()} if webdataset else set()
+    for shard in packed:  # a kill between a shard's rename and the removal of its staging folder left it behind
+        shutil.rmtree(out_dir / "images" / f"{shard:05d}", ignore_errors=True)
     extras = state.load(keep_extras=(lambda row: row // shard_size not in packed) if webdataset else None)
     if retry_failed:
         transient = {code for reason, code in state.codes.items() if is_transient(reason)}
@@ -122,7 +134,7 @@ def gather_cc(
         num_shards=num_shards,
         packed=packed,
         extras=extras,
-        fetch_options=dict(timeout=timeout, max_bytes=max_bytes, retries=retries, backoff=backoff),
+        fetch_options=dict(timeout=timeout, max_bytes=max_bytes, retries=retries, backoff=backoff, policy=policy),
         image_options=dict(max_side=max_side, min_side=min_side, max_pixels=max_pixels, quality=jpeg_quality),
         concurrency=concurrency,
         workers=decode_threads or os.cpu_count() or 4,
@@ -161,6 +173,9 @@ def gather_cc(
             "retries": retries,
             "max_bytes": max_bytes,
             "user_agent": user_agent,
+            "allow_private_hosts": allow_private_hosts
+            if isinstance(allow_private_hosts, bool)
+            else list(allow_private_hosts),
         },
     }
     atomic_write(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
@@ -229,13 +244,14 @@ def _write_outputs(
             name: stack.enter_context(atomic_open(out_dir / outputs[name], "w", encoding="utf-8", newline=""))
             for name in names
         }
-        writers = {name: csv.writer(handle, delimiter="\t", lineterminator="\n") for name, handle in handles.items()}
-        for writer in writers.values():
-            writer.writerow(["title", "filepath"])
+        for handle in handles.values():
+            handle.write("title\tfilepath\n")
         for row in iter_rows(tsv_path):
             if state.status[row.index] == OK:
-                line = [row.caption, image_relpath(row.index, shard_size)]
-                writers["tsv"].writerow(line)
+                # plain tab-separated, no quoting (what the training reader expects): a caption read from a
+                # caption<TAB>url line holds no tab or newline, and its quote characters are kept as they are
+                line = f"{row.caption}\t{image_relpath(row.index, shard_size)}\n"
+                handles["tsv"].write(line)
                 if row.index in chosen:
-                    writers["subset"].writerow(line)
+                    handles["subset"].write(line)
     return outputs

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from PIL import ExifTags, Image, ImageOps
 
+from protorkd.data.images import DEFAULT_MAX_PIXELS, to_8bit
 from protorkd.io import replace
 
-# Pillow's own decompression-bomb threshold (~89.5 MP); above it we refuse before decoding a pixel.
-DEFAULT_MAX_PIXELS = 89_478_485
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageOutcome", "process_image"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,9 @@ class ImageOutcome:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with transparent areas on white (logos and PNG cut-outs would otherwise turn black)."""
+    """8-bit RGB (16-bit and float images scaled, not clipped), with transparent areas on white (logos and
+    PNG cut-outs would otherwise turn black)."""
+    image = to_8bit(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGB", rgba.size, (255, 255, 255))

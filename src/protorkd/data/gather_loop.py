@@ -88,7 +88,8 @@ class GatherLoop:
 
     async def run(self) -> None:
         in_flight: set[asyncio.Task] = set()
-        async with make_session(concurrency=self.concurrency, user_agent=self.user_agent) as session:
+        policy = self.fetch_options.get("policy")
+        async with make_session(concurrency=self.concurrency, user_agent=self.user_agent, policy=policy) as session:
             for row in iter_rows(self.tsv_path):
                 shard = row.index // self.shard_size
                 if shard != self.current_shard:

@@ -9,6 +9,8 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from protorkd.data.images import to_rgb
+
 INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -26,7 +28,8 @@ class PreprocessSpec(Protocol):
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+    """8-bit RGB; 16-bit and float images are scaled, not clipped to white (`data.images.to_rgb`)."""
+    return to_rgb(image)
 
 
 def image_transform(

@@ -1,13 +1,17 @@
 """The tab-separated image-caption corpus (CC3M layout) with bad-sample accounting.
 
-A missing, corrupt or truncated image, or an empty caption, never crashes a worker: the sample is
-returned marked bad, dropped by `collate`, and counted by `BadSampleCounter` with its file and row.
+The file is read one row per line, split on the separator, without quoting (`read_corpus_table`): a quote
+is part of the caption, so a stray one cannot swallow the following lines; a line that cannot be parsed
+(wrong field count, not UTF-8) is kept as a bad row with its reason. A missing, corrupt, truncated or too
+large image, or an empty caption, never crashes a worker either: the sample is returned marked bad,
+dropped by `collate`, and counted by `BadSampleCounter` with its file, row and line.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,23 +20,79 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from protorkd.data.images import DEFAULT_MAX_PIXELS, too_many_pixels
 from protorkd.errors import BadDataError, UsageError
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class CorpusTable:
+    """The rows of a corpus file: image paths (resolved against the file's folder) and captions, the file
+    line of each row, and the rows that cannot be used (`problems`: row -> reason)."""
+
+    images: list[str]
+    captions: list[str]
+    lines: list[int]
+    problems: dict[int, str] = field(default_factory=dict)
+
+    def describe(self, path: Path, index: int) -> str:
+        return f"{path} row {index + 1} (line {self.lines[index]})"
+
+
+def _decode_line(raw: bytes) -> tuple[str, str | None]:
+    """(text, None) for a UTF-8 line; (text with U+FFFD replacements, reason) otherwise."""
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        byte = raw[error.start]
+        return raw.decode("utf-8", errors="replace"), f"not UTF-8 (byte 0x{byte:02x} at column {error.start + 1})"
+
+
+def _split_quoted(text: str, separator: str) -> tuple[list[str], str | None]:
+    """One line split as CSV with quotes (`--csv-quoting minimal`): a quoted field cannot run past its line."""
+    try:
+        return next(csv.reader([text], delimiter=separator, strict=True)), None
+    except csv.Error as error:
+        return text.split(separator), f"bad quoting ({error}; an unbalanced quote?)"
+
+
+def _looks_csv_quoted(field_text: str) -> bool:
+    return len(field_text) >= 2 and field_text[0] == field_text[-1] == '"' and '""' in field_text
+
+
 def read_corpus_table(
-    path: Path, img_key: str, caption_key: str, separator: str = "\t", dataset_size: int | None = None
-) -> tuple[list[str], list[str]]:
-    """(image paths resolved against the CSV's folder, captions) of the first `dataset_size` rows."""
+    path: Path,
+    img_key: str,
+    caption_key: str,
+    separator: str = "\t",
+    dataset_size: int | None = None,
+    max_bad_fraction: float | None = None,
+    quoting: str = "none",
+) -> CorpusTable:
+    """The first `dataset_size` rows of a tab-separated corpus file, read without any quoting by default.
+
+    Every line is one row split on `separator` (CC3M's files and gather-cc's train.tsv are plain tab-split
+    lines: a caption never holds a tab or a newline, and quote characters are part of the caption). With
+    `quoting="minimal"` each line is parsed as CSV (quoted fields may hold the separator), still one row per
+    line, so an unbalanced quote spoils only its own row. A row
+    whose field count differs from the header's, or that is not UTF-8, is kept as a bad row with its reason,
+    so row numbers (and the teacher cache keyed by them) stay those of the file; blank lines are skipped.
+    With `max_bad_fraction`, more bad rows than that fraction of all rows is a UsageError naming the first.
+    """
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--train-data {path}: no such file (expected a {separator!r}-separated CSV)")
-    with open(path, newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle, delimiter=separator, quoting=csv.QUOTE_MINIMAL)
-        header = next(reader, None)
-        if header is None:
+    table = CorpusTable([], [], [])
+    quoted: list[int] = []
+    with open(path, "rb") as handle:
+        raw_header = handle.readline()
+        header_text, problem = _decode_line(raw_header.rstrip(b"\n").rstrip(b"\r"))
+        if not raw_header.strip():
             raise UsageError(f"{path}: the file is empty; expected a header row with {img_key!r} and {caption_key!r}")
+        if problem:
+            raise UsageError(f"{path} line 1 (the header): {problem}; re-save the file as UTF-8")
+        header = header_text.removeprefix("\ufeff").split(separator)
         missing = [key for key in (img_key, caption_key) if key not in header]
         if missing:
             raise UsageError(
@@ -40,27 +100,67 @@ def read_corpus_table(
                 "Set --csv-img-key / --csv-caption-key (and --csv-separator if the columns are not tab-separated)"
             )
         img_col, cap_col = header.index(img_key), header.index(caption_key)
-        images, captions = [], []
         root = path.parent
-        for row in reader:
-            if dataset_size is not None and len(images) >= dataset_size:
+        for line_number, raw in enumerate(handle, start=2):
+            if dataset_size is not None and len(table.images) >= dataset_size:
                 break
-            if not row:
+            line = raw.rstrip(b"\n").rstrip(b"\r")
+            if not line.strip():
                 continue
-            image = row[img_col] if img_col < len(row) else ""
-            caption = row[cap_col] if cap_col < len(row) else ""
-            images.append(str(root / image) if image and not Path(image).is_absolute() else image)
-            captions.append(caption.strip())
-    if not images:
+            text, problem = _decode_line(line)
+            if quoting == "minimal":
+                fields, quote_problem = _split_quoted(text, separator)
+                problem = problem or quote_problem
+            else:
+                fields = text.split(separator)
+            if problem is None and len(fields) != len(header):
+                problem = (
+                    f"{len(fields)} {separator!r}-separated fields where the header has {len(header)} "
+                    "(a separator inside a caption?)"
+                )
+            image = fields[img_col] if img_col < len(fields) else ""
+            caption = fields[cap_col] if cap_col < len(fields) else ""
+            if problem is not None:
+                table.problems[len(table.images)] = problem
+            elif quoting == "none" and _looks_csv_quoted(caption):
+                quoted.append(len(table.images))
+            table.images.append(str(root / image) if image and not Path(image).is_absolute() else image)
+            table.captions.append(caption.strip())
+            table.lines.append(line_number)
+    if not table.images:
         raise UsageError(f"{path}: no data rows")
-    return images, captions
+    _report_table_problems(path, table, quoted, max_bad_fraction)
+    return table
+
+
+def _report_table_problems(path: Path, table: CorpusTable, quoted: list[int], max_bad_fraction: float | None) -> None:
+    if quoted:
+        log.warning(
+            "%s: %d captions look CSV-quoted (first: %s); protorkd reads tab-separated files without quoting, "
+            "so their quote characters are part of the caption (--csv-quoting minimal parses them)",
+            path,
+            len(quoted),
+            table.describe(path, quoted[0]),
+        )
+    if not table.problems:
+        return
+    first = "; ".join(f"{table.describe(path, i)}: {reason}" for i, reason in list(table.problems.items())[:5])
+    count, rows = len(table.problems), len(table.images)
+    if max_bad_fraction is not None and count > max_bad_fraction * rows:
+        raise UsageError(
+            f"{path}: {count} of {rows} rows cannot be read (more than --max-bad-fraction {max_bad_fraction}); "
+            f"first: {first}. Fix these lines, or raise --max-bad-fraction"
+        )
+    log.warning("%s: %d of %d rows cannot be read and will be skipped; first: %s", path, count, rows, first)
 
 
 class CsvCorpus(Dataset):
     """Row i -> {"index", "image" ([3, H, W] or None), "caption", "bad" (reason or None), "source"}.
 
     `load_images=False` skips image decoding (when a cached image teacher replaces the image tower).
-    `views=2` returns a second independently augmented view as "image_view2" (BYOL).
+    `views=2` returns a second independently augmented view as "image_view2" (BYOL). `problems` are rows
+    the table reader could not parse, `bad_rows` rows whose image the teacher cache could not read; an image
+    with more than `max_pixels` pixels is refused before it is decoded.
     """
 
     def __init__(
@@ -73,6 +173,9 @@ class CsvCorpus(Dataset):
         views: int = 1,
         source: str = "corpus",
         bad_rows: set[int] | None = None,
+        problems: dict[int, str] | None = None,
+        lines: list[int] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
     ) -> None:
         self.images = images
@@ -82,6 +185,9 @@ class CsvCorpus(Dataset):
         self.views = views
         self.source = source
         self.bad_rows = bad_rows or set()
+        self.problems = problems or {}
+        self.lines = lines
+        self.max_pixels = max_pixels
         self.seed = seed
 
     def __len__(self) -> int:
@@ -89,7 +195,8 @@ class CsvCorpus(Dataset):
 
     def describe(self, index: int) -> str:
         """Where a row comes from, as a user can find it: file, row and line number."""
-        return f"{self.source} row {index + 1} (line {index + 2}): {self.images[index]}"
+        line = self.lines[index] if self.lines is not None else index + 2
+        return f"{self.source} row {index + 1} (line {line}): {self.images[index]}"
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
         """`key` is a row, or (epoch, position, row) from EpisodeSampler: then the augmentation is seeded by
@@ -100,6 +207,9 @@ class CsvCorpus(Dataset):
         else:
             index = key
         sample = {"index": index, "caption": self.captions[index], "image": None, "bad": None}
+        if index in self.problems:
+            sample["bad"] = self.problems[index]
+            return sample
         if not sample["caption"]:
             sample["bad"] = "empty caption"
             return sample
@@ -109,11 +219,16 @@ class CsvCorpus(Dataset):
         if not self.load_images:
             return sample
         try:
-            with Image.open(self.images[index]) as image:
-                image.load()
-                sample["image"] = self.transform(image)
-                if self.views == 2:
-                    sample["image_view2"] = self.transform(image)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
+                image = Image.open(self.images[index])
+            with image:
+                sample["bad"] = too_many_pixels(image, self.max_pixels)
+                if sample["bad"] is None:
+                    image.load()
+                    sample["image"] = self.transform(image)
+                    if self.views == 2:
+                        sample["image_view2"] = self.transform(image)
         except FileNotFoundError:
             sample["bad"] = "missing image"
         except Exception as error:  # PIL raises many types for corrupt / truncated files

@@ -8,8 +8,10 @@ and worker. Samples are shuffled in a buffer of raw bytes, then decoded.
 Batches use the project's format (see data/tsv.py's `collate`):
 `{"indices": LongTensor[b], "images": FloatTensor[b, 3, H, W], "captions": list[str],
 "bad": list[(source, reason)]}`. A sample whose image does not decode, that has no image, or whose
-caption is empty is skipped and reported in "bad" as ('shard 00003.tar key 000012345', reason); an
-unreadable shard is reported as ('shard 00003.tar', reason). Nothing crashes a worker.
+caption is empty or not UTF-8, whose image has more than `max_pixels` pixels, or whose image or caption
+member is larger than `max_member_bytes` (skipped without being read: members are streamed) is skipped and
+reported in "bad" as ('shard 00003.tar key 000012345', reason); an unreadable shard is reported as
+('shard 00003.tar', reason). Nothing crashes a worker.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ import math
 import multiprocessing
 import os
 import random
+import re
+import tarfile
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS, to_rgb, too_many_pixels
 from protorkd.errors import BadDataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -90,6 +96,49 @@ def _first(sample: dict, extensions: tuple[str, ...]) -> bytes | None:
     return next((sample[ext] for ext in extensions if ext in sample), None)
 
 
+_MEMBER_NAME = re.compile(r"^((?:.*/|)[^./]+)[.]([^/]*)$")  # webdataset's key / extension split
+
+
+def tar_samples(urls: Iterable[str], *, max_member_bytes: int, handler: Callable[[Exception], bool]) -> Iterator[dict]:
+    """webdataset samples ({"__key__", "__url__", ext: bytes}) of the tar shards at `urls`, read as a stream.
+
+    Consecutive members with the same key (`dir/000012.jpg`, `dir/000012.txt`) form a sample, as in
+    webdataset. A member over `max_member_bytes` is not read (tarfile skips its data block by block); the
+    sample lists it under "__too_large__" ({ext: size}). An error in a shard goes to `handler`, which returns
+    True to go on with the next shard (the rest of that shard is skipped) or False to raise.
+    """
+    from webdataset.gopen import gopen
+
+    for url in urls:
+        stream = None
+        try:
+            stream = gopen(url, "rb")
+            with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                sample: dict | None = None
+                for member in tar:
+                    match = _MEMBER_NAME.match(member.name)
+                    if not member.isreg() or match is None:
+                        continue
+                    key, ext = match.group(1), match.group(2).lower()
+                    if sample is None or sample["__key__"] != key:
+                        if sample is not None:
+                            yield sample
+                        sample = {"__key__": key, "__url__": url}
+                    if member.size > max_member_bytes:
+                        sample.setdefault("__too_large__", {})[ext] = member.size
+                        continue
+                    handle = tar.extractfile(member)
+                    sample[ext] = handle.read() if handle is not None else b""
+                if sample is not None:
+                    yield sample
+        except Exception as error:  # an unreadable or truncated shard
+            if not handler(error):
+                raise
+        finally:
+            if stream is not None:
+                stream.close()
+
+
 class ShardStream(IterableDataset):
     """One loader worker's stream of ready batches (dicts); see the module docstring for the format."""
 
@@ -107,12 +156,15 @@ class ShardStream(IterableDataset):
         resampled: bool,
         shuffle_buffer: int,
         drop_last: bool,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         super().__init__()
         self.shards, self.image_transform, self.batch_size = shards, image_transform, batch_size
         self.batches_per_worker, self.seed, self.epoch = batches_per_worker, seed, epoch
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
+        self.max_pixels, self.max_member_bytes = max_pixels, max_member_bytes
 
     def _shard_urls(self, epoch: int, stream: int, streams: int, rng: random.Random) -> Iterator[str]:
         if self.resampled:  # with replacement, independently per (rank, worker), forever
@@ -122,8 +174,6 @@ class ShardStream(IterableDataset):
         return iter(order[stream::streams])
 
     def __iter__(self) -> Iterator[dict]:
-        from webdataset.tariterators import tarfile_samples
-
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch = self.epoch.get()
@@ -133,7 +183,7 @@ class ShardStream(IterableDataset):
         bad: list[tuple[str, str]] = []
         max_empty = max(8, 2 * len(self.shards))
 
-        def opened(urls: Iterator[str]) -> Iterator[dict]:
+        def opened(urls: Iterator[str]) -> Iterator[str]:
             for url in urls:
                 if current["url"]:  # resampling unreadable shards would otherwise loop forever
                     current["empty_in_a_row"] = 0 if current["samples"] else current["empty_in_a_row"] + 1
@@ -143,7 +193,7 @@ class ShardStream(IterableDataset):
                             f"{bad[:3]}. Check the shards, e.g. `tar tf {current['url']}`"
                         )
                 current["url"], current["samples"] = url, 0
-                yield {"url": url}
+                yield url
 
         def counted(samples: Iterable[dict]) -> Iterator[dict]:
             for sample in samples:
@@ -157,7 +207,7 @@ class ShardStream(IterableDataset):
             return True  # skip the rest of this shard, go on with the next
 
         urls = opened(self._shard_urls(epoch, stream, streams, rng))
-        samples = counted(tarfile_samples(urls, handler=on_shard_error))
+        samples = counted(tar_samples(urls, max_member_bytes=self.max_member_bytes, handler=on_shard_error))
         images: list[torch.Tensor] = []
         captions: list[str] = []
         indices: list[int] = []
@@ -185,16 +235,31 @@ class ShardStream(IterableDataset):
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor | None, str, str | None]:
         """(image [3, H, W], caption, None) or (None, caption, reason)."""
+        too_large = sample.get("__too_large__", {})
+        for extensions in (CAPTION_EXTENSIONS, IMAGE_EXTENSIONS):
+            skipped = next((ext for ext in extensions if ext in too_large), None)
+            if skipped is not None and _first(sample, extensions) is None:
+                size = too_large[skipped]
+                return None, "", f"member .{skipped} of {size} bytes (> --max-member-bytes {self.max_member_bytes})"
         caption_bytes = _first(sample, CAPTION_EXTENSIONS)
-        caption = caption_bytes.decode("utf-8", errors="replace").strip() if caption_bytes else ""
+        try:
+            caption = caption_bytes.decode("utf-8").strip() if caption_bytes else ""
+        except UnicodeDecodeError as error:
+            return None, "", f"caption not UTF-8 (byte 0x{caption_bytes[error.start]:02x} at {error.start + 1})"
         if not caption:
             return None, caption, "empty caption"
         data = _first(sample, IMAGE_EXTENSIONS)
         if data is None:
             return None, caption, "missing image"
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                rgb = image.convert("RGB")  # forces the full decode, so truncated files fail here
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
+                image = Image.open(io.BytesIO(data))
+            with image:
+                problem = too_many_pixels(image, self.max_pixels)
+                if problem is not None:
+                    return None, caption, problem
+                rgb = to_rgb(image)  # forces the full decode, so truncated files fail here
         except Exception as error:  # PIL raises many types for corrupt / truncated files
             return None, caption, f"unreadable image ({type(error).__name__}: {error})"
         return self.image_transform(rgb), caption, None
@@ -241,6 +306,8 @@ def webdataset_loader(
     resampled: bool = True,
     shuffle_buffer: int = 2000,
     drop_last: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> WebDatasetLoader:
     """Batches of `batch_size` from the shards in `urls`; one epoch is `num_samples` samples over all ranks.
 
@@ -271,6 +338,8 @@ def webdataset_loader(
         resampled=resampled,
         shuffle_buffer=shuffle_buffer,
         drop_last=drop_last,
+        max_pixels=max_pixels,
+        max_member_bytes=max_member_bytes,
     )
     loader = DataLoader(
         dataset,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protorkd.options import flag
+from protorkd.options import Rule, flag
+
+NEVER_OR_AT_LEAST_ONE = Rule("-1 (never) or at least 1", lambda value: value == -1 or value >= 1)
 
 
 @dataclass
@@ -12,9 +14,11 @@ class LossOptions:
     """Every loss hyperparameter (the `loss` flags of `protorkd train`); each factory reads the ones it needs."""
 
     loss: str = flag("InfoNCE", "distillation loss (see `protorkd train --list-losses`)")
-    w_distill: float = flag(1.0, "weight of the main distillation loss")
+    w_distill: float = flag(1.0, "weight of the main distillation loss", minimum=0.0)
     temperature: float = flag(
-        0.07, "initial value of learnable temperatures (InfoNCE, CLIP-KD's student, ProtoCLIP's InfoNCE and prototypes)"
+        0.07,
+        "initial value of learnable temperatures (InfoNCE, CLIP-KD's student, ProtoCLIP's InfoNCE and prototypes)",
+        above=0,
     )
     gather_with_grad: bool = flag(
         True,
@@ -23,64 +27,95 @@ class LossOptions:
     )
     local_loss: bool = flag(False, "score only local rows against the global batch (memory-saving, same gradient)")
     # Relational KD (RKD; also the optional relational term of CLIP-KD)
-    w_rkd_d: float = flag(0.5, "RKD: weight of the distance-wise term")
-    w_rkd_a: float = flag(1.0, "RKD: weight of the angle-wise term (0 skips its O(B^3) computation)")
+    w_rkd_d: float = flag(0.5, "RKD: weight of the distance-wise term", minimum=0.0)
+    w_rkd_a: float = flag(1.0, "RKD: weight of the angle-wise term (0 skips its O(B^3) computation)", minimum=0.0)
     rkd_angle_chunk: int = flag(
-        0, "RKD: anchors per chunk of the angle term (0 = automatic, about 2^26 triplets per chunk)"
+        0,
+        "RKD: anchors per chunk of the angle term (0 = automatic, about 2^26 triplets per chunk)",
+        minimum=0,
     )
     # Queue-based KD (CompRess-1q, CompRess-2q, SEED)
-    queue_size: int = flag(65536, "CompRess/SEED: memory-queue length (features of past global batches)")
-    queue_temperature: float = flag(0.04, "CompRess: temperature of the similarity distributions over the queue")
-    seed_student_temperature: float = flag(0.07, "SEED: student temperature")
-    seed_teacher_temperature: float = flag(1e-4, "SEED: teacher temperature")
-    # Redundancy reduction (VICReg, BarlowTwins)
-    vicreg_invariance: float = flag(25.0, "VICReg: weight of the invariance (MSE) term")
-    vicreg_variance: float = flag(25.0, "VICReg: weight of the variance (std hinge) term")
-    vicreg_covariance: float = flag(1.0, "VICReg: weight of the covariance term")
-    barlow_lambda: float = flag(0.0051, "BarlowTwins: weight of the off-diagonal (redundancy) term")
-    # Shared-prototype KD (DINO, ProtoCPC, ProtoRKD)
-    n_prototypes: int = flag(65536, "DINO/ProtoCPC/ProtoRKD: learnable prototypes shared by teacher and student")
-    dino_teacher_temp: float = flag(0.04, "DINO/ProtoCPC/ProtoRKD: teacher (sharpening) temperature")
-    dino_student_temp: float = flag(0.1, "DINO/ProtoCPC/ProtoRKD: student temperature")
-    center_momentum: float = flag(0.9, "DINO/ProtoRKD: EMA momentum of the teacher centre; ProtoCPC: of the prior")
-    # Auxiliary terms that combine with any loss
-    w_simcse: float = flag(0.0, "weight of dropout SimCSE on the text tower (needs a trainable text tower)")
-    byol: bool = flag(False, "add BYOL-style MSE of a second augmented image view onto the detached first view")
-    w_byol: float = flag(1.0, "weight of the --byol term")
-    # CLIP-KD (locked CLIP teacher -> CLIP student)
-    w_clip: float = flag(1.0, "ProtoCLIP/CLIP-KD: weight of InfoNCE between the student image and text features")
-    w_clip_kd_logit: float = flag(1.0, "CLIP-KD: weight of the image-text logit distillation (KL, both directions)")
-    w_clip_kd_fd: float = flag(
-        4.0, "CLIP-KD: weight of feature distillation, mean squared L2 distance (CLIP-KD's 2000 x MSE = 4000/D_t)"
+    queue_size: int = flag(65536, "CompRess/SEED: memory-queue length (features of past global batches)", minimum=1)
+    queue_temperature: float = flag(
+        0.04, "CompRess: temperature of the similarity distributions over the queue", above=0
     )
-    w_clip_kd_icl: float = flag(1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher)")
-    w_clip_kd_intra: float = flag(0.0, "CLIP-KD: weight of intra-modal similarity-distribution KL")
-    w_clip_kd_rkd: float = flag(0.0, "CLIP-KD: weight of intra-modal RKD (uses --w-rkd-d/--w-rkd-a)")
+    seed_student_temperature: float = flag(0.07, "SEED: student temperature", above=0)
+    seed_teacher_temperature: float = flag(1e-4, "SEED: teacher temperature", above=0)
+    # Redundancy reduction (VICReg, BarlowTwins)
+    vicreg_invariance: float = flag(25.0, "VICReg: weight of the invariance (MSE) term", minimum=0.0)
+    vicreg_variance: float = flag(25.0, "VICReg: weight of the variance (std hinge) term", minimum=0.0)
+    vicreg_covariance: float = flag(1.0, "VICReg: weight of the covariance term", minimum=0.0)
+    barlow_lambda: float = flag(0.0051, "BarlowTwins: weight of the off-diagonal (redundancy) term", minimum=0.0)
+    # Shared-prototype KD (DINO, ProtoCPC, ProtoRKD)
+    n_prototypes: int = flag(
+        65536, "DINO/ProtoCPC/ProtoRKD: learnable prototypes shared by teacher and student", minimum=1
+    )
+    dino_teacher_temp: float = flag(0.04, "DINO/ProtoCPC/ProtoRKD: teacher (sharpening) temperature", above=0)
+    dino_student_temp: float = flag(0.1, "DINO/ProtoCPC/ProtoRKD: student temperature", above=0)
+    center_momentum: float = flag(
+        0.9, "DINO/ProtoRKD: EMA momentum of the teacher centre; ProtoCPC: of the prior", minimum=0.0, maximum=1.0
+    )
+    # Auxiliary terms that combine with any loss
+    w_simcse: float = flag(
+        0.0, "weight of dropout SimCSE on the text tower (needs a trainable text tower)", minimum=0.0
+    )
+    byol: bool = flag(False, "add BYOL-style MSE of a second augmented image view onto the detached first view")
+    w_byol: float = flag(1.0, "weight of the --byol term", minimum=0.0)
+    # CLIP-KD (locked CLIP teacher -> CLIP student)
+    w_clip: float = flag(
+        1.0, "ProtoCLIP/CLIP-KD: weight of InfoNCE between the student image and text features", minimum=0.0
+    )
+    w_clip_kd_logit: float = flag(
+        1.0, "CLIP-KD: weight of the image-text logit distillation (KL, both directions)", minimum=0.0
+    )
+    w_clip_kd_fd: float = flag(
+        4.0,
+        "CLIP-KD: weight of feature distillation, mean squared L2 distance (CLIP-KD's 2000 x MSE = 4000/D_t)",
+        minimum=0.0,
+    )
+    w_clip_kd_icl: float = flag(
+        1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher)", minimum=0.0
+    )
+    w_clip_kd_intra: float = flag(0.0, "CLIP-KD: weight of intra-modal similarity-distribution KL", minimum=0.0)
+    w_clip_kd_rkd: float = flag(0.0, "CLIP-KD: weight of intra-modal RKD (uses --w-rkd-d/--w-rkd-a)", minimum=0.0)
     clip_kd_teacher_dim: int = flag(
         -1,
         "CLIP-KD: width of the CLIP teacher's features (set from the teacher in training; 0 = no CLIP teacher, "
         "-1 = the student's joint width)",
+        minimum=-1,
     )
     clip_kd_text_teacher_dim: int = flag(
-        0, "CLIP-KD: width of the --extra-text-teacher features (set from the teacher in training; 0 = none)"
+        0,
+        "CLIP-KD: width of the --extra-text-teacher features (set from the teacher in training; 0 = none)",
+        minimum=0,
     )
     w_clip_kd_text_teacher: float = flag(
-        1.0, "CLIP-KD: weight of the --extra-text-teacher terms (it stands in for both modalities)"
+        1.0,
+        "CLIP-KD: weight of the --extra-text-teacher terms (it stands in for both modalities)",
+        minimum=0.0,
     )
     clip_kd_teacher_temperature: float = flag(
-        0.01, "CLIP-KD: teacher temperature when the loop provides no extra['teacher_logit_scale']"
+        0.01,
+        "CLIP-KD: teacher temperature when the loop provides no extra['teacher_logit_scale']",
+        above=0,
     )
     # ProtoCLIP (k-means prototypes, back translation, external teacher)
-    w_proto: float = flag(1.0, "ProtoCLIP: weight of the prototype loss")
-    w_proto_external: float = flag(1.0, "ProtoCLIP: weight of the external-teacher prototype loss (needs --PBT)")
-    infonce_warmup_epoch: int = flag(0, "ProtoCLIP: epochs before this index use only InfoNCE")
-    k: int = flag(20000, "ProtoCLIP: number of k-means clusters (prototypes); at most the episode size")
-    kmeans_max_iter: int = flag(20, "ProtoCLIP: k-means iterations")
-    kmeans_nredo: int = flag(1, "ProtoCLIP: k-means restarts (the best objective is kept)")
-    clustering_frequency: int = flag(1, "ProtoCLIP: re-cluster every N epochs (-1 = never, i.e. plain InfoNCE)")
+    w_proto: float = flag(1.0, "ProtoCLIP: weight of the prototype loss", minimum=0.0)
+    w_proto_external: float = flag(
+        1.0, "ProtoCLIP: weight of the external-teacher prototype loss (needs --PBT)", minimum=0.0
+    )
+    infonce_warmup_epoch: int = flag(0, "ProtoCLIP: epochs before this index use only InfoNCE", minimum=0)
+    k: int = flag(20000, "ProtoCLIP: number of k-means clusters (prototypes); at most the episode size", minimum=1)
+    kmeans_max_iter: int = flag(20, "ProtoCLIP: k-means iterations", minimum=1)
+    kmeans_nredo: int = flag(1, "ProtoCLIP: k-means restarts (the best objective is kept)", minimum=1)
+    clustering_frequency: int = flag(
+        1, "ProtoCLIP: re-cluster every N epochs (-1 = never, i.e. plain InfoNCE)", rule=NEVER_OR_AT_LEAST_ONE
+    )
     target_temperature: float = flag(
         -1.0, "ProtoCLIP: soft-target temperature over teacher centroids (<=0: hard one-hot labels)"
     )
     pbt: bool = flag(False, "ProtoCLIP: prototypical back translation (required by the external teacher)", name="--PBT")
     external_teacher: str | None = flag(None, "ProtoCLIP: .npy of external teacher features, one row per corpus row")
-    external_teacher_dim: int = flag(64, "ProtoCLIP: width of the external teacher features (checked on load)")
+    external_teacher_dim: int = flag(
+        64, "ProtoCLIP: width of the external teacher features (checked on load)", minimum=1
+    )

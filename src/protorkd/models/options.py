@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from protorkd.options import flag
+from protorkd.options import Rule, flag
+
+AUTOMATIC_OR_AT_LEAST_ONE = Rule("-1 (automatic) or at least 1", lambda value: value == -1 or value >= 1)
 
 
 class TeacherSide(str, Enum):
@@ -27,12 +29,12 @@ class ModelOptions:
         "pretrained weights: an open_clip pretrained tag, a torchvision weights name, 'pretrained' for timm, "
         "or a local checkpoint path",
     )
-    image_size: int | None = flag(None, "input resolution (default: the tower's own)")
+    image_size: int | None = flag(None, "input resolution (default: the tower's own)", minimum=1)
     text_model_builder: str = flag("sbert", "text tower library", ("open_clip", "huggingface", "sbert", "custom"))
     text_model: str = flag("all-MiniLM-L6-v2", "text tower name: a hub id, a local folder, or an architecture name")
     text_model_tag: str = flag("", "open_clip pretrained tag or local checkpoint path for an open_clip text tower")
     text_pooler: str = flag("mean", "pooling of a huggingface text tower", ("cls", "cls_before_pooler", "mean"))
-    max_seq_length: int = flag(0, "truncate captions to this many tokens (0 = the tower's default)")
+    max_seq_length: int = flag(0, "truncate captions to this many tokens (0 = the tower's default)", minimum=0)
     lock_image_model: bool = flag(False, "freeze the image tower (eval mode, no gradients)")
     lock_text_model: bool = flag(False, "freeze the text tower (eval mode, no gradients)")
     teacher: str = flag(
@@ -40,14 +42,18 @@ class ModelOptions:
         "which tower is the locked teacher (it is locked automatically); none = train both CLIP-style",
         ("text", "image", "none"),
     )
-    image_head_n_layers: int = flag(1, "image projection head: 0 identity, 1 linear, >=2 MLP")
-    text_head_n_layers: int = flag(0, "text projection head: 0 identity, 1 linear, >=2 MLP")
-    head_hidden_dim: int = flag(2048, "hidden width of MLP heads")
-    joint_projection_dim: int = flag(-1, "joint embedding width (-1: the width of a tower whose head is identity)")
+    image_head_n_layers: int = flag(1, "image projection head: 0 identity, 1 linear, >=2 MLP", minimum=0)
+    text_head_n_layers: int = flag(0, "text projection head: 0 identity, 1 linear, >=2 MLP", minimum=0)
+    head_hidden_dim: int = flag(2048, "hidden width of MLP heads", minimum=1)
+    joint_projection_dim: int = flag(
+        -1, "joint embedding width (-1: the width of a tower whose head is identity)", rule=AUTOMATIC_OR_AT_LEAST_ONE
+    )
     adapter: str | None = flag(None, "parameter-efficient adapter for a trainable text tower", (None, "lora"))
-    lora_r: int = flag(8, "LoRA rank")
-    lora_alpha: int = flag(16, "LoRA scaling alpha")
-    lora_dropout: float = flag(0.1, "LoRA dropout")
+    lora_r: int = flag(8, "LoRA rank", minimum=1)
+    lora_alpha: int = flag(16, "LoRA scaling alpha", minimum=1)
+    lora_dropout: float = flag(
+        0.1, "LoRA dropout", rule=Rule("at least 0 and less than 1", lambda value: 0 <= value < 1)
+    )
     grad_checkpointing: bool = flag(False, "gradient checkpointing in towers that support it")
     # Separate locked teachers (CLIP-KD); their features are computed once into the teacher cache
     clip_teacher_model: str = flag(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from protorkd.data.images import DEFAULT_MAX_PIXELS, too_many_pixels
 from protorkd.errors import UsageError
-from protorkd.io import atomic_path, atomic_write
+from protorkd.failpoints import failpoint
+from protorkd.io import atomic_path, atomic_write, fsync_file
 
 log = logging.getLogger(__name__)
 CHUNK = 2048
@@ -69,8 +72,23 @@ def cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_hash: str
 
 
 def read_manifest(folder: Path) -> dict | None:
+    """The manifest of a cache folder, None when there is none; an unparsable one is a UsageError."""
     path = Path(folder) / "manifest.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(_refusal(folder, f"its manifest.json cannot be read ({error})")) from None
+    if not isinstance(manifest, dict):
+        raise UsageError(_refusal(folder, "its manifest.json is not a JSON object"))
+    return manifest
+
+
+def _refusal(folder: Path, problem: str) -> str:
+    return (
+        f"teacher cache {folder} is unusable: {problem}; delete that folder and rerun (its features are computed again)"
+    )
 
 
 def resolve_cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_hash: str, *, needed: int) -> Path:
@@ -80,7 +98,7 @@ def resolve_cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_h
     (`needed`); its manifest is then checked against the run by `build_teacher_cache`.
     """
     root = Path(root)
-    if read_manifest(root) is None:
+    if not (root / "manifest.json").exists():
         return cache_folder(root, modality, spec, keys_hash)
     if needed != 1:
         raise UsageError(
@@ -103,6 +121,32 @@ def _check_manifest(manifest: dict, expected: dict, folder: Path) -> None:
         )
 
 
+def _check_progress(manifest: dict, folder: Path, unique: int) -> tuple[int, int]:
+    """(dim, done) of a manifest that matches the run, after checking they are consistent with features.npy."""
+    dim, done, complete = manifest.get("dim"), manifest.get("done"), manifest.get("complete")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
+        raise UsageError(_refusal(folder, f"its manifest records feature width {dim!r}"))
+    if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= unique:
+        raise UsageError(_refusal(folder, f"its manifest records {done!r} of {unique} features done"))
+    if complete is not (done == unique):
+        raise UsageError(_refusal(folder, f"its manifest says complete={complete!r} with {done} of {unique} done"))
+    bad = manifest.get("bad_unique", [])
+    if not isinstance(bad, list) or not all(isinstance(i, int) and 0 <= i < done for i in bad):
+        raise UsageError(_refusal(folder, "its manifest's bad_unique is not a list of finished rows"))
+    try:
+        features = np.load(folder / "features.npy", mmap_mode="r")
+    except (OSError, ValueError) as error:
+        raise UsageError(_refusal(folder, f"features.npy cannot be read ({error})")) from None
+    if features.shape != (unique, dim) or features.dtype != np.float16:
+        raise UsageError(
+            _refusal(
+                folder,
+                f"features.npy is {features.dtype}{list(features.shape)}, the manifest needs float16[{unique}, {dim}]",
+            )
+        )
+    return dim, done
+
+
 def _write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1))
 
@@ -114,17 +158,25 @@ def build_teacher_cache(
     keys: list[str],
     spec: dict[str, Any],
     encode: Callable[[list[Any]], torch.Tensor],
+    dim: int | Callable[[], int],
     load: Callable[[str], Any] | None = None,
     batch_size: int = 256,
     progress: bool = True,
     info: Callable[[], dict[str, Any]] | None = None,
+    chunk: int | None = None,
 ) -> TeacherFeatures:
     """Fill (or resume, or reuse) the cache in `folder` for corpus `keys` (captions or image paths).
 
     encode: a batch of inputs -> [b, D] features (runs the locked teacher under no_grad).
+    dim: D, the teacher's feature width (its tower's `output_dim`), or a function giving it, asked for only
+        when a new cache is started; never guessed from the data, so an all-unreadable chunk cannot set it.
     load: key -> encoder input (e.g. path -> transformed image tensor); identity for captions.
     info: informational manifest fields (transform, logit scale), asked for only when encoding
         happens, so a complete cache never needs the teacher built.
+
+    After each `chunk` keys the features are flushed and fsynced, then the manifest records the progress,
+    so a kill at any point resumes at the last recorded chunk. A manifest that is unparsable or disagrees
+    with features.npy is refused with the folder to delete, never half-used.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,23 +191,25 @@ def build_teacher_cache(
         "rows": len(keys),
         "unique": len(unique),
     }
-    manifest_path = folder / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+    manifest = read_manifest(folder)
+    features_path = folder / "features.npy"
     if manifest is not None:
         _check_manifest(manifest, expected, folder)
-    done = manifest["done"] if manifest else 0
-    bad_unique: list[int] = manifest.get("bad_unique", []) if manifest else []
-    if manifest and manifest.get("complete"):
-        features = np.load(folder / "features.npy", mmap_mode="r")
-        return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
+        width, done = _check_progress(manifest, folder, len(unique))
+        bad_unique: list[int] = list(manifest.get("bad_unique", []))
+        if manifest["complete"]:
+            features = np.load(features_path, mmap_mode="r")
+            return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
+        features = np.load(features_path, mmap_mode="r+")
+        log.info("resuming teacher cache %s at %d / %d", folder, done, len(unique))
+    else:
+        width, done, bad_unique = int(dim() if callable(dim) else dim), 0, []
+        if width < 1:
+            raise ValueError(f"teacher feature width must be positive, got {width}")
+        features = np.lib.format.open_memmap(features_path, mode="w+", dtype=np.float16, shape=(len(unique), width))
 
     load = load or (lambda key: key)
-    dim = None if manifest is None else manifest["dim"]
-    features = None
-    if dim is not None:
-        features = np.load(folder / "features.npy", mmap_mode="r+")
-    if done:
-        log.info("resuming teacher cache %s at %d / %d", folder, done, len(unique))
+    chunk = chunk or CHUNK
     # captions are encoded longest-first in order of the unique list chunks; order inside a chunk is free
     bar = tqdm(
         total=len(unique),
@@ -165,11 +219,10 @@ def build_teacher_cache(
         unit=modality == "text" and "caption" or "image",
         mininterval=1.0,
     )
-    for start in range(done, len(unique), CHUNK):
-        chunk = list(range(start, min(start + CHUNK, len(unique))))
-        outputs: dict[int, np.ndarray] = {}
+    for start in range(done, len(unique), chunk):
+        indices = list(range(start, min(start + chunk, len(unique))))
         inputs, valid = [], []
-        for i in chunk:
+        for i in indices:
             try:
                 inputs.append(load(unique[i]))
                 valid.append(i)
@@ -179,29 +232,37 @@ def build_teacher_cache(
         if modality == "text":  # similar lengths together: less padding
             order = sorted(range(len(valid)), key=lambda j: len(inputs[j]))
             inputs, valid = [inputs[j] for j in order], [valid[j] for j in order]
+        block = np.zeros((len(indices), width), dtype=np.float16)
         for b in range(0, len(valid), batch_size):
             encoded = encode(inputs[b : b + batch_size]).float().cpu().numpy().astype(np.float16)
-            for i, vector in zip(valid[b : b + batch_size], encoded):
-                outputs[i] = vector
+            if encoded.ndim != 2 or encoded.shape[1] != width:
+                raise RuntimeError(
+                    f"teacher {spec.get('model')!r} gave features of shape {encoded.shape}, width {width} expected"
+                )
+            block[[i - start for i in valid[b : b + batch_size]]] = encoded
             bar.update(len(encoded))
-        if features is None:
-            dim = int(next(iter(outputs.values())).shape[0]) if outputs else 0
-            features = np.lib.format.open_memmap(
-                folder / "features.npy", mode="w+", dtype=np.float16, shape=(len(unique), dim)
-            )
-        for i in chunk:
-            features[i] = outputs.get(i, 0.0)
+        features[start : start + len(indices)] = block
         features.flush()
-        done = chunk[-1] + 1
+        fsync_file(features_path)  # the features are on disk before the manifest says they are done
+        done = indices[-1] + 1
         extra = {"info": info()} if info is not None else {}
         _write_manifest(
             folder,
-            {**expected, "dim": dim, "done": done, "complete": done == len(unique), "bad_unique": bad_unique, **extra},
+            {
+                **expected,
+                "dim": width,
+                "done": done,
+                "complete": done == len(unique),
+                "bad_unique": bad_unique,
+                **extra,
+            },
         )
+        failpoint("teacher-cache-chunk")
     bar.close()
     with atomic_path(folder / "rows.npy") as tmp:
         np.save(tmp, rows)
-    features = np.load(folder / "features.npy", mmap_mode="r")
+    del features
+    features = np.load(features_path, mmap_mode="r")
     manifest = read_manifest(folder) or {}
     return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
 
@@ -212,9 +273,19 @@ def _bad_rows(rows: np.ndarray, bad_unique: list[int]) -> set[int]:
     return set(np.nonzero(np.isin(rows, np.asarray(bad_unique)))[0].tolist())
 
 
-def image_loader(transform: Callable[[Image.Image], torch.Tensor]) -> Callable[[str], torch.Tensor]:
+def image_loader(
+    transform: Callable[[Image.Image], torch.Tensor], max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Callable[[str], torch.Tensor]:
+    """path -> transformed image; an image over `max_pixels` pixels raises before it is decoded."""
+
     def load(path: str) -> torch.Tensor:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
+            image = Image.open(path)
+        with image:
+            problem = too_many_pixels(image, max_pixels)
+            if problem is not None:
+                raise ValueError(problem)
             image.load()
             return transform(image)
 

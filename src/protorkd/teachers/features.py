@@ -162,6 +162,7 @@ def cached_teacher_features(
         keys=keys,
         spec=spec,
         encode=encode_texts if text else encode_images,
+        dim=lambda: lazy.get().output_dim,  # the teacher's width, asked for only when a cache is started
         load=None if text else lazy.load_image,
         batch_size=batch_size,
         progress=progress,

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from protorkd.io import append_line
+
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(message)s"
 DATE_FORMAT = "%Y-%m-%d,%H:%M:%S"
 
@@ -56,8 +58,7 @@ class MetricWriter:
             self.wandb.log(values, step=step)
 
     def results(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
-        with open(self.results_path, "a") as handle:
-            handle.write(json.dumps({"epoch": epoch, "step": step, **metrics}) + "\n")
+        append_line(self.results_path, json.dumps({"epoch": epoch, "step": step, **metrics}))  # fsynced
         self.scalars({f"eval/{key}": value for key, value in metrics.items()}, step)
 
     def close(self) -> None:

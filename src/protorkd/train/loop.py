@@ -18,9 +18,11 @@ from protorkd.checkpoint import save_checkpoint
 from protorkd.config import Config
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
+from protorkd.failpoints import failpoint
 from protorkd.losses import LossInputs, main_loss
 from protorkd.train.batches import model_inputs, precision_context
 from protorkd.train.clustering import EpisodeFeatures, clustering_phase
+from protorkd.train.experiment import evaluated_epochs
 from protorkd.train.optim import set_lr
 from protorkd.train.run import Run, build_run, seed_everything
 
@@ -38,7 +40,7 @@ def train(cfg: Config) -> TrainResult:
     """Run a whole training job as this process's rank (world size from torchrun / SLURM variables)."""
     state = distributed.state_from_env()
     device = distributed.resolve_device(cfg.optim.device, state)
-    distributed.init_process_group(state, device.type)
+    distributed.init_process_group(state, device.type, timeout_minutes=cfg.optim.dist_timeout_minutes)
     try:
         run = build_run(cfg, state, device)
         try:
@@ -53,6 +55,10 @@ def _train(run: Run) -> TrainResult:
     cfg, state, loss = run.cfg, run.state, main_loss(run.loss)
     metrics: dict[str, float] = {}
     collected: EpisodeFeatures | None = None
+    # --- evaluate the resumed epoch if a kill came between its checkpoint and its results.jsonl line
+    if state.is_master and run.start_epoch and run.start_epoch not in evaluated_epochs(run.paths.results):
+        metrics = _evaluate(run, run.start_epoch)
+    distributed.barrier()
     for epoch in range(run.start_epoch, cfg.optim.epochs):
         # Everything random in an epoch is a function of (seed, epoch, rank): resumed runs match exactly.
         seed_everything(cfg.optim.seed * 1_000_003 + epoch * 1009 + state.rank)
@@ -121,6 +127,7 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
         values = train_step(run, batch, epoch, step, collected, optimizer_step=(batch_index + 1) % accum == 0)
         if values is None:
             continue
+        failpoint("train-step")
         # --- log
         window_samples += len(batch["indices"]) * accum * run.state.world_size
         bar.update(1)
@@ -206,8 +213,10 @@ def _save_checkpoints(run: Run, completed: int) -> None:
         payload["scaler"] = run.scaler.state_dict()
     # latest first: a run killed between the two writes still resumes with `--resume latest`
     save_checkpoint(run.paths.checkpoints / "epoch_latest.pt", payload)
+    failpoint("checkpoint-latest")
     if completed % run.cfg.log.save_frequency == 0 or completed == run.cfg.optim.epochs:
         save_checkpoint(run.paths.checkpoints / f"epoch_{completed}.pt", payload)
+    failpoint("checkpoint-saved")
 
 
 def _evaluate(run: Run, completed: int) -> dict[str, float]:

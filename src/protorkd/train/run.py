@@ -19,8 +19,7 @@ import numpy as np
 import torch
 
 from protorkd import __version__, distributed
-from protorkd.checkpoint import load_checkpoint, resolve_resume, strip_module_prefix
-from protorkd.config import Config, DataConfig, default_eval_root, write_params
+from protorkd.config import Config, DataConfig, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, open_corpus, training_batches
 from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
@@ -33,7 +32,7 @@ from protorkd.models.options import TeacherSide
 from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
 from protorkd.teachers.keys import TEACHER_FLAGS
 from protorkd.train.clustering import ClusteringSchedule, check_clustering_inputs, clustering_schedule
-from protorkd.train.experiment import ExperimentPaths, experiment_paths
+from protorkd.train.experiment import ExperimentPaths, commit_resume, open_experiment, prepare_experiment, restore_state
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import build_optimizer, lr_at
 
@@ -185,6 +184,8 @@ def open_run_corpus(d: DataConfig) -> Corpus:
         dataset_size=d.dataset_size,
         demo_size=d.demo_size,
         demo_seed=d.demo_seed,
+        max_bad_fraction=d.max_bad_fraction,
+        quoting=d.csv_quoting,
     )
 
 
@@ -197,9 +198,8 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     d = cfg.data
     corpus = open_run_corpus(d)
     check_batch_fits(corpus.rows, d.episode_size, state.world_size, cfg.optim.batch_size)
-    name = distributed.broadcast_object(experiment_paths(cfg, state.world_size).root.name)
-    paths = ExperimentPaths(Path(cfg.log.logs) / name)
-    resume_path = resolve_resume(cfg.log.resume, paths.checkpoints) if cfg.log.resume else None
+    experiment = prepare_experiment(cfg, state.world_size)  # checks a resume (flags, checkpoint); creates nothing
+    paths, name = experiment.paths, experiment.paths.root.name
     teacher = cfg.model.teacher_side
     model = build_dual_encoder(cfg.model)
     LOSSES.get(cfg.loss.loss)  # an unknown name fails here; the loss is built once the teachers' widths are known
@@ -211,9 +211,13 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
 
-    created = not paths.root.exists()
-    if state.is_master:
-        paths.create()
+    resolved = {
+        "experiment": name,
+        "teacher_side": teacher.value,
+        "version": __version__,
+        "world_size": state.world_size,
+    }
+    created = open_experiment(experiment, cfg, resolved, is_master=state.is_master)  # with params.txt
     distributed.barrier()
     handler = setup_file_logging(paths.log_file) if state.is_master else None
     try:
@@ -246,15 +250,14 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
             bad_rows=teachers.bad_rows,
             views=2 if needs.image_view2 else 1,
             pin_memory=device.type == "cuda",
+            max_pixels=d.max_image_pixels,
+            max_member_bytes=d.max_member_bytes,
         )
         clustering = None
         if needs.clustering:
             clustering = clustering_schedule(cfg.loss, model, teacher, seed=cfg.optim.seed)
             episode_rows = len(batches) * cfg.optim.batch_size * state.world_size
             check_clustering_inputs(clustering, corpus.rows if clustering.teacher_fixed else episode_rows, corpus.rows)
-        if state.is_master:
-            resolved = {"experiment": name, "teacher_side": teacher.value, "version": __version__}
-            write_params(cfg, paths.params, resolved={**resolved, "world_size": state.world_size})
     except BaseException as error:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -275,16 +278,8 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         [model, loss], lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
     )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and o.precision == "amp" else None
-    start_epoch = 0
-    if resume_path is not None:
-        checkpoint = load_checkpoint(resume_path)
-        model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
-        loss.load_state_dict(checkpoint["loss_state"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scaler is not None and "scaler" in checkpoint:
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch = int(checkpoint["epoch"])
-        log.info("resumed from %s at epoch %d", resume_path, start_epoch)
+    start_epoch = restore_state(experiment, model=model, loss=loss, optimizer=optimizer, scaler=scaler)
+    commit_resume(experiment, cfg, resolved, is_master=state.is_master)  # only now may params.txt change
     train_model: torch.nn.Module = model
     if state.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(

@@ -1,0 +1,62 @@
+"""Decoded images as 8-bit RGB, whatever their bit depth, and the limits that keep untrusted images cheap.
+
+Pillow's `convert("RGB")` clips instead of scaling high-depth images: a 16-bit grayscale PNG (mode
+`I;16`) with value 32768 becomes 255, so every such photo turns pure white. `to_rgb` scales them first:
+
+| mode | read as | 8-bit value |
+|---|---|---|
+| `I;16`, `I;16L`, `I;16B`, `I;16N` | 16-bit unsigned | round(v * 255 / 65535) |
+| `I` (32-bit) within [0, 65535] | 16-bit (Pillow opens some 16-bit PNG / TIFF so) | round(v * 255 / 65535) |
+| `I` outside [0, 65535] | its own range | round((v - min) * 255 / (max - min)) |
+| `F` within [0, 1] | a fraction | round(v * 255) |
+| `F` outside [0, 1] | its own range | round((v - min) * 255 / (max - min)) |
+
+16-bit RGB(A) PNGs (48/64-bit) need nothing: Pillow opens them as 8-bit `RGB`/`RGBA` with the high byte of
+each sample (65535 -> 255, 32768 -> 128). Every other mode goes through Pillow's own `convert("RGB")`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+# Pillow's own decompression-bomb warning threshold (~89.5 MP); gather-cc's --max-pixels and the training
+# reader's --max-image-pixels default to it. Pillow itself refuses images above twice this.
+DEFAULT_MAX_PIXELS = 89_478_485
+# The largest webdataset member (image or caption) the training reader reads: gather-cc's --max-bytes.
+DEFAULT_MAX_MEMBER_BYTES = 20_000_000
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Scale an `I;16*`, `I` or `F` image to an 8-bit `L` image (see the module table); others unchanged."""
+    if image.mode not in (*SIXTEEN_BIT_MODES, "I", "F"):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = (0.0, 1.0) if values.size == 0 or (values.min() >= 0 and values.max() <= 1) else _range(values)
+    elif image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        low, high = _range(values)
+    else:
+        low, high = 0.0, 65535.0
+    scaled = np.nan_to_num(np.floor((values - low) * (255.0 / max(high - low, 1e-12)) + 0.5), nan=0.0)
+    return Image.fromarray(np.clip(scaled, 0, 255).astype(np.uint8), mode="L")
+
+
+def _range(values: np.ndarray) -> tuple[float, float]:
+    finite = values[np.isfinite(values)]
+    return (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB: high-depth modes scaled (`to_8bit`), everything else through Pillow's `convert("RGB")`."""
+    return to_8bit(image).convert("RGB")
+
+
+def too_many_pixels(image: Image.Image, max_pixels: int) -> str | None:
+    """A bad-sample reason when the (not yet decoded) image has more than `max_pixels` pixels, else None."""
+    width, height = image.size
+    if width * height > max_pixels:
+        return f"too many pixels ({width}x{height} > --max-image-pixels {max_pixels})"
+    return None
