@@ -18,3 +18,36 @@ def test_demo_corpus_is_deterministic(tmp_path):
         sorted(p.name for p in (a / "eval" / "shapes" / "test").iterdir())
         == json.loads((a / "eval" / "zeroshot_metadata.json").read_text())["shapes"]["classes"]
     )
+
+
+def test_training_never_draws_a_held_out_pair_and_the_unseen_split_only_draws_them():
+    import random
+
+    from protorkd.data.demo import COLOURS, HELD_OUT_COLOURS, SHAPES, UNSEEN, sample_scene
+
+    # one colour per shape, each colour once: every shape and colour keeps 7 of its 8 pairings in training
+    assert sorted(HELD_OUT_COLOURS) == sorted(SHAPES) and sorted(HELD_OUT_COLOURS.values()) == sorted(COLOURS)
+    assert HELD_OUT_COLOURS["circle"] == "green" and HELD_OUT_COLOURS["cross"] == "red"  # (3 i + 1) mod 8
+    rng = random.Random(0)
+    seen = [sample_scene(rng) for _ in range(3000)]
+    assert not any(scene.colour == HELD_OUT_COLOURS[scene.shape] for scene in seen)
+    assert len({(scene.shape, scene.colour) for scene in seen}) == 8 * 7
+    unseen = [sample_scene(rng, shape, UNSEEN) for shape in SHAPES for _ in range(5)]
+    assert all(scene.colour == HELD_OUT_COLOURS[scene.shape] for scene in unseen)
+
+
+def test_unseen_phrasings_appear_only_in_the_compositional_split(tmp_path):
+    from protorkd.data.demo import write_demo_corpus
+
+    root = write_demo_corpus(tmp_path / "demo", size=300, seed=1, eval_per_class=3, progress=False)
+    markers = ("an illustration showing", "each one painted")
+    training = (root / "train.tsv").read_text()
+    assert not any(marker in training for marker in markers)
+    unseen = json.loads((root / "eval" / "shapes_unseen" / "captions_test.json").read_text())
+    seen = json.loads((root / "eval" / "shapes" / "captions_test.json").read_text())
+    assert len(unseen["images"]) == 8 * 3 and len(unseen["annotations"]) == 2 * 8 * 3
+    assert all(any(marker in a["caption"] for marker in markers) for a in unseen["annotations"])
+    assert not any(any(marker in a["caption"] for marker in markers) for a in seen["annotations"])
+    metadata = json.loads((root / "eval" / "zeroshot_metadata.json").read_text())
+    assert metadata["shapes_unseen"] == metadata["shapes"]
+    assert not (root / "eval" / "shapes_unseen" / "train").exists()  # test only: no linear probe on unseen pairs
