@@ -56,6 +56,13 @@ class OptimConfig:
     beta2: float = flag(0.98, "AdamW beta2")
     eps: float = flag(1e-6, "AdamW epsilon")
     warmup: int = flag(50, "linear warmup steps before the cosine decay")
+    lr_text: float = flag(
+        -1.0, "peak learning rate of every parameter outside the image tower and its head (-1 = --lr; ProtoCLIP)"
+    )
+    text_start_epoch: int = flag(
+        0, "those parameters have learning rate 0 before this epoch, then their own warmup + cosine (ProtoCLIP)"
+    )
+    text_end_epoch: int = flag(-1, "their cosine schedule ends at this epoch, 0 after (-1 = --epochs; ProtoCLIP)")
     accum_freq: int = flag(1, "accumulate gradients over this many batches per optimizer step")
     max_grad_norm: float = flag(0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)")
     precision: str = flag(

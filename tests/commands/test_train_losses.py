@@ -101,6 +101,7 @@ def test_clip_kd_distils_a_clip_teacher_and_a_text_teacher_from_their_caches(
     tiny_corpus, tmp_path, tiny_clip_checkpoint
 ):
     args = ["--epochs", "1", "--loss", "CLIP-KD", "--teacher", "none", *clip_teacher_args(tiny_clip_checkpoint)]
+    args += ["--clip-teacher-images", "cached"]
     assert main(train_args(tiny_corpus, tmp_path, "run", *args, *TEXT_TEACHER_ARGS)) == 0
     log_text = out_log(tmp_path, "run")
     line = last_step_line(log_text)

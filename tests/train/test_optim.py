@@ -22,6 +22,6 @@ def test_learning_rate_schedule_values():
 def test_weight_decay_skips_biases_norms_and_temperatures():
     module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
     module.logit_scale = torch.nn.Parameter(torch.zeros(()))
-    decay, no_decay = param_groups([module], 0.1)
+    decay, no_decay = param_groups({"rest": [module]}, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0

@@ -51,9 +51,13 @@ class LossOptions:
     w_clip: float = flag(1.0, "ProtoCLIP/CLIP-KD: weight of InfoNCE between the student image and text features")
     w_clip_kd_logit: float = flag(1.0, "CLIP-KD: weight of the image-text logit distillation (KL, both directions)")
     w_clip_kd_fd: float = flag(
-        4.0, "CLIP-KD: weight of feature distillation, mean squared L2 distance (CLIP-KD's 2000 x MSE = 4000/D_t)"
+        2000.0,
+        "CLIP-KD: weight of feature distillation, per-element MSE summed over the two modalities (CLIP-KD's "
+        "alpha_fd_loss 2000; = 2000 / D_t x the squared L2 distance, for any teacher width D_t)",
     )
-    w_clip_kd_icl: float = flag(1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher)")
+    w_clip_kd_icl: float = flag(
+        1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher, its own learnable scale)"
+    )
     w_clip_kd_intra: float = flag(0.0, "CLIP-KD: weight of intra-modal similarity-distribution KL")
     w_clip_kd_rkd: float = flag(0.0, "CLIP-KD: weight of intra-modal RKD (uses --w-rkd-d/--w-rkd-a)")
     clip_kd_teacher_dim: int = flag(
@@ -74,6 +78,19 @@ class LossOptions:
     w_proto: float = flag(1.0, "ProtoCLIP: weight of the prototype loss")
     w_proto_external: float = flag(1.0, "ProtoCLIP: weight of the external-teacher prototype loss (needs --PBT)")
     infonce_warmup_epoch: int = flag(0, "ProtoCLIP: epochs before this index use only InfoNCE")
+    lit_start_epoch: int = flag(
+        -1,
+        "Locked-image tuning from epoch N (1-based; -1 = never): from then on the image tower's learning rate is 0 "
+        "and ProtoCLIP uses only InfoNCE (ProtoCLIP's recipe: the last episode)",
+    )
+    cluster_features: str = flag(
+        "episode",
+        "ProtoCLIP: what is clustered. episode: before training on an episode, its features from one no-grad "
+        "eval-mode pass of one model snapshot (ProtoCLIP's method; every sample gets a label). previous-epoch: "
+        "the features the previous epoch's training passes computed (cheaper, one epoch stale; samples the "
+        "previous episode did not draw get no label)",
+        ("episode", "previous-epoch"),
+    )
     k: int = flag(20000, "ProtoCLIP: number of k-means clusters (prototypes); at most the episode size")
     kmeans_max_iter: int = flag(20, "ProtoCLIP: k-means iterations")
     kmeans_nredo: int = flag(1, "ProtoCLIP: k-means restarts (the best objective is kept)")

@@ -1,0 +1,76 @@
+"""ProtoCLIP's feature extraction: one pass over the current episode before training on it.
+
+What ProtoCLIP's `feature_extraction_one_epoch` does, and how this pass keeps it cheap:
+
+* the same episode and the same split across ranks as the training pass (`EpisodeSampler.extraction_pass`),
+  through the training transform with its own augmentation draw (the original iterates its training
+  DataLoader, i.e. the training augmentation, a second time); no sample is dropped (drop_last off);
+* the model in eval mode (BatchNorm running statistics, no dropout), one snapshot (nothing trains during the
+  pass), `torch.inference_mode`;
+* batches EXTRACTION_BATCH_FACTOR x the training batch (no activations are kept for a backward pass);
+* on CUDA: bf16 autocast (fp16 where the GPU lacks bf16) and channels_last images;
+* a locked teacher tower is not run: its backbone features come from the feature cache and only its heads
+  are applied (`train.batches.model_inputs`), so with `--teacher text` only the image tower runs.
+
+Each batch's features are gathered onto the master's CPU (`EpisodeFeatures.add`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+import torch
+from torch.utils.data import DataLoader
+
+from protorkd.data.tsv import collate
+from protorkd.train.batches import model_inputs
+from protorkd.train.clustering import ClusteringSchedule, EpisodeFeatures
+
+if TYPE_CHECKING:
+    from protorkd.train.run import Run
+
+EXTRACTION_BATCH_FACTOR = 4
+
+
+def extraction_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp16 on GPUs without bf16); nothing elsewhere."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def extraction_loader(run: Run) -> DataLoader:
+    """The episode's samples for this rank, in large batches, with the extraction pass's augmentation draw."""
+    loader, sampler = run.batches.loader, run.batches.sampler
+    if sampler is None or not isinstance(loader, DataLoader):
+        raise ValueError("a feature-extraction pass needs a TSV corpus (an episode of addressable rows)")
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset,
+        batch_size=EXTRACTION_BATCH_FACTOR * run.cfg.optim.batch_size,
+        sampler=sampler.extraction_pass(),
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=False,
+        pin_memory=run.device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
+    )
+
+
+@torch.inference_mode()
+def extract_episode_features(run: Run, schedule: ClusteringSchedule) -> EpisodeFeatures:
+    """Every rank's share of the episode, through the model in eval mode; gathered on the master's CPU."""
+    model, features = run.model, EpisodeFeatures()
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in extraction_loader(run):
+            inputs = model_inputs(batch, model, run.teachers, run.teacher, run.device, run.cfg.optim.precision)
+            with extraction_autocast(run.device):
+                output = model(**inputs)
+            features.add_batch(schedule, batch, output)
+    finally:
+        model.train(was_training)
+    return features
