@@ -88,7 +88,7 @@ def kl_divergence(target_logits: torch.Tensor, student_logits: torch.Tensor) -> 
 
 def zero_with_grad(features: torch.Tensor) -> torch.Tensor:
     """A 0 that is still connected to `features`, so backward() works when a loss has nothing to score."""
-    return features.sum() * 0.0
+    return features.sum() * 0.0 + 0.0  # + 0.0: a positive zero (a negative sum times 0.0 is -0.0)
 
 
 @torch.no_grad()

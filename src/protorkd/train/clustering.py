@@ -210,6 +210,11 @@ def clustering_phase(run: Run, loss: torch.nn.Module, collected: EpisodeFeatures
     from protorkd.train.protoclip_extraction import extract_episode_features
 
     schedule = run.clustering
+    if not loss.prototypes_active(epoch):  # an InfoNCE-only epoch (warm-up, LiT) never reads the labels
+        log.info(
+            "epoch %d: no clustering (an InfoNCE-only epoch: --infonce-warmup-epoch or --lit-start-epoch)", epoch + 1
+        )
+        return
     started = time.perf_counter()
     if schedule.features == EPISODE or collected is None:  # the same decision on every rank (it is collective)
         collected = extract_episode_features(run, schedule)
