@@ -122,6 +122,17 @@ def test_clip_kd_distils_a_clip_teacher_and_a_text_teacher_from_their_caches(
     assert '"logit_scale"' in clip_text
 
 
+def test_clip_kd_runs_its_clip_teacher_online_on_the_students_batches(tiny_corpus, tmp_path, tiny_clip_checkpoint):
+    args = ["--epochs", "1", "--loss", "CLIP-KD", "--teacher", "none", *clip_teacher_args(tiny_clip_checkpoint)]
+    assert main(train_args(tiny_corpus, tmp_path, "run", *args)) == 0
+    log_text = out_log(tmp_path, "run")
+    assert "teacher clip-image runs online on the student's augmented batches" in log_text
+    assert "teacher clip-image features" not in log_text  # no image cache: the captions' features only
+    manifests = [p.read_text() for p in (tmp_path / "run" / "cache").glob("*/manifest.json")]
+    assert len(manifests) == 1 and '"modality": "text"' in manifests[0]
+    assert " clip_kd_icl_loss " in last_step_line(log_text) and " clip_kd/icl_scale " in last_step_line(log_text)
+
+
 def test_protoclip_logs_clustering_and_resume_restores_the_clusters(tiny_corpus, tmp_path):
     # clustering at epoch 1 only (frequency 2): the resumed epoch 2 must train with the checkpoint's clusters
     common = ["--epochs", "2", "--loss", "ProtoCLIP", "--teacher", "none", "--clustering-frequency", "2"]
