@@ -48,7 +48,7 @@ def test_training_reads_the_cache_instead_of_running_the_teachers(
     tiny_corpus, tiny_text_checkpoint, tiny_clip_checkpoint, tmp_path, capsys
 ):
     cache = tmp_path / "cache"
-    teachers = clip_teacher_args(tiny_clip_checkpoint)
+    teachers = [*clip_teacher_args(tiny_clip_checkpoint), "--clip-teacher-images", "cached"]
     assert (
         main(["cache-teacher", *data_args(tiny_corpus, tiny_text_checkpoint), "--teacher-cache", str(cache), *teachers])
         == 0
@@ -131,7 +131,7 @@ def test_exported_pca_features_feed_protoclip_external_teacher(tiny_corpus, tiny
     protoclip = ["--loss", "ProtoCLIP", "--k", "8", "--PBT", "--external-teacher", str(exported)]
     assert train(tiny_corpus, tiny_text_checkpoint, tmp_path, "run", *protoclip, "--external-teacher-dim", "8") == 0
     log_text = (tmp_path / "run" / "out.log").read_text()
-    assert "clustering of 96 rows (cached teacher features, clustered once)" in log_text
+    assert "clustering of 96 samples (extraction pass over this episode)" in log_text
     assert " external/kmeans_error " in log_text and " text_external_ami " in log_text
     assert " proto_external_loss 0 " not in last_step_line(log_text)
 
