@@ -6,7 +6,7 @@ and one loader worker per run. Configurations:
 
   InfoNCE                       the baseline
   ProtoCLIP, episode            the default, ProtoCLIP's method: before each episode one extraction pass over it
-                                (eval mode, inference mode, 4x batches, only the image tower runs: the teacher's
+                                (eval mode, inference mode, only the image tower runs: the teacher's
                                 side comes from the cache), then k-means, back translation, training
   ProtoCLIP, previous-epoch     `--cluster-features previous-epoch`: clusters the previous epoch's training features
 
