@@ -14,6 +14,11 @@ ProtoCLIP runs with `--add-projection-head --PBT` and clusters every epoch. Each
 `--repeats` times, in alternating order; the epoch time is the loop's "epoch N trained in X s" (clustering
 included), median over epochs 2+ of every repeat. Target (issue 12): ProtoCLIP / InfoNCE <= 1.3.
 
+Then what the extraction's bf16 changes (it runs in bf16 where the hardware has bf16: CUDA, CPUs with
+AVX512-BF16/AMX): the last ProtoCLIP checkpoint's features of one episode, extracted in fp32 and in bf16
+from the same snapshot, each clustered with the same k-means seed; printed: the features' relative error,
+the share of samples whose image / text label is the same, ARI, and the back-translated centroids' error.
+
     python benchmarks/bench_protoclip.py --out /tmp/bench-protoclip          # ~6 min on 2 CPU cores
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,6 +55,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--fidelity-only", action="store_true", help="only the bf16 vs fp32 part, on earlier runs")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     common = [
@@ -65,6 +72,11 @@ def main() -> int:
         "ProtoCLIP, episode": [*common, *protoclip],
         "ProtoCLIP, previous-epoch": [*common, *protoclip, "--cluster-features", "previous-epoch"],
     }
+    checkpoint = args.out / "runs" / f"r{args.repeats - 1}-1" / "checkpoints" / "epoch_latest.pt"
+    if args.fidelity_only:
+        bf16_against_fp32(args.out, configs["ProtoCLIP, episode"], checkpoint)
+        return 0
+    shutil.rmtree(args.out / "runs", ignore_errors=True)  # fresh runs; the teacher cache is kept
     epoch_seconds(args.out, "fill-cache", [*configs["InfoNCE"], "--epochs", "1"])
     times: dict[str, list[list[float]]] = {name: [] for name in configs}
     for repeat in range(args.repeats):
@@ -79,7 +91,57 @@ def main() -> int:
     print("\n| configuration | s / epoch (epochs 2+, median) | ratio to InfoNCE |\n|---|---:|---:|")
     for name in configs:
         print(f"| {name} | {steady(name):.2f} | {steady(name) / steady('InfoNCE'):.3f} |")
+    bf16_against_fp32(args.out, configs["ProtoCLIP, episode"], checkpoint)
     return 0
+
+
+def bf16_against_fp32(out: Path, config: list[str], checkpoint: Path) -> None:
+    """Cluster one episode from fp32 and from bf16 features of the same model; print what differs."""
+    import torch
+    from sklearn.metrics import adjusted_rand_score
+
+    from protorkd.config import add_config_arguments, config_from_namespace
+    from protorkd.distributed import DistState
+    from protorkd.prototypes.clustering import cluster_episode
+    from protorkd.train.protoclip_extraction import cpu_has_bf16, extract_episode_features
+    from protorkd.train.run import build_run
+
+    torch.set_num_threads(1)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    shutil.rmtree(out / "runs" / "bf16-vs-fp32", ignore_errors=True)
+    flags = [*config, "--resume", str(checkpoint), "--logs", str(out / "runs"), "--name", "bf16-vs-fp32"]
+    flags += ["--report-to", "", "--workers", "1", "--teacher-cache", str(out / "cache")]
+    run = build_run(config_from_namespace(parser.parse_args(flags)), DistState(), torch.device("cpu"))
+    try:
+        run.batches.set_epoch(run.start_epoch)
+        results = {}
+        for name, low in (("fp32", False), ("bf16", True)):
+            keys, rows, image, text = extract_episode_features(run, run.clustering, low_precision=low).tensors()
+            state = cluster_episode(image, text, run.clustering.k, pbt=True, indices=keys, seed=run.clustering.seed)
+            results[name] = (image, text, state)
+        # k-means' own variability, for scale: the fp32 features clustered with another seed
+        image, text, _ = results["fp32"]
+        reseeded = cluster_episode(image, text, run.clustering.k, pbt=True, seed=run.clustering.seed + 1)
+    finally:
+        run.close()
+    (image32, text32, s32), (image16, text16, s16) = results["fp32"], results["bf16"]
+
+    def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(((a - b).norm(dim=1) / b.norm(dim=1).clamp(min=1e-12)).max())
+
+    print(f"\nbf16 vs fp32 extraction (CPU with native bf16: {cpu_has_bf16()}), one episode of {len(image32)}:")
+    print(f"  max relative feature error: image {relative(image16, image32):.2e}, text {relative(text16, text32):.2e}")
+    for side in ("image", "text"):
+        a, b = getattr(s32, f"{side}_labels"), getattr(s16, f"{side}_labels")
+        same = float((a == b).float().mean()) * 100
+        seed_ari = adjusted_rand_score(a.numpy(), getattr(reseeded, f"{side}_labels").numpy())
+        print(
+            f"  {side} labels: {same:.1f} % identical, ARI {adjusted_rand_score(a.numpy(), b.numpy()):.4f} "
+            f"(fp32 with another k-means seed: ARI {seed_ari:.4f})"
+        )
+    error = relative(s16.image_centroids_from_text, s32.image_centroids_from_text)
+    print(f"  back-translated image centroids: max relative error {error:.2e}")
 
 
 if __name__ == "__main__":

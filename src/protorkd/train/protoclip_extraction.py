@@ -7,10 +7,14 @@ What ProtoCLIP's `feature_extraction_one_epoch` does, and how this pass keeps it
   DataLoader, i.e. the training augmentation, a second time); no sample is dropped (drop_last off);
 * the model in eval mode (BatchNorm running statistics, no dropout), one snapshot (nothing trains during the
   pass), `torch.inference_mode`;
-* on CUDA: batches GPU_BATCH_FACTOR x the training batch (no activations are kept for a backward pass),
-  bf16 autocast (fp16 where the GPU lacks bf16) and channels_last images. On the CPU larger batches are
-  slower (measured: a tiny-cnn forward over 256 images took 1.5-2x the time of 4 batches of 64, the
-  activations no longer fit the caches), so the pass keeps the training batch size there;
+* bf16 autocast where the hardware computes in bf16: CUDA (fp16 on GPUs without bf16) and CPUs with
+  AVX512-BF16 or AMX (a tiny-cnn forward 2.2x faster than fp32 there; elsewhere the CPU stays fp32).
+  `benchmarks/bench_protoclip.py` measures what it changes: the k-means labels and back-translated
+  centroids of one episode from bf16 against fp32 features;
+* on CUDA: batches GPU_BATCH_FACTOR x the training batch (no activations are kept for a backward pass) and
+  channels_last images. On the CPU larger batches are slower (measured: a tiny-cnn forward over 256 images
+  took 1.5-2x the time of 4 batches of 64, the activations no longer fit the caches), so the pass keeps the
+  training batch size there;
 * a locked teacher tower is not run: its backbone features come from the feature cache and only its heads
   are applied (`train.batches.model_inputs`), so with `--teacher text` only the image tower runs.
 
@@ -35,12 +39,21 @@ if TYPE_CHECKING:
 GPU_BATCH_FACTOR = 4
 
 
-def extraction_autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (fp16 on GPUs without bf16); nothing elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def cpu_has_bf16() -> bool:
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Emulated bf16 would be slower than fp32."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes
+        return False
+
+
+def extraction_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else nothing."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if enabled and device.type == "cpu" and cpu_has_bf16():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def extraction_loader(run: Run) -> DataLoader:
@@ -62,15 +75,16 @@ def extraction_loader(run: Run) -> DataLoader:
 
 
 @torch.inference_mode()
-def extract_episode_features(run: Run, schedule: ClusteringSchedule) -> EpisodeFeatures:
-    """Every rank's share of the episode, through the model in eval mode; gathered on the master's CPU."""
+def extract_episode_features(run: Run, schedule: ClusteringSchedule, *, low_precision: bool = True) -> EpisodeFeatures:
+    """Every rank's share of the episode, through the model in eval mode; gathered on the master's CPU.
+    `low_precision` False keeps fp32 (for measuring what bf16 changes)."""
     model, features = run.model, EpisodeFeatures()
     was_training = model.training
     model.eval()
     try:
         for batch in extraction_loader(run):
             inputs = model_inputs(batch, model, run.teachers, run.teacher, run.device, run.cfg.optim.precision)
-            with extraction_autocast(run.device):
+            with extraction_autocast(run.device, low_precision):
                 output = model(**inputs)
             features.add_batch(schedule, batch, output)
     finally:
