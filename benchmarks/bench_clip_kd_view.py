@@ -2,8 +2,10 @@
 
 On the CIFAR-10 proxy of `benchmarks/ablation.py` (CIFAR-10 train images captioned with CLIP's templates;
 zero-shot and linear probe on the test split). No pretrained CLIP is reachable offline, so the teacher is
-trained here first: `protorkd-tiny-clip` (a 4-layer 64 px ViT + 4-layer text transformer, open_clip) with
-InfoNCE on the same corpus, saved as an open_clip state dict and loaded back through `--clip-teacher-tag`.
+trained here first: `--teacher-model` (default `protorkd-tiny-rn-clip`, an open_clip CLIP with a small
+ModifiedResNet at 64 px and a 4-layer text transformer; the ViT `protorkd-tiny-clip` ends below the student
+at this budget) with InfoNCE on all `--teacher-rows` training images, saved as an open_clip state dict and
+loaded back through `--clip-teacher-tag`.
 
 Students (same seed, same budget): a CLIP of tiny-cnn + tiny-text trained from scratch (`--teacher none`),
 with InfoNCE alone, with CLIP-KD and the teacher online (`--clip-teacher-images online`), and with CLIP-KD
@@ -30,9 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from ablation import SHARED, write_cifar10  # noqa: E402
 
-TINY_CLIP = ["--image-model-builder", "open_clip", "--image-model", "protorkd-tiny-clip"]
-TINY_CLIP += ["--text-model-builder", "open_clip", "--text-model", "protorkd-tiny-clip"]
-TINY_CLIP += ["--teacher", "none", "--image-head-n-layers", "0", "--text-head-n-layers", "0"]
 STUDENT = ["--image-model-builder", "custom", "--image-model", "tiny-cnn", "--text-model-builder", "custom"]
 STUDENT += ["--text-model", "tiny-text", "--teacher", "none"]
 
@@ -76,6 +75,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rows", type=int, default=3200, help="CIFAR-10 training rows (class-balanced shuffle)")
+    parser.add_argument("--teacher-model", default="protorkd-tiny-rn-clip", help="open_clip architecture")
+    parser.add_argument("--teacher-rows", type=int, default=5000, help="CIFAR-10 rows the teacher trains on")
     parser.add_argument("--teacher-epochs", type=int, default=6)
     parser.add_argument("--student-epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=2)
@@ -86,11 +87,15 @@ def main() -> int:
     tsv, eval_root = write_cifar10(args.out, SHARED / "cifar10_jpg", prompts, 100, 200, 0)
     data = ["--train-data", str(tsv), "--eval-data-dir", str(eval_root), "--dataset-size", str(args.rows)]
 
-    teacher = train(args.out, "teacher", [*data, *TINY_CLIP, "--loss", "InfoNCE"], args.teacher_epochs, 0)
+    clip_model = ["--image-model-builder", "open_clip", "--image-model", args.teacher_model]
+    clip_model += ["--text-model-builder", "open_clip", "--text-model", args.teacher_model]
+    clip_model += ["--teacher", "none", "--image-head-n-layers", "0", "--text-head-n-layers", "0"]
+    teacher_data = [*data[:-1], str(args.teacher_rows)]
+    teacher = train(args.out, "teacher", [*teacher_data, *clip_model, "--loss", "InfoNCE"], args.teacher_epochs, 0)
     print(f"teacher: zero-shot {teacher['zeroshot/cifar10/top1']:.1f}, linear {teacher['linear/cifar10/top1']:.1f}")
     clip = [
         "--clip-teacher-model",
-        "protorkd-tiny-clip",
+        args.teacher_model,
         "--clip-teacher-tag",
         str(teacher_state_dict(args.out / "runs" / "teacher")),
     ]
