@@ -105,3 +105,34 @@ def test_clustering_every_other_episode_with_position_keys_is_refused(tiny_corpu
 def test_projection_heads_without_a_clustering_loss_are_refused(tiny_corpus, tmp_path):
     with pytest.raises(UsageError, match="--add-projection-head: --loss InfoNCE"):
         tiny_run(tiny_corpus, tmp_path, "--loss", "InfoNCE", "--add-projection-head")
+
+
+def _gather_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from protorkd import distributed
+    from protorkd.train.clustering import EpisodeFeatures
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        features = EpisodeFeatures()
+        for sizes in ((3, 0), (2, 4)):  # rank 1 has no readable sample in the first batch
+            start = sum(sizes[:rank]) + (0 if sizes == (3, 0) else 10)
+            keys = torch.arange(start, start + sizes[rank])
+            image = keys.float()[:, None].repeat(1, 2)
+            features.add(keys, keys + 100, image, -image[:, :1])
+        torch.save({"length": len(features), "tensors": features.tensors()}, f"{out}/rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_clustering_features_are_gathered_onto_the_master_only(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_gather_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork")
+    master, other = (torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2))
+    keys, rows, image, text = master["tensors"]
+    assert keys.tolist() == [0, 1, 2, 10, 11, 12, 13, 14, 15]  # batch by batch, rank order within a batch
+    assert rows.tolist() == [k + 100 for k in keys.tolist()]
+    assert image.tolist() == [[float(k)] * 2 for k in keys.tolist()] and text[:, 0].tolist() == (-keys.float()).tolist()
+    assert other["length"] == 0 and other["tensors"][0].numel() == 0  # nothing kept on the other rank
