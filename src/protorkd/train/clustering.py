@@ -207,7 +207,7 @@ def cluster_and_install(
 
 def clustering_phase(run: Run, loss: torch.nn.Module, collected: EpisodeFeatures | None, epoch: int) -> None:
     """Pick the features (module docstring), cluster, install in `loss`, log the stats on the master."""
-    from protorkd.train.protoclip_extraction import extract_episode_features
+    from protorkd.train.protoclip_extraction import extract_episode_features  # it imports this module
 
     schedule = run.clustering
     if not loss.prototypes_active(epoch):  # an InfoNCE-only epoch (warm-up, LiT) never reads the labels
