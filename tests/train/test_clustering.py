@@ -52,7 +52,10 @@ def locked_teacher_run(tiny_corpus, tmp_path):
     run.close()
 
 
-def test_back_translation_with_a_locked_teacher_averages_the_students_own_features(locked_teacher_run):
+def test_back_translation_with_a_locked_teacher_averages_the_students_own_features(locked_teacher_run, monkeypatch):
+    import protorkd.train.protoclip_extraction as extraction
+
+    monkeypatch.setattr(extraction, "cpu_has_bf16", lambda: False)  # fp32, to compare exactly (bf16: the benchmark)
     run = locked_teacher_run
     loss, model = main_loss(run.loss), run.model
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
