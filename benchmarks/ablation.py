@@ -7,7 +7,8 @@ Datasets:
 
 Student: tiny-cnn image tower + linear head; teacher: the locked all-MiniLM-L6-v2 text tower (features
 cached once per corpus in OUT/cache and shared by every run). CLIP-KD distils the same MiniLM as its
-text-only teacher (`--extra-text-teacher`); ProtoCLIP clusters the fixed teacher features once.
+text-only teacher (`--extra-text-teacher`); ProtoCLIP runs as published (projection heads, back translation,
+an extraction pass over each episode before training on it).
 
     python benchmarks/ablation.py --out /tmp/ablation            # ~25 min on 2 CPU cores
     python benchmarks/ablation.py --out /tmp/ablation --datasets demo --losses InfoNCE,SimReg
@@ -35,7 +36,7 @@ SHARED = ROOT.parent / "shared" / "data"
 # What a loss needs beyond the common flags (same student, same teacher, same budget).
 LOSS_ARGS = {
     "CLIP-KD": ["--extra-text-teacher", "all-MiniLM-L6-v2"],
-    "ProtoCLIP": ["--k", "64"],
+    "ProtoCLIP": ["--k", "64", "--add-projection-head", "--PBT"],
 }
 
 

@@ -96,6 +96,21 @@ class OptimConfig:
     beta2: float = flag(0.98, "AdamW beta2", rule=BETA)
     eps: float = flag(1e-6, "AdamW epsilon", above=0.0)
     warmup: int = flag(50, "linear warmup steps before the cosine decay", minimum=0)
+    lr_text: float = flag(
+        -1.0,
+        "peak learning rate of every parameter outside the image tower and its head (-1 = --lr; ProtoCLIP)",
+        rule=Rule("-1 (same as --lr) or at least 0", lambda value: value == -1 or value >= 0),
+    )
+    text_start_epoch: int = flag(
+        0,
+        "those parameters have learning rate 0 before this epoch, then their own warmup + cosine (ProtoCLIP)",
+        minimum=0,
+    )
+    text_end_epoch: int = flag(
+        -1,
+        "their cosine schedule ends at this epoch, 0 after (-1 = --epochs; ProtoCLIP)",
+        rule=Rule("-1 (--epochs) or at least 1", lambda value: value == -1 or value >= 1),
+    )
     accum_freq: int = flag(1, "accumulate gradients over this many batches per optimizer step", minimum=1)
     max_grad_norm: float = flag(
         0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)", minimum=0.0

@@ -142,6 +142,24 @@ def all_gather_cat(tensor: torch.Tensor, with_grad: bool = False) -> torch.Tenso
     return torch.cat([part[:count] for part, count in zip(gathered, counts)], dim=0)
 
 
+def gather_cat(tensor: torch.Tensor, dst: int = 0) -> torch.Tensor | None:
+    """Concatenate `tensor` ([B, ...], no gradient) from every rank on rank `dst` only, in rank order; None on the
+    other ranks. Ranks may hold different B (padded for the collective). Every rank must call it."""
+    if not is_initialized() or world_size() == 1:
+        return tensor
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
+    counts = [int(size.item()) for size in sizes]
+    padded = tensor.detach()
+    if tensor.shape[0] < max(counts):
+        padded = torch.cat([padded, padded.new_zeros((max(counts) - tensor.shape[0], *tensor.shape[1:]))], dim=0)
+    parts = [torch.empty_like(padded) for _ in counts] if rank() == dst else None
+    dist.gather(padded.contiguous(), parts, dst=dst)
+    if parts is None:
+        return None
+    return torch.cat([part[:count] for part, count in zip(parts, counts)], dim=0)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of `tensor` over ranks (no gradient); identity without a process group."""
     if not is_initialized() or world_size() == 1:

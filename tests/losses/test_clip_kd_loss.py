@@ -57,14 +57,21 @@ def off_diag(m):
     return [[v for j, v in enumerate(row) if j != i] for i, row in enumerate(m)]
 
 
+ICL_SCALE = math.log(1 / 0.07)  # CLIP-KD's cross_logit_scale: initialised to ln(1/0.07), multiplied as it is
+
+
+def mse(a, b):
+    """F.mse_loss: the mean over all N x D elements."""
+    return sum(sum((x - y) ** 2 for x, y in zip(row_a, row_b)) for row_a, row_b in zip(a, b)) / (len(a) * len(a[0]))
+
+
 def hand_clip_kd(s_i, s_t, t_i, t_t, s_scale, t_scale):
+    """CLIP-KD's KDClipLoss (winycg/CLIP-KD src/open_clip/loss.py) written out: task, ckd (KL), fd, icl."""
     infonce = 0.5 * (ce_diagonal(sims(s_i, s_t, s_scale)) + ce_diagonal(sims(s_t, s_i, s_scale)))
     teacher, student = sims(t_i, t_t, t_scale), sims(s_i, s_t, s_scale)
     logit = 0.5 * (kl_rows(teacher, student) + kl_rows(transpose(teacher), transpose(student)))
-    fd = 0.5 * sum(
-        sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(s, t)) / len(s) for s, t in ((s_i, t_i), (s_t, t_t))
-    )
-    icl = 0.5 * (ce_diagonal(sims(s_i, t_t, s_scale)) + ce_diagonal(sims(s_t, t_i, s_scale)))
+    fd = mse(s_i, t_i) + mse(s_t, t_t)
+    icl = 0.5 * (ce_diagonal(sims(s_i, t_t, ICL_SCALE)) + ce_diagonal(sims(s_t, t_i, ICL_SCALE)))
     intra = 0.5 * sum(
         kl_rows(off_diag(sims(t, t, t_scale)), off_diag(sims(s, s, s_scale))) for s, t in ((s_i, t_i), (s_t, t_t))
     )
@@ -113,6 +120,7 @@ def test_clip_kd_distillation_terms_vanish_when_student_equals_teacher():
     loss = CLIPKD(2, weights=ALL_ON).double()
     with torch.no_grad():
         loss.logit_scale.fill_(math.log(TEACHER_SCALE))
+        loss.icl_scales["teacher"].fill_(TEACHER_SCALE)  # ICL's scale is a plain multiplier
     terms = loss(inputs(T_IMAGE, T_TEXT, T_IMAGE, T_TEXT))
     for name in ("clip_kd_logit_loss", "clip_kd_fd_loss", "clip_kd_intra_loss", "clip_kd_rkd_loss"):
         assert terms[name].item() == pytest.approx(0.0, abs=1e-12), name
@@ -120,12 +128,51 @@ def test_clip_kd_distillation_terms_vanish_when_student_equals_teacher():
     torch.testing.assert_close(terms["clip_kd_icl_loss"], terms["infonce_loss"])
 
 
+def test_icl_has_its_own_learnable_scale_initialised_and_used_as_in_clip_kd():
+    loss = CLIPKD(2, weights=ClipKDWeights(infonce=1.0, logit=0, fd=0, icl=1.0)).double()
+    assert loss.icl_scales["teacher"].item() == pytest.approx(math.log(1 / 0.07), rel=1e-7)
+    terms = loss(inputs(S_IMAGE.clone().requires_grad_(), S_TEXT, T_IMAGE, T_TEXT))
+    terms["clip_kd_icl_loss"].backward()
+    assert loss.icl_scales["teacher"].grad.abs() > 0
+    assert loss.logit_scale.grad is None  # the student's InfoNCE scale does not serve ICL
+    assert {name for name, _ in loss.named_parameters()} == {"logit_scale", "icl_scales.teacher"}
+
+
+@pytest.mark.parametrize("teacher_dim", [3, 5])
+def test_feature_distillation_default_is_clip_kds_2000_x_mse_for_any_teacher_width(teacher_dim):
+    torch.manual_seed(0)
+    loss = build_loss("CLIP-KD", LossOptions(clip_kd_teacher_dim=teacher_dim, w_clip_kd_logit=0, w_clip=0), 2)
+    loss = loss.double()
+    generator = torch.Generator().manual_seed(1)
+    t_image = F.normalize(torch.randn(3, teacher_dim, generator=generator, dtype=torch.float64), dim=1)
+    t_text = F.normalize(torch.randn(3, teacher_dim, generator=generator, dtype=torch.float64), dim=1)
+    terms = loss(inputs(S_IMAGE, S_TEXT, t_image, t_text))
+
+    def project(linear, rows):  # CLIP-KD: nn.Linear(s_dim, t_dim) (with bias), then F.normalize
+        weight, bias = linear.weight.tolist(), linear.bias.tolist()
+        out = [[sum(w * x for w, x in zip(w_row, row)) + b for w_row, b in zip(weight, bias)] for row in rows]
+        return [[v / math.sqrt(sum(u * u for u in r)) for v in r] for r in out]
+
+    projected_image = project(loss.image_projections["clip"], S_IMAGE.tolist())
+    projected_text = project(loss.text_projections["clip"], S_TEXT.tolist())
+    clip_kd = 2000.0 * (mse(projected_image, t_image.tolist()) + mse(projected_text, t_text.tolist()))
+    assert terms["clip_kd_fd_loss"].item() == pytest.approx(clip_kd, rel=1e-9)
+    # the same, written as docs/method.md states it: 2000 / D_t x the mean squared L2 distance, summed over modalities
+    squared = sum(
+        sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(s, t.tolist())) / 3
+        for s, t in ((projected_image, t_image), (projected_text, t_text))
+    )
+    assert terms["clip_kd_fd_loss"].item() == pytest.approx(2000.0 / teacher_dim * squared, rel=1e-9)
+
+
 def test_clip_kd_projects_a_narrower_student_into_the_teacher_space():
     loss = CLIPKD(2, (ClipTeacher(dim=3),), ClipKDWeights(infonce=0, logit=0, fd=1.0, icl=0)).double()
     projection = [[1.0, 0.0], [0.5, 1.0], [0.0, -2.0]]  # Linear(2 -> 3) weight [3, 2]
+    bias = [0.1, -0.2, 0.3]
     with torch.no_grad():
-        loss.image_projections["teacher"].weight.copy_(torch.tensor(projection))
-        loss.text_projections["teacher"].weight.copy_(torch.tensor(projection))
+        for projections in (loss.image_projections, loss.text_projections):
+            projections["teacher"].weight.copy_(torch.tensor(projection))
+            projections["teacher"].bias.copy_(torch.tensor(bias, dtype=torch.float64))
     t_image = unit_rows([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     t_text = unit_rows([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 0.0, 1.0]])
     student_image = S_IMAGE.clone().requires_grad_()
@@ -133,13 +180,10 @@ def test_clip_kd_projects_a_narrower_student_into_the_teacher_space():
     terms = loss(inputs(student_image, S_TEXT, teacher_image, t_text))
 
     def project(rows):
-        out = [[sum(w * x for w, x in zip(wrow, row)) for wrow in projection] for row in rows]
+        out = [[sum(w * x for w, x in zip(wrow, row)) + b for wrow, b in zip(projection, bias)] for row in rows]
         return [[v / math.sqrt(sum(u * u for u in r)) for v in r] for r in out]
 
-    expected = 0.5 * sum(
-        sum(sum((a - b) ** 2 for a, b in zip(x, y)) for x, y in zip(project(s.tolist()), t.tolist())) / 3
-        for s, t in ((S_IMAGE, t_image), (S_TEXT, t_text))
-    )
+    expected = mse(project(S_IMAGE.tolist()), t_image.tolist()) + mse(project(S_TEXT.tolist()), t_text.tolist())
     assert terms["clip_kd_fd_loss"].item() == pytest.approx(expected, rel=1e-9)
     terms["clip_kd_fd_loss"].backward()
     assert student_image.grad.abs().sum() > 0

@@ -42,6 +42,12 @@ CONFIG = dict(
 )
 
 
+def launch(worker, *args: str) -> None:
+    """WORLD processes running worker(rank, *args). Forked, not spawned: a spawned child re-imports the main
+    module, which re-runs pytest when pytest was started by a console script without a __main__ guard."""
+    mp.start_processes(worker, args=args, nprocs=WORLD, start_method="fork")
+
+
 def cases() -> list[str]:
     return [*LOSSES.names(), AUXILIARY_CASE]
 
@@ -156,7 +162,7 @@ def test_every_loss_under_two_process_gloo_equals_the_single_process_loss_on_the
     steps, state = make_steps(), cluster_state()
     reference = {case: run_case(case, steps, slice(None), state) for case in cases()}
     torch.save({"steps": steps, "state": state}, tmp_path / "data.pt")
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path)), nprocs=WORLD)
+    launch(_worker, str(tmp_path / "init"), str(tmp_path / "data.pt"), str(tmp_path))
 
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
@@ -179,3 +185,66 @@ def test_every_loss_under_two_process_gloo_equals_the_single_process_loss_on_the
             for name, buffer in reference[case]["buffers"].items():
                 torch.testing.assert_close(got[case]["buffers"][name], buffer, msg=f"{case} rank {rank} {name}")
     assert math.isfinite(float(reference["RKD"]["steps"][1]["values"]["rkd_angle_loss"]))
+
+
+# InfoNCE with unequal and empty local batches, with and without --local-loss: per step, the rows of rank 0 and 1
+UNEQUAL_STEPS = ((3, 5), (4, 0))  # in the second step rank 1 has no readable sample
+
+
+def run_infonce(local_loss: bool, steps: list[dict[str, torch.Tensor]], rank: int | None) -> list[dict]:
+    """Per step: the value, the input gradients and the logit-scale gradient, on `rank`'s rows (None: all rows)."""
+    torch.manual_seed(0)
+    loss = build_loss("InfoNCE", LossOptions(gather_with_grad=True, local_loss=local_loss), DIM).double()
+    records = []
+    for step, sizes in zip(steps, UNEQUAL_STEPS):
+        start = 0 if rank is None else sum(sizes[:rank])
+        rows = slice(None) if rank is None else slice(start, start + sizes[rank])
+        image = step["image"][rows].clone().requires_grad_()
+        text = step["text"][rows].clone().requires_grad_()
+        loss.zero_grad(set_to_none=True)
+        value = loss(LossInputs(image_features=image, text_features=text, teacher="none"))["infonce_loss"]
+        value.backward()
+        records.append(
+            {"value": value.detach(), "image": image.grad, "text": text.grad, "scale": loss.logit_scale.grad.clone()}
+        )
+    return records
+
+
+def _infonce_worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        steps = torch.load(data_file, weights_only=False)
+        results = {local: run_infonce(local, steps, rank) for local in (False, True)}
+        torch.save(results, f"{out_dir}/infonce-rank{rank}.pt")
+    finally:
+        distributed.shutdown()
+
+
+def test_infonce_with_unequal_and_empty_local_batches_matches_one_process_with_and_without_local_loss(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    steps = [
+        {
+            key: F.normalize(torch.randn(sum(sizes), DIM, generator=generator, dtype=torch.float64), dim=1)
+            for key in ("image", "text")
+        }
+        for sizes in UNEQUAL_STEPS
+    ]
+    torch.save(steps, tmp_path / "steps.pt")
+    launch(_infonce_worker, str(tmp_path / "init"), str(tmp_path / "steps.pt"), str(tmp_path))
+    got = [torch.load(tmp_path / f"infonce-rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    for local in (False, True):
+        single = run_infonce(local, steps, None)
+        for index, (sizes, reference) in enumerate(zip(UNEQUAL_STEPS, single)):
+            where = f"local_loss={local} step {index}"
+            ranks = [got[rank][local][index] for rank in range(WORLD)]
+            # DDP averages the W ranks' gradients: their mean loss is the one-process loss (each rank's own
+            # value with the global loss, its share W * sum(own rows) / N with --local-loss)
+            torch.testing.assert_close(sum(r["value"] for r in ranks) / WORLD, reference["value"], msg=where)
+            torch.testing.assert_close(sum(r["scale"] for r in ranks) / WORLD, reference["scale"], msg=where)
+            for rank, mine in enumerate(ranks):
+                rows = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+                for key in ("image", "text"):  # the gather sums the ranks' gradients: W x the one-process rows
+                    torch.testing.assert_close(mine[key], WORLD * reference[key][rows], msg=f"{where} rank {rank}")
+                if not local:
+                    torch.testing.assert_close(mine["value"], reference["value"], msg=where)

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -175,3 +176,58 @@ def test_protoclip_gradient_reaches_features_and_prototype_temperature_only():
     assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0
     assert loss.logit_scale_proto.grad.abs() > 0
     assert {name for name, _ in loss.named_parameters()} == {"logit_scale", "logit_scale_proto"}
+
+
+def test_protoclip_looks_labels_up_by_episode_position_when_the_clustering_is_keyed_so():
+    # ProtoCLIP indexes labels by each sample's episodic index: here the batch's three samples are one corpus row
+    # drawn three times (positions 4, 0 and 2 of the episode), each with its own labels
+    loss = ProtoCLIP(w_proto=1.0, w_proto_external=0.0).double()
+    with torch.no_grad():
+        loss.logit_scale.fill_(math.log(INFONCE_SCALE))
+        loss.logit_scale_proto.fill_(math.log(PROTO_SCALE))
+    loss.set_clusters(dataclasses.replace(STATE, keyed_by_position=True))
+    inputs = LossInputs(
+        image_features=IMAGE, text_features=TEXT, teacher="none", indices=torch.tensor([1, 1, 1]), positions=INDICES
+    )
+    terms = loss(inputs)
+    i2t = hand_proto_loss(
+        IMAGE.tolist(), STATE.text_centroids.tolist(), None, labels_of(STATE.text_labels), -1.0
+    )  # labels_of reads the tables at INDICES, here the positions
+    t2i = hand_proto_loss(TEXT.tolist(), STATE.image_centroids.tolist(), None, labels_of(STATE.image_labels), -1.0)
+    assert terms["proto_loss"].item() == pytest.approx(0.5 * (i2t + t2i), rel=1e-9)
+    assert loss.label_coverage() == (3, 3)
+    without_positions = LossInputs(image_features=IMAGE, text_features=TEXT, teacher="none", indices=INDICES)
+    with pytest.raises(ValueError, match="positions"):
+        loss(without_positions)
+
+
+def test_protoclip_counts_the_samples_that_had_a_label():
+    loss = make_loss()
+    loss(LossInputs(image_features=IMAGE, text_features=TEXT, teacher="none", indices=torch.tensor([4, 0, 99])))
+    loss(batch())
+    assert loss.label_coverage() == (5, 6)
+    assert loss.label_coverage() == (0, 0)  # reset by reading
+
+
+def test_protoclip_lit_epochs_use_only_infonce():
+    # ProtoCLIP: `if args.lit_start_epoch > 0 and epoch >= args.lit_start_epoch - 1: w_clip, w_proto, w_ext = 1, 0, 0`
+    loss = make_loss(w_clip=0.5, w_proto=1.0, lit_start_epoch=3)
+    before, lit = loss(batch(epoch=1)), loss(batch(epoch=2))
+    assert before["proto_loss"].item() > 0
+    assert before["infonce_loss"].item() == pytest.approx(0.5 * hand_infonce(IMAGE.tolist(), TEXT.tolist(), 20.0))
+    assert lit["proto_loss"].item() == 0.0 and lit["proto_external_loss"].item() == 0.0
+    assert lit["infonce_loss"].item() == pytest.approx(hand_infonce(IMAGE.tolist(), TEXT.tolist(), 20.0), rel=1e-9)
+    assert loss.label_coverage() == (3, 3)  # only the active epoch looked labels up
+
+
+def test_switched_off_prototype_terms_stay_connected_to_the_projection_features():
+    # DistributedDataParallel needs every parameter used in every step, the projection heads included
+    loss = make_loss(infonce_warmup_epoch=1)
+    image_proto = F.normalize(t64([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1).requires_grad_()
+    text_proto = F.normalize(t64([[0.5, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=1).requires_grad_()
+    extra = {"image_proto_features": image_proto, "text_proto_features": text_proto}
+    terms = loss(LossInputs(IMAGE, TEXT, teacher="none", indices=INDICES, epoch=0, extra=extra))
+    assert terms["proto_loss"].item() == 0.0
+    terms["proto_loss"].backward()
+    assert image_proto.grad is not None and torch.count_nonzero(image_proto.grad) == 0
+    assert text_proto.grad is not None

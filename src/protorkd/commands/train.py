@@ -2,7 +2,8 @@
 
 With no flags it trains the built-in demo (MiniLM text teacher -> small CNN image student) on the
 generated shapes corpus and evaluates it. `torchrun --nproc_per_node N -m protorkd train ...` runs it
-on N processes.
+on N processes. `protorkd train @configs/protoclip-cc2.5m-1gpu.args --train-data my.tsv` reads flags from
+a file (one or more flags per line, `#` starts a comment); flags after it override the file's.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 
 from protorkd.config import add_config_arguments, config_from_namespace, validate_config
@@ -22,10 +24,17 @@ def add_parser(subparsers) -> None:
         "train",
         help="train a student (default: the built-in demo)",
         description=__doc__,
+        fromfile_prefix_chars="@",
     )
+    parser.convert_arg_line_to_args = flags_of_line
     parser.add_argument("--list-losses", action="store_true", help="print the registered loss names and exit")
     add_config_arguments(parser)
     parser.set_defaults(func=run)
+
+
+def flags_of_line(line: str) -> list[str]:
+    """The arguments on one line of an @file: shell-like words (quotes allowed), `#` to the end is a comment."""
+    return shlex.split(line, comments=True)
 
 
 def run(args: argparse.Namespace) -> int:

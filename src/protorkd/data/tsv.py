@@ -205,8 +205,8 @@ class CsvCorpus(Dataset):
             epoch, position, index = key
             torch.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + position)
         else:
-            index = key
-        sample = {"index": index, "caption": self.captions[index], "image": None, "bad": None}
+            index = position = key
+        sample = {"index": index, "position": position, "caption": self.captions[index], "image": None, "bad": None}
         if index in self.problems:
             sample["bad"] = self.problems[index]
             return sample
@@ -237,10 +237,12 @@ class CsvCorpus(Dataset):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Drop bad samples; stack the rest. Returns indices [b], images [b, 3, H, W] (if loaded), captions, bad."""
+    """Drop bad samples; stack the rest. Returns indices [b] (corpus rows), positions [b] (in the episode),
+    images [b, 3, H, W] (if loaded), captions, bad."""
     good = [s for s in samples if s["bad"] is None]
     batch: dict = {
         "indices": torch.tensor([s["index"] for s in good], dtype=torch.long),
+        "positions": torch.tensor([s["position"] for s in good], dtype=torch.long),
         "captions": [s["caption"] for s in good],
         "bad": [(s["index"], s["bad"]) for s in samples if s["bad"] is not None],
     }

@@ -22,6 +22,7 @@ _LAZY = {
     "LossInputs": "base",
     "LossNeeds": "base",
     "needs_of": "base",
+    "clamp_logit_scales": "common",
 }
 
 

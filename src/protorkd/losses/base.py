@@ -22,6 +22,8 @@ class LossInputs:
     image_features / text_features: [B, D], L2-normalised outputs of the projection heads.
     teacher: which tower is the locked teacher (TEXT, IMAGE) or NONE (both towers train).
     indices: [B] corpus row of each sample (used by prototype / clustering losses).
+    positions: [B] each sample's position in its episode (ProtoCLIP's "episodic index": a row drawn twice
+        in one episode has two positions); None for streamed shards.
     extra: optional named tensors, e.g. "image_features_view2" [B, D] for BYOL,
         "text_features_dropout" [B, D] for SimCSE, or raw teacher features.
     """
@@ -31,6 +33,7 @@ class LossInputs:
     teacher: TeacherSide = TeacherSide.TEXT
     indices: torch.Tensor | None = None
     epoch: int = 0
+    positions: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -8,9 +8,12 @@ teachers with per-teacher weights):
 * infonce: CLIP loss on the student pair, learnable student logit scale s.
 * logit (CRD / open_clip DistillClipLoss, as a KL): KL(softmax(s_t T_I T_T^T) || softmax(s S_I S_T^T))
   row-wise, image->text and text->image, averaged.
-* fd: mean_i ||proj(S)_i - T_i||^2 per modality, averaged (proj: learnable Linear(D, Dt) followed by
-  normalisation when Dt != D, identity otherwise).
-* icl: InfoNCE of proj(S_I) against T_T and of proj(S_T) against T_I with the student scale.
+* fd: MSE(proj(S_I), T_I) + MSE(proj(S_T), T_T), MSE averaged over all N x Dt elements, as CLIP-KD's
+  `F.mse_loss` (proj: learnable Linear(D, Dt) with bias followed by normalisation when Dt != D,
+  identity otherwise). The weight 2000 is CLIP-KD's alpha_fd_loss, whatever the teacher's width.
+* icl: InfoNCE of proj(S_I) against T_T and of proj(S_T) against T_I, with ICL's own learnable scale
+  `icl_scale` (CLIP-KD's `cross_logit_scale`: initialised to ln(1/0.07) and, as in CLIP-KD, used as the
+  multiplier itself, not exponentiated, and never clamped), one per teacher.
 * intra: KL between teacher and student image-image (and text-text) similarity distributions,
   the diagonal removed, teacher scale for the teacher, student scale for the student.
 * rkd: RKD (distance + angle) between student and teacher image features and text features.
@@ -51,7 +54,7 @@ class ClipTeacher:
 class ClipKDWeights:
     infonce: float = 1.0
     logit: float = 1.0
-    fd: float = 4.0
+    fd: float = 2000.0
     icl: float = 1.0
     intra: float = 0.0
     rkd: float = 0.0
@@ -59,8 +62,11 @@ class ClipKDWeights:
     rkd_angle: float = 1.0
 
 
+ICL_SCALE_INIT = math.log(1.0 / 0.07)  # CLIP-KD's cross_logit_scale initial value, used as a plain multiplier
+
+
 def _projection(dim: int, teacher_dim: int) -> nn.Module:
-    return nn.Identity() if teacher_dim == dim else nn.Linear(dim, teacher_dim, bias=False)
+    return nn.Identity() if teacher_dim == dim else nn.Linear(dim, teacher_dim)  # CLIP-KD: nn.Linear, with bias
 
 
 class CLIPKD(nn.Module):
@@ -88,6 +94,7 @@ class CLIPKD(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.image_projections = nn.ModuleDict({t.name: _projection(dim, t.dim) for t in self.teachers})
         self.text_projections = nn.ModuleDict({t.name: _projection(dim, t.dim) for t in self.teachers})
+        self.icl_scales = nn.ParameterDict({t.name: nn.Parameter(torch.tensor(ICL_SCALE_INIT)) for t in self.teachers})
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
@@ -134,13 +141,13 @@ class CLIPKD(nn.Module):
             projected_image = self._project(self.image_projections[teacher.name], student_image)
             projected_text = self._project(self.text_projections[teacher.name], student_text)
             if w.fd:
-                fd_image = (projected_image - teacher_image).pow(2).sum(dim=1).mean()
-                fd_text = (projected_text - teacher_text).pow(2).sum(dim=1).mean()
-                terms["clip_kd_fd_loss"] = w.fd * 0.5 * (fd_image + fd_text)
+                fd = F.mse_loss(projected_image, teacher_image) + F.mse_loss(projected_text, teacher_text)
+                terms["clip_kd_fd_loss"] = w.fd * fd
             if w.icl:
                 labels = torch.arange(student_image.shape[0], device=student_image.device)
-                image_to_teacher_text = F.cross_entropy(scale * projected_image @ teacher_text.T, labels)
-                text_to_teacher_image = F.cross_entropy(scale * projected_text @ teacher_image.T, labels)
+                icl_scale = self.icl_scales[teacher.name]
+                image_to_teacher_text = F.cross_entropy(icl_scale * projected_image @ teacher_text.T, labels)
+                text_to_teacher_image = F.cross_entropy(icl_scale * projected_text @ teacher_image.T, labels)
                 terms["clip_kd_icl_loss"] = w.icl * 0.5 * (image_to_teacher_text + text_to_teacher_image)
         if w.intra and student_image.shape[0] > 1:
             intra = 0.0
@@ -162,4 +169,7 @@ class CLIPKD(nn.Module):
         return F.normalize(projection(features), dim=-1)
 
     def log_values(self) -> dict[str, float]:
-        return {"temperature": float(1.0 / self.scale().detach())}
+        values = {"temperature": float(1.0 / self.scale().detach())}
+        for name, icl_scale in self.icl_scales.items():
+            values["clip_kd/icl_scale" + ("" if len(self.icl_scales) == 1 else f"/{name}")] = icl_scale.item()
+        return values

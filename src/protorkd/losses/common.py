@@ -15,6 +15,8 @@ Hence on every rank
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -86,4 +88,13 @@ def kl_divergence(target_logits: torch.Tensor, student_logits: torch.Tensor) -> 
 
 def zero_with_grad(features: torch.Tensor) -> torch.Tensor:
     """A 0 that is still connected to `features`, so backward() works when a loss has nothing to score."""
-    return features.sum() * 0.0
+    return features.sum() * 0.0 + 0.0  # + 0.0: a positive zero (a negative sum times 0.0 is -0.0)
+
+
+@torch.no_grad()
+def clamp_logit_scales(module: torch.nn.Module, max_value: float = math.log(100.0)) -> None:
+    """Clamp every learnable log-scale (`logit_scale`, ProtoCLIP's `logit_scale_proto`) to [0, ln 100] in place,
+    after each optimizer step, as CLIP, open_clip, ProtoCLIP and CLIP-KD do (CLIP-KD's ICL scale is not one)."""
+    for name, parameter in module.named_parameters():
+        if name.rsplit(".", 1)[-1].startswith("logit_scale"):
+            parameter.clamp_(0.0, max_value)

@@ -26,19 +26,32 @@ def clip_loss(
 
     image_features, text_features: [B, D] normalised local features; logit_scale: scalar s (already
     exponentiated). Under DDP the features of every rank are gathered; with `local_loss` each rank only
-    scores its own rows against the global batch (open_clip's memory-saving mode, same gradient).
+    scores its own B_r rows against the global batch of N (open_clip's memory-saving mode). Ranks may hold
+    different B_r (unreadable samples dropped, or none at all): a row's label is its offset in the gathered
+    batch (the sizes of the ranks before it), and rank r's loss is the *sum* over its rows times W / N, so that
+    DDP's average over the W ranks is the mean over all N rows, i.e. the single-process loss and gradient
+    (open_clip's arange(B) + rank * B and per-rank mean are right only for equal B_r).
     """
-    world, rank = distributed.world_size(), distributed.rank()
+    world = distributed.world_size()
     all_image = distributed.all_gather_cat(image_features, with_grad=gather_with_grad)
     all_text = distributed.all_gather_cat(text_features, with_grad=gather_with_grad)
-    batch = image_features.shape[0]
-    if local_loss and world > 1:
-        logits_per_image = logit_scale * image_features @ all_text.T
-        logits_per_text = logit_scale * text_features @ all_image.T
-        labels = torch.arange(batch, device=image_features.device) + rank * batch
-    else:
+    if not (local_loss and world > 1):
         return symmetric_infonce(all_image, all_text, logit_scale)
-    return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels))
+    batch, total = image_features.shape[0], all_image.shape[0]
+    offset = local_offset(batch, device=image_features.device)
+    labels = torch.arange(batch, device=image_features.device) + offset
+    logits_per_image = logit_scale * image_features @ all_text.T
+    logits_per_text = logit_scale * text_features @ all_image.T
+    summed = F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(
+        logits_per_text, labels, reduction="sum"
+    )
+    return 0.5 * summed * world / total
+
+
+def local_offset(batch: int, *, device: torch.device) -> int:
+    """This rank's first row in the gathered global batch: the sum of the local batch sizes of lower ranks."""
+    sizes = distributed.all_gather_cat(torch.tensor([batch], device=device))
+    return int(sizes[: distributed.rank()].sum())
 
 
 def symmetric_infonce(

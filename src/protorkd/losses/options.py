@@ -69,12 +69,15 @@ class LossOptions:
         1.0, "CLIP-KD: weight of the image-text logit distillation (KL, both directions)", minimum=0.0
     )
     w_clip_kd_fd: float = flag(
-        4.0,
-        "CLIP-KD: weight of feature distillation, mean squared L2 distance (CLIP-KD's 2000 x MSE = 4000/D_t)",
+        2000.0,
+        "CLIP-KD: weight of feature distillation, per-element MSE summed over the two modalities (CLIP-KD's "
+        "alpha_fd_loss 2000; = 2000 / D_t x the squared L2 distance, for any teacher width D_t)",
         minimum=0.0,
     )
     w_clip_kd_icl: float = flag(
-        1.0, "CLIP-KD: weight of interactive contrastive learning (student vs teacher)", minimum=0.0
+        1.0,
+        "CLIP-KD: weight of interactive contrastive learning (student vs teacher, its own learnable scale)",
+        minimum=0.0,
     )
     w_clip_kd_intra: float = flag(0.0, "CLIP-KD: weight of intra-modal similarity-distribution KL", minimum=0.0)
     w_clip_kd_rkd: float = flag(0.0, "CLIP-KD: weight of intra-modal RKD (uses --w-rkd-d/--w-rkd-a)", minimum=0.0)
@@ -110,6 +113,20 @@ class LossOptions:
     kmeans_nredo: int = flag(1, "ProtoCLIP: k-means restarts (the best objective is kept)", minimum=1)
     clustering_frequency: int = flag(
         1, "ProtoCLIP: re-cluster every N epochs (-1 = never, i.e. plain InfoNCE)", rule=NEVER_OR_AT_LEAST_ONE
+    )
+    lit_start_epoch: int = flag(
+        -1,
+        "Locked-image tuning from epoch N (1-based; -1 = never): from then on the image tower's learning rate is 0 "
+        "and ProtoCLIP uses only InfoNCE (ProtoCLIP's recipe: the last episode)",
+        rule=NEVER_OR_AT_LEAST_ONE,
+    )
+    cluster_features: str = flag(
+        "episode",
+        "ProtoCLIP: what is clustered. episode: before training on an episode, its features from one no-grad "
+        "eval-mode pass of one model snapshot (ProtoCLIP's method; every sample gets a label). previous-epoch: "
+        "the features the previous epoch's training passes computed (cheaper, one epoch stale; samples the "
+        "previous episode did not draw get no label)",
+        ("episode", "previous-epoch"),
     )
     target_temperature: float = flag(
         -1.0, "ProtoCLIP: soft-target temperature over teacher centroids (<=0: hard one-hot labels)"

@@ -9,11 +9,16 @@ Per global batch of N, with student logits u_i = s_p <p_i, P_k> over the k proto
   tau > 0 the target is softmax(<C_{y_i}, C_k> / tau) over the teacher's own centroids C, else y_i.
 * external (needs PBT): img->ext and text->ext with the back-translated external clusters, hard labels.
 * total = w_clip L_clip + w_proto (L_i2t + L_t2i) / 2 + w_ext (L_i2e + L_t2e) / 2; before
-  `infonce_warmup_epoch`, and before the first clustering, only L_clip (with weight 1 during warmup).
+  `infonce_warmup_epoch`, from `lit_start_epoch - 1` on (the Locked-image Tuning phase, when
+  `lit_start_epoch` > 0), and before the first clustering, only L_clip with weight 1.
 
 Prototype terms use extra["image_proto_features"] / extra["text_proto_features"] ([B, d], the
-features that were clustered, e.g. ProtoCLIP's projection-head outputs) when present, else the
-main features. s_p is a learnable prototype scale (init 1 / temperature, clamped at 100).
+features that were clustered: ProtoCLIP's projection-head outputs) when present, else the main
+features. When the prototype terms are off, they are still connected to those features with weight 0,
+so that DistributedDataParallel sees every parameter used. s_p is a learnable prototype scale (init
+1 / temperature, clamped at 100). Labels are looked up by `LossInputs.positions` (each sample's
+position in its episode, ProtoCLIP's episodic index) or by `LossInputs.indices` (corpus rows),
+whichever the installed clustering was keyed by.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from protorkd.prototypes.clustering import TENSOR_FIELDS, ClusterState
 
 
 class ProtoCLIP(nn.Module):
-    needs = LossNeeds(row_ids=True, clustering=True)  # labels are looked up by corpus row
+    needs = LossNeeds(row_ids=True, clustering=True)  # labels are looked up by episode position or corpus row
 
     def __init__(
         self,
@@ -43,6 +48,7 @@ class ProtoCLIP(nn.Module):
         target_temperature: float = -1.0,
         pbt: bool = False,
         infonce_warmup_epoch: int = 0,
+        lit_start_epoch: int = -1,
     ) -> None:
         super().__init__()
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
@@ -53,9 +59,13 @@ class ProtoCLIP(nn.Module):
         self.target_temperature = target_temperature
         self.pbt = pbt
         self.infonce_warmup_epoch = infonce_warmup_epoch
+        self.lit_start_epoch = lit_start_epoch
         for name, dtype, ndim in TENSOR_FIELDS:
             self.register_buffer(name, torch.zeros((0,) * ndim, dtype=dtype))
+        self.register_buffer("keyed_by_position", torch.tensor(False))
         self._diagnostics: dict[str, torch.Tensor] = {}
+        self._labelled = torch.zeros((), dtype=torch.long)  # samples with a label since the last reset
+        self._looked_up = torch.zeros((), dtype=torch.long)
 
     # ---- clustering state ---------------------------------------------------------------------
     def set_clusters(self, state: ClusterState) -> None:
@@ -69,6 +79,20 @@ class ProtoCLIP(nn.Module):
             if tensor is None:
                 tensor = torch.zeros((0,) * ndim, dtype=dtype)
             setattr(self, name, tensor.to(device=device, dtype=dtype))
+        self.keyed_by_position = torch.tensor(bool(state.keyed_by_position), device=device)
+
+    def prototypes_active(self, epoch: int) -> bool:
+        """Do the prototype terms count in `epoch` (0-based)? Not in InfoNCE warmup or LiT epochs."""
+        lit = 0 < self.lit_start_epoch and epoch >= self.lit_start_epoch - 1
+        return not (epoch < self.infonce_warmup_epoch or lit)
+
+    def label_coverage(self, reset: bool = True) -> tuple[int, int]:
+        """(samples that had a prototype label, samples looked up) since the last reset, over global batches."""
+        counts = int(self._labelled), int(self._looked_up)
+        if reset:
+            self._labelled = torch.zeros_like(self._labelled)
+            self._looked_up = torch.zeros_like(self._looked_up)
+        return counts
 
     @property
     def has_clusters(self) -> bool:
@@ -97,24 +121,29 @@ class ProtoCLIP(nn.Module):
         image = gather_trainable(inputs.image_features)
         text = gather_trainable(inputs.text_features)
         infonce = symmetric_infonce(image, text, self.scale())
-        warmup = inputs.epoch < self.infonce_warmup_epoch
-        terms = {"infonce_loss": (1.0 if warmup else self.w_clip) * infonce}
-        zero = infonce.new_zeros(())
-        terms["proto_loss"] = zero
-        terms["proto_external_loss"] = zero
-        self._diagnostics = {}
-        if warmup or not self.has_clusters:
-            return terms
-        if inputs.indices is None:
-            raise ValueError("ProtoCLIP needs inputs.indices to look up cluster labels")
-        indices = gather_frozen(inputs.indices).long()
         extra = inputs.extra
         image_proto = gather_trainable(extra["image_proto_features"]) if "image_proto_features" in extra else image
         text_proto = gather_trainable(extra["text_proto_features"]) if "text_proto_features" in extra else text
+        self._diagnostics = {}
+        active = self.prototypes_active(inputs.epoch)
+        # unused terms stay connected to the prototype features with weight 0: DDP needs every parameter used
+        zero = zero_with_grad(image_proto) + zero_with_grad(text_proto)
+        terms = {"infonce_loss": (self.w_clip if active else 1.0) * infonce, "proto_loss": zero}
+        terms["proto_external_loss"] = zero
+        if not (active and self.has_clusters):
+            return terms
+        keys = inputs.positions if bool(self.keyed_by_position) else inputs.indices
+        if keys is None:
+            what = "positions (episode positions)" if bool(self.keyed_by_position) else "indices (corpus rows)"
+            raise ValueError(f"ProtoCLIP's clusters are keyed by inputs.{what}, which this batch lacks")
+        keys = gather_frozen(keys.to(image.device)).long()
+        labelled = _lookup(self.image_labels, keys) >= 0
+        self._labelled = self._labelled.to(keys.device) + labelled.sum()
+        self._looked_up = self._looked_up.to(keys.device) + labelled.numel()
 
         if self.w_proto:
-            text_labels = _lookup(self.text_labels, indices)
-            image_labels = _lookup(self.image_labels, indices)
+            text_labels = _lookup(self.text_labels, keys)
+            image_labels = _lookup(self.image_labels, keys)
             image_prototypes = self.image_centroids_from_text if self.pbt else self.text_centroids
             text_prototypes = self.text_centroids_from_image if self.pbt else self.image_centroids
             loss_i2t, acc_i2t = self._prototype_loss(
@@ -126,7 +155,7 @@ class ProtoCLIP(nn.Module):
             terms["proto_loss"] = self.w_proto * 0.5 * (loss_i2t + loss_t2i)
             self._diagnostics.update({"protoclip/acc_img2text": acc_i2t, "protoclip/acc_text2img": acc_t2i})
         if self.w_proto_external and self.pbt and self.has_external:
-            external_labels = _lookup(self.external_labels, indices)
+            external_labels = _lookup(self.external_labels, keys)
             loss_i2e, acc_i2e = self._prototype_loss(
                 image_proto, self.image_centroids_from_external, None, external_labels, -1.0
             )
@@ -151,7 +180,7 @@ class ProtoCLIP(nn.Module):
             return zero_with_grad(student), student.new_zeros(())
         student, labels = student[valid], labels[valid]
         logits = self.proto_scale() * student @ student_prototypes.to(student.dtype).T
-        if target_temperature > 0 and teacher_centroids is not None:
+        if target_temperature > 0 and teacher_centroids is not None:  # soft targets over the teacher's centroids
             teacher_centroids = teacher_centroids.to(student.dtype)
             targets = torch.softmax(teacher_centroids[labels] @ teacher_centroids.T / target_temperature, dim=1)
             loss = soft_cross_entropy(targets, logits)

@@ -170,6 +170,7 @@ def _protoclip(o: LossOptions, context: LossContext) -> nn.Module:
         target_temperature=o.target_temperature,
         pbt=o.pbt,
         infonce_warmup_epoch=o.infonce_warmup_epoch,
+        lit_start_epoch=o.lit_start_epoch,
     )
 
 

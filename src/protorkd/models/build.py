@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 from protorkd.errors import UsageError
 from protorkd.models.dual_encoder import DualEncoder
-from protorkd.models.heads import make_head
+from protorkd.models.heads import make_head, make_projection_head
 from protorkd.models.image_towers import build_image_tower
 from protorkd.models.options import ModelOptions
 from protorkd.models.text_towers import add_lora, build_text_tower
@@ -49,8 +50,27 @@ def build_dual_encoder(cfg: ModelOptions) -> DualEncoder:
         for tower in (image_tower, text_tower):
             if not tower.set_grad_checkpointing(True):
                 log.warning("%s does not support gradient checkpointing; ignored", tower.name)
+    image_projection_head = text_projection_head = None
+    if cfg.add_projection_head:  # ProtoCLIP: the image head is a deep copy of the text head (identical init)
+        if cfg.projection_n_layers < 0 or cfg.projection_dim < 1 or cfg.projection_hidden_dim < 1:
+            raise UsageError(
+                "--projection-n-layers must be >= 0 and --projection-dim / --projection-hidden-dim >= 1 "
+                f"(got {cfg.projection_n_layers}, {cfg.projection_dim}, {cfg.projection_hidden_dim})"
+            )
+        text_projection_head = make_projection_head(
+            dim, cfg.projection_dim, cfg.projection_hidden_dim, cfg.projection_n_layers
+        )
+        image_projection_head = copy.deepcopy(text_projection_head)
     model = DualEncoder(
-        image_tower, text_tower, image_head, text_head, lock_image=lock_image, lock_text=lock_text, embed_dim=dim
+        image_tower,
+        text_tower,
+        image_head,
+        text_head,
+        lock_image=lock_image,
+        lock_text=lock_text,
+        embed_dim=dim,
+        image_projection_head=image_projection_head,
+        text_projection_head=text_projection_head,
     )
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError(

@@ -18,6 +18,11 @@ class DualEncoder(nn.Module):
     A locked tower is frozen (requires_grad False), stays in eval mode whatever `train()` is called
     with, and runs under `torch.no_grad()`. Heads stay trainable (they sit on top of a locked teacher's
     features, which the training loop may read from a cache instead of running the tower).
+
+    Optional ProtoCLIP projection heads (`image_projection_head`, `text_projection_head`, built by
+    `--add-projection-head`) map the *unnormalised* joint features to a separate space where the
+    prototypes live ("image_proto_features" / "text_proto_features" of `forward`); as in ProtoCLIP,
+    they never reach `encode_image` / `encode_text`, so no evaluation ever sees them.
     """
 
     def __init__(
@@ -30,12 +35,16 @@ class DualEncoder(nn.Module):
         lock_image: bool = False,
         lock_text: bool = False,
         embed_dim: int,
+        image_projection_head: nn.Module | None = None,
+        text_projection_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
         self.image_head = image_head
         self.text_head = text_head
+        self.image_projection_head = image_projection_head
+        self.text_projection_head = text_projection_head
         self.lock_image = lock_image
         self.lock_text = lock_text
         self.embed_dim = embed_dim
@@ -67,19 +76,30 @@ class DualEncoder(nn.Module):
         Each side comes from raw inputs (`images` / `tokens`) or from cached backbone features of a locked
         teacher. Returns normalised joint features: "image_features", "text_features" [B, D], plus
         "image_features_view2" (a second augmented view) and "text_features_dropout" (a second pass of a
-        trainable text tower, different dropout) when asked for.
+        trainable text tower, different dropout) when asked for, and with projection heads the normalised
+        "image_proto_features" / "text_proto_features" [B, projection_dim].
         """
         out: dict[str, torch.Tensor] = {}
+        image_joint = text_joint = None
         if image_backbone_features is not None:
-            out["image_features"] = self.project_image(image_backbone_features)
+            image_joint = self.image_joint(image_backbone_features)
         elif images is not None:
-            out["image_features"] = self.encode_image(images)
+            image_joint = self.image_joint(self.image_backbone(images))
         if text_backbone_features is not None:
-            out["text_features"] = self.project_text(text_backbone_features)
+            text_joint = self.text_joint(text_backbone_features)
         elif tokens is not None:
-            out["text_features"] = self.encode_text(tokens)
+            text_joint = self.text_joint(self.text_backbone(tokens))
             if text_views == 2:
                 out["text_features_dropout"] = self.encode_text(tokens)
+        for side, joint, head in (
+            ("image", image_joint, self.image_projection_head),
+            ("text", text_joint, self.text_projection_head),
+        ):
+            if joint is None:
+                continue
+            out[f"{side}_features"] = F.normalize(joint, dim=-1)
+            if head is not None:
+                out[f"{side}_proto_features"] = F.normalize(head(joint.to(_head_dtype(head))), dim=-1)
         if images_view2 is not None:
             out["image_features_view2"] = self.encode_image(images_view2)
         return out
@@ -96,12 +116,19 @@ class DualEncoder(nn.Module):
             return self.text_tower(tokens)
 
     # --- joint space ------------------------------------------------------------------------------
+    def image_joint(self, image_backbone_features: torch.Tensor) -> torch.Tensor:
+        """[B, D_image] -> unnormalised joint features [B, D] (the input of ProtoCLIP's projection head)."""
+        return self.image_head(_as_head_input(image_backbone_features, self.image_head))
+
+    def text_joint(self, text_backbone_features: torch.Tensor) -> torch.Tensor:
+        return self.text_head(_as_head_input(text_backbone_features, self.text_head))
+
     def project_image(self, image_backbone_features: torch.Tensor) -> torch.Tensor:
         """[B, D_image] -> normalised [B, D] (used with cached teacher features too)."""
-        return F.normalize(self.image_head(_as_head_input(image_backbone_features, self.image_head)), dim=-1)
+        return F.normalize(self.image_joint(image_backbone_features), dim=-1)
 
     def project_text(self, text_backbone_features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_head(_as_head_input(text_backbone_features, self.text_head)), dim=-1)
+        return F.normalize(self.text_joint(text_backbone_features), dim=-1)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.project_image(self.image_backbone(images))
@@ -122,8 +149,12 @@ class DualEncoder(nn.Module):
         return self.image_tower.preprocess
 
 
+def _head_dtype(head: nn.Module) -> torch.dtype:
+    weight = next(head.parameters(), None)
+    return weight.dtype if weight is not None else torch.float32
+
+
 def _as_head_input(features: torch.Tensor, head: nn.Module) -> torch.Tensor:
     """Features in the head's dtype (fp32 weights, or bf16 under --precision bf16); fp32 for an identity head.
     Cached teacher features arrive as fp16 and towers under autocast may return half precision."""
-    weight = next(head.parameters(), None)
-    return features.to(weight.dtype if weight is not None else torch.float32)
+    return features.to(_head_dtype(head))

@@ -1,4 +1,4 @@
-"""Projection heads from a tower's features into the joint embedding space."""
+"""Heads: from a tower's features into the joint embedding space, and ProtoCLIP's projection heads on top of it."""
 
 from __future__ import annotations
 
@@ -21,5 +21,23 @@ def make_head(in_dim: int, out_dim: int, n_layers: int, hidden_dim: int = 2048) 
     layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
     for _ in range(n_layers - 2):
         layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+    layers.append(nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(*layers)
+
+
+def make_projection_head(in_dim: int, out_dim: int, hidden_dim: int = 2048, n_layers: int = 1) -> nn.Sequential:
+    """ProtoCLIP's projection head (megvii-research/protoclip `open_clip/model.py`), in_dim -> out_dim.
+
+    n_layers 0: Linear(in, out). n_layers n >= 1: Linear(in, hidden)+BN+ReLU, (n - 1) x
+    [Linear(hidden, hidden)+BN+ReLU], Linear(hidden, out). ProtoCLIP builds the text head this way and
+    the image head as a deep copy of it (identical initial weights); `build_dual_encoder` does the same.
+    """
+    if n_layers < 0:
+        raise ValueError(f"projection head layers must be >= 0, got {n_layers}")
+    if n_layers == 0:
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+    for _ in range(n_layers - 1):
+        layers += [nn.Linear(hidden_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(hidden_dim, out_dim))
     return nn.Sequential(*layers)

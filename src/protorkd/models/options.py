@@ -48,6 +48,15 @@ class ModelOptions:
     joint_projection_dim: int = flag(
         -1, "joint embedding width (-1: the width of a tower whose head is identity)", rule=AUTOMATIC_OR_AT_LEAST_ONE
     )
+    # ProtoCLIP's projection heads: the prototype space on top of the joint space (never used by evaluation)
+    add_projection_head: bool = flag(
+        False, "ProtoCLIP: add image and text projection heads; clustering and the prototype loss run in their space"
+    )
+    projection_dim: int = flag(128, "ProtoCLIP: output width of the projection heads (the clustering space)", minimum=1)
+    projection_hidden_dim: int = flag(2048, "ProtoCLIP: hidden width of the projection heads", minimum=1)
+    projection_n_layers: int = flag(
+        1, "ProtoCLIP: hidden Linear+BatchNorm+ReLU blocks of the projection heads (0 = one Linear)", minimum=0
+    )
     adapter: str | None = flag(None, "parameter-efficient adapter for a trainable text tower", (None, "lora"))
     lora_r: int = flag(8, "LoRA rank", minimum=1)
     lora_alpha: int = flag(16, "LoRA scaling alpha", minimum=1)
@@ -60,6 +69,12 @@ class ModelOptions:
         "", "CLIP-KD: open_clip architecture of a locked CLIP teacher, e.g. ViT-B-32 ('' = no CLIP teacher)"
     )
     clip_teacher_tag: str = flag("", "CLIP-KD: the CLIP teacher's open_clip pretrained tag (e.g. openai) or checkpoint")
+    clip_teacher_images: str = flag(
+        "online",
+        "CLIP-KD: online = the CLIP teacher encodes the student's augmented batch every step (CLIP-KD: the same "
+        "view); cached = its features of centre crops, computed once (exact only for a deterministic transform)",
+        ("online", "cached"),
+    )
     extra_text_teacher: str = flag(
         "", "CLIP-KD: a locked text-only teacher distilled alongside (e.g. all-MiniLM-L6-v2; '' = none)"
     )

@@ -6,9 +6,10 @@ The training loop calls, once every `--clustering-frequency` epochs:
     state = broadcast_cluster_state(state, device=device)                            # tensors only, no files
     loss.set_clusters(state)                                                          # ProtoCLIP loss
 
-Row i of the features must belong to the sample whose `LossInputs.indices` value is `indices[i]`
-(default: i). `state.stats` holds flat scalars to log (k-means error, empty clusters, cluster
-sizes, ARI/AMI between the image and text clusterings, seconds) on the master.
+Row i of the features must belong to the sample whose key is `indices[i]` (default: i): its
+`LossInputs.positions` value (its position in the episode) with `keyed_by_position`, else its
+`LossInputs.indices` value (its corpus row). `state.stats` holds flat scalars to log (k-means error,
+empty clusters, cluster sizes, ARI/AMI between the image and text clusterings, seconds) on the master.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ TENSOR_FIELDS: tuple[tuple[str, torch.dtype, int], ...] = (
 
 @dataclass
 class ClusterState:
-    """Clusters of one episode. Labels: [R] long indexed by LossInputs.indices (-1: row not clustered).
+    """Clusters of one episode. Labels: [R] long indexed by each sample's key (-1: not clustered): its
+    position in the episode (`LossInputs.positions`) when `keyed_by_position`, else its corpus row.
 
     `*_centroids`: [k, d] k-means centroids in their own space. PBT (optional): image-space centroids
     of the text clusters (`image_centroids_from_text`), text-space centroids of the image clusters,
@@ -62,6 +64,7 @@ class ClusterState:
     external_centroids: torch.Tensor | None = None
     image_centroids_from_external: torch.Tensor | None = None
     text_centroids_from_external: torch.Tensor | None = None
+    keyed_by_position: bool = False
     stats: dict[str, float] = field(default_factory=dict)
     objectives: dict[str, list[float]] = field(default_factory=dict)
     cluster_sizes: dict[str, np.ndarray] = field(default_factory=dict)
@@ -121,6 +124,7 @@ def cluster_episode(
     pbt: bool = False,
     external: np.ndarray | torch.Tensor | None = None,
     indices: np.ndarray | torch.Tensor | None = None,
+    keyed_by_position: bool = False,
     seed: int = 1234,
     gpu: bool | None = None,
 ) -> ClusterState:
@@ -128,7 +132,8 @@ def cluster_episode(
 
     external: [N, d_ext] external-teacher features of the same rows (ProtoCLIP: RoBERTa PCA-64); it is
     clustered with the same k and, with `pbt`, back-translated into both spaces (without `pbt` it is
-    skipped with a warning, as in ProtoCLIP). indices: [N] the LossInputs.indices value of each row.
+    skipped with a warning, as in ProtoCLIP). indices: [N] the key of each row (its episode position when
+    `keyed_by_position`, else its corpus row).
     """
     start = time.perf_counter()
     image = np.nan_to_num(_to_numpy(image_features))
@@ -152,6 +157,7 @@ def cluster_episode(
         text_labels=_label_table(runs["text"].labels, index_array),
         image_centroids=torch.from_numpy(runs["image"].centroids),
         text_centroids=torch.from_numpy(runs["text"].centroids),
+        keyed_by_position=keyed_by_position,
     )
     pbt_start = time.perf_counter()
     if pbt:
@@ -197,13 +203,14 @@ def broadcast_cluster_state(
     is_source = distributed.rank() == src
     if is_source and state is None:
         raise ValueError("the source rank must provide the cluster state")
-    header = torch.full((len(TENSOR_FIELDS), 3), -1, dtype=torch.long, device=device)
+    header = torch.full((len(TENSOR_FIELDS) + 1, 3), -1, dtype=torch.long, device=device)
     if is_source:
         for row, (name, _, _) in enumerate(TENSOR_FIELDS):
             tensor = getattr(state, name)
             if tensor is not None:
                 header[row, 0] = 1
                 header[row, 1 : 1 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.long)
+        header[-1, 0] = int(state.keyed_by_position)
     distributed.broadcast(header, src=src)
     received: dict[str, torch.Tensor | None] = {}
     for row, (name, dtype, ndim) in enumerate(TENSOR_FIELDS):
@@ -218,7 +225,7 @@ def broadcast_cluster_state(
         received[name] = distributed.broadcast(tensor, src=src).cpu()
     if is_source:
         return state
-    return ClusterState(**received)
+    return ClusterState(**received, keyed_by_position=bool(header[-1, 0]))
 
 
 def load_external_teacher(

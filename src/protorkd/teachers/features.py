@@ -4,6 +4,10 @@
 locked tower (`--teacher text|image`) and separate teachers (a CLIP teacher, an extra text teacher),
 each with the `LossInputs.extra` key it reaches the loss under (`teachers.keys`). `load_teachers`
 computes each teacher's features once per corpus (or reads them from the cache) into a `Teachers`.
+
+A CLIP teacher's image tower can instead run online (`--clip-teacher-images online`, CLIP-KD's way):
+every step it encodes the student's own augmented batch (`OnlineImageTeacher`), so teacher and student
+see the same view; its caption features stay cached (captions are not augmented).
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from protorkd.data.corpus import TsvCorpus
-from protorkd.data.transforms import eval_transform
+from protorkd.data.transforms import PreprocessSpec, eval_transform
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import ModelOptions, TeacherSide
 from protorkd.teachers.cache import (
@@ -45,6 +50,7 @@ class Teachers:
     tower: TeacherFeatures | None = None
     extra: dict[str, TeacherFeatures] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    online: dict[str, OnlineImageTeacher] = field(default_factory=dict)
 
     @property
     def bad_rows(self) -> set[int]:
@@ -55,14 +61,28 @@ class Teachers:
         return rows
 
     @property
+    def keys(self) -> set[str]:
+        """The `LossInputs.extra` keys of every separate teacher's features, cached or online."""
+        return set(self.extra) | set(self.online)
+
+    @property
     def dims(self) -> dict[str, int]:
         """{extra key: feature width} of the separate teachers (what CLIP-KD builds its projections from)."""
-        return {key: features.dim for key, features in self.extra.items()}
+        dims = {key: features.dim for key, features in self.extra.items()}
+        dims.update({key: teacher.dim for key, teacher in self.online.items()})
+        return dims
 
-    def extra_inputs(self, indices: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
-        """{key: [B, D_key] features of corpus rows `indices`} plus the scalars as 0-d tensors."""
+    def extra_inputs(
+        self, indices: torch.Tensor, device: torch.device, images: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """{key: [B, D_key] features of corpus rows `indices`} plus the scalars as 0-d tensors; online teachers
+        encode `images` ([B, 3, H, W], the student's augmented batch, normalised for the student)."""
         inputs = {key: features.lookup(indices).to(device, non_blocking=True) for key, features in self.extra.items()}
         inputs.update({key: torch.tensor(value, device=device) for key, value in self.scalars.items()})
+        for key, teacher in self.online.items():
+            if images is None:
+                raise ValueError(f"the online teacher {key} needs the student's images of the batch")
+            inputs[key] = teacher(images)
         return inputs
 
 
@@ -94,12 +114,68 @@ def teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str | N
         definitions.append((image, None))
     if options.clip_teacher_model:
         model, tag = options.clip_teacher_model, options.clip_teacher_tag
-        definitions.append((TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY))
+        if options.clip_teacher_images == "cached":
+            definitions.append((TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY))
         definitions.append((TeacherDef("clip-text", "text", "open_clip", model, tag), CLIP_TEXT_KEY))
     if options.extra_text_teacher:
         extra = TeacherDef("extra-text", "text", options.extra_text_teacher_builder, options.extra_text_teacher)
         definitions.append((extra, TEXT_TEACHER_KEY))
     return definitions
+
+
+def online_teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str]]:
+    """Teachers that run on every training batch instead of being cached, with their `extra` key."""
+    if options.clip_teacher_model and options.clip_teacher_images == "online":
+        model, tag = options.clip_teacher_model, options.clip_teacher_tag
+        return [(TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY)]
+    return []
+
+
+class OnlineImageTeacher:
+    """A locked image tower run on the student's augmented batch (CLIP-KD feeds the teacher the student's tensor).
+
+    "The same view" when the two towers prepare images differently: the student's normalised crop is
+    un-normalised with the student's mean/std (back to [0, 1] pixels), resized with antialiased bicubic
+    interpolation when the teacher's resolution differs, and normalised with the teacher's own mean/std.
+    With equal resolution and statistics (CLIP-KD's setting) the teacher receives the identical tensor.
+    Runs in eval mode under no_grad, in bf16 autocast on CUDA; returns float32 [B, D_teacher].
+    """
+
+    def __init__(self, tower: torch.nn.Module, student: PreprocessSpec, device: torch.device) -> None:
+        self.tower = tower.to(device).eval()
+        self.tower.requires_grad_(False)
+        self.device = device
+        self.dim = int(tower.output_dim)
+        teacher = tower.preprocess
+        self.size = teacher.image_size
+        self.same_tensor = (student.image_size, tuple(student.mean), tuple(student.std)) == (
+            teacher.image_size,
+            tuple(teacher.mean),
+            tuple(teacher.std),
+        )
+
+        def column(values) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+        self.student_mean, self.student_std = column(student.mean), column(student.std)
+        self.teacher_mean, self.teacher_std = column(teacher.mean), column(teacher.std)
+
+    def view(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H_s, W_s] normalised for the student -> [B, 3, H_t, W_t] normalised for the teacher."""
+        if self.same_tensor:
+            return images
+        pixels = images.float() * self.student_std + self.student_mean
+        if pixels.shape[-1] != self.size or pixels.shape[-2] != self.size:
+            pixels = F.interpolate(pixels, size=(self.size, self.size), mode="bicubic", antialias=True).clamp(0, 1)
+        return (pixels - self.teacher_mean) / self.teacher_std
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        view = self.view(images.to(self.device, non_blocking=True))
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return self.tower(view.contiguous(memory_format=torch.channels_last)).float()
+        return self.tower(view.float()).float()
 
 
 class _LazyTower:
@@ -202,4 +278,7 @@ def load_teachers(
             teachers.extra[key] = features
         if key == CLIP_TEXT_KEY and "logit_scale" in features.info:
             teachers.scalars[CLIP_LOGIT_SCALE_KEY] = float(features.info["logit_scale"])
+    for definition, key in online_teacher_definitions(options):
+        log.info("teacher %s runs online on the student's augmented batches", definition.name)
+        teachers.online[key] = OnlineImageTeacher(build_teacher_tower(definition), model.image_preprocess, device)
     return teachers

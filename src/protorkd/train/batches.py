@@ -1,4 +1,9 @@
-"""What one training batch becomes: the model's forward arguments, under the run's numeric precision."""
+"""What one training batch becomes: the model's forward arguments, under the run's numeric precision.
+
+A batch may have no rows on this rank (all its samples were unreadable). Under DDP such a rank still runs
+the step with zero rows, so that it takes part in every collective (the loss's gathers, DDP's gradient
+all-reduce); `global_rows` tells every rank whether any rank has rows at all.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import contextlib
 
 import torch
 
+from protorkd import distributed
 from protorkd.losses import LossNeeds
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
@@ -37,7 +43,7 @@ def model_inputs(
     if teacher is TeacherSide.TEXT and teachers.tower is not None:
         inputs["text_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
     else:
-        inputs["tokens"] = {k: v.to(device) for k, v in model.tokenize(batch["captions"]).items()}
+        inputs["tokens"] = {k: v.to(device) for k, v in _tokens(model, batch["captions"]).items()}
         if needs is not None and needs.text_dropout_view:
             inputs["text_views"] = 2
     if teacher is TeacherSide.IMAGE and teachers.tower is not None:
@@ -45,8 +51,30 @@ def model_inputs(
     else:
         keys = ("images", "images_view2") if needs is not None and needs.image_view2 else ("images",)
         for key in keys:
-            images = batch[key].to(device, non_blocking=True)
+            images = batch[key] if key in batch else _no_images(model)
+            images = images.to(device, non_blocking=True)
             if device.type == "cuda":
                 images = images.to(memory_format=torch.channels_last)
             inputs[key] = images.to(torch.bfloat16) if precision == "bf16" else images
     return inputs
+
+
+def _tokens(model: DualEncoder, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The text tower's tokens; zero rows for an empty batch (not every tokenizer accepts an empty list)."""
+    if captions:
+        return model.tokenize(captions)
+    return {key: value[:0] for key, value in model.tokenize([""]).items()}
+
+
+def _no_images(model: DualEncoder) -> torch.Tensor:
+    """[0, 3, S, S]: the images of a batch whose samples were all unreadable."""
+    size = model.image_preprocess.image_size
+    return torch.zeros(0, 3, size, size)
+
+
+def global_rows(batch: dict, device: torch.device) -> int:
+    """Rows of this batch summed over every rank (one small all-reduce under DDP; the local count otherwise)."""
+    local = len(batch["indices"])
+    if not distributed.is_initialized():
+        return local
+    return int(distributed.all_reduce_sum(torch.tensor(local, device=device)))

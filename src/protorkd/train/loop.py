@@ -19,11 +19,11 @@ from protorkd.config import Config
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
 from protorkd.failpoints import failpoint
-from protorkd.losses import LossInputs, main_loss
-from protorkd.train.batches import model_inputs, precision_context
-from protorkd.train.clustering import EpisodeFeatures, clustering_phase
+from protorkd.losses import LossInputs, clamp_logit_scales, main_loss
+from protorkd.train.batches import global_rows, model_inputs, precision_context
+from protorkd.train.clustering import EpisodeFeatures, clustering_phase, report_label_coverage
 from protorkd.train.experiment import evaluated_epochs
-from protorkd.train.optim import set_lr
+from protorkd.train.optim import REST, VISUAL, set_lr
 from protorkd.train.run import Run, build_run, seed_everything
 
 log = logging.getLogger(__name__)
@@ -65,22 +65,9 @@ def _train(run: Run) -> TrainResult:
         run.batches.set_epoch(epoch)
         epoch_started = time.time()  # clustering included: it is part of the epoch's cost
 
-        # --- cluster (losses that need clusters): the previous epoch's features, an extraction pass, or the teacher's
-        if run.clustering is not None and run.clustering.due(epoch, loss.has_clusters):
-            clustering_phase(
-                loss,
-                run.clustering,
-                run.model,
-                run.teacher,
-                run.teachers.tower,
-                collected,
-                lambda: _extract_episode_features(run),
-                state=state,
-                device=run.device,
-                writer=run.writer,
-                epoch=epoch,
-                step=epoch * run.steps_per_epoch,
-            )
+        # --- cluster (losses that need clusters): this episode's features (an extraction pass) or the previous epoch's
+        if run.clustering is not None and run.clustering.due(epoch):
+            clustering_phase(run, loss, collected, epoch)
         keep = run.clustering is not None and run.clustering.collect_during(epoch, cfg.optim.epochs)
         collected = EpisodeFeatures() if keep else None
 
@@ -89,6 +76,8 @@ def _train(run: Run) -> TrainResult:
         bad = BadSampleCounter(cfg.data.max_bad_fraction, run.batches.describe)
         _train_epoch(run, epoch, bad, collected)
         log.info("epoch %d trained in %.1f s", epoch + 1, time.time() - epoch_started)
+        if run.clustering is not None:
+            report_label_coverage(run, loss, epoch)
         bad.report(epoch + 1)
         bad.check()
 
@@ -121,7 +110,7 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
         # --- schedule
         lr = run.schedule(step)
         set_lr(run.optimizer, lr)
-        if len(batch["indices"]) == 0:
+        if global_rows(batch, run.device) == 0:  # a rank with no rows still steps while any other rank has some
             continue
         # --- forward, backward (and an optimizer step every `accum` batches)
         values = train_step(run, batch, epoch, step, collected, optimizer_step=(batch_index + 1) % accum == 0)
@@ -131,8 +120,8 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
         # --- log
         window_samples += len(batch["indices"]) * accum * run.state.world_size
         bar.update(1)
-        values["train/lr"] = lr
-        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr:.2e}")
+        values.update({"train/lr": lr[VISUAL], "train/lr_rest": lr[REST]})
+        bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr[VISUAL]:.2e}")
         if (step + 1) % run.cfg.log.log_every_n_steps == 0 or step + 1 == (epoch + 1) * steps:
             values["train/samples_per_second"] = window_samples / max(time.time() - window_start, 1e-9)
             run.writer.scalars(values, step + 1)
@@ -157,7 +146,7 @@ def train_step(
     with precision_context(precision, device):
         features = run.train_model(**inputs)
         extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
-        extra.update(run.teachers.extra_inputs(batch["indices"], device))
+        extra.update(run.teachers.extra_inputs(batch["indices"], device, images=inputs.get("images")))
         loss_inputs = LossInputs(  # losses see fp32 features whatever the towers computed in
             image_features=features["image_features"].float(),
             text_features=features["text_features"].float(),
@@ -165,11 +154,12 @@ def train_step(
             indices=batch["indices"].to(device),
             epoch=epoch,
             extra=extra,
+            positions=batch["positions"].to(device) if "positions" in batch else None,
         )
         terms = run.loss(loss_inputs)
         total = sum(terms.values())
-    if collected is not None:  # kept for the next epoch's clustering (no separate extraction pass)
-        collected.add(batch["indices"], features["image_features"], features["text_features"])
+    if collected is not None:  # kept for the next epoch's clustering (--cluster-features previous-epoch)
+        collected.add_batch(run.clustering, batch, features)
     if not torch.isfinite(total):
         raise FloatingPointError(
             f"non-finite loss at epoch {epoch + 1} step {step}: "
@@ -192,6 +182,7 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
+    clamp_logit_scales(run.loss)  # to [0, ln 100] in place, as CLIP
     optimizer.zero_grad(set_to_none=True)
     values = {f"train/{k}": v.item() for k, v in terms.items()}
     values.update({"train/loss": total.item(), "train/grad_norm": float(grad_norm)})
@@ -236,19 +227,3 @@ def _evaluate(run: Run, completed: int) -> dict[str, float]:
         )
         run.writer.results(metrics, epoch=completed, step=completed * run.steps_per_epoch)
     return metrics
-
-
-@torch.no_grad()
-def _extract_episode_features(run: Run) -> EpisodeFeatures:
-    """One no-grad pass over this rank's share of the episode (eval mode), when no previous epoch's features exist."""
-    features = EpisodeFeatures()
-    run.model.eval()
-    for batch in run.batches:
-        if len(batch["indices"]) == 0:
-            continue
-        inputs = model_inputs(batch, run.model, run.teachers, run.teacher, run.device, run.cfg.optim.precision)
-        with precision_context(run.cfg.optim.precision, run.device):
-            output = run.model(**inputs)
-        features.add(batch["indices"], output["image_features"], output["text_features"])
-    run.model.train()
-    return features

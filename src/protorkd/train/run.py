@@ -34,7 +34,7 @@ from protorkd.teachers.keys import TEACHER_FLAGS
 from protorkd.train.clustering import ClusteringSchedule, check_clustering_inputs, clustering_schedule
 from protorkd.train.experiment import ExperimentPaths, commit_resume, open_experiment, prepare_experiment, restore_state
 from protorkd.train.logs import MetricWriter, setup_file_logging
-from protorkd.train.optim import build_optimizer, lr_at
+from protorkd.train.optim import REST, VISUAL, GroupSchedule, build_optimizer, group_schedule
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +43,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-@dataclass(frozen=True)
-class LrSchedule:
-    """Warmup + cosine over the run's optimizer steps, a pure function of the global step."""
-
-    base_lr: float
-    warmup_steps: int
-    total_steps: int
-
-    def __call__(self, step: int) -> float:
-        return lr_at(step, base_lr=self.base_lr, warmup_steps=self.warmup_steps, total_steps=self.total_steps)
 
 
 @dataclass(frozen=True)
@@ -95,7 +83,7 @@ class Run:
     batches: TrainBatches
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    schedule: LrSchedule
+    schedule: GroupSchedule  # step -> {role: lr}, a pure function of the global step
     steps_per_epoch: int
     clustering: ClusteringSchedule | None
     eval_plan: EvalPlan
@@ -131,6 +119,34 @@ def check_auxiliary_inputs(needs: LossNeeds, model: DualEncoder, teacher: Teache
     if needs.image_view2 and teacher is TeacherSide.IMAGE:
         raise UsageError(
             "--byol needs the image tower to run on a second view, but --teacher image caches its features"
+        )
+
+
+def check_projection_heads(add_projection_head: bool, clustering: bool, loss_name: str) -> None:
+    """ProtoCLIP's projection heads serve only a loss that clusters; without them ProtoCLIP clusters the joint space."""
+    if add_projection_head and not clustering:
+        raise UsageError(
+            f"--add-projection-head: --loss {loss_name} does not use projection heads (only a loss that clusters, "
+            "ProtoCLIP, does); drop the flag"
+        )
+    if clustering and not add_projection_head:
+        log.warning(
+            "--loss %s without --add-projection-head clusters the joint (evaluation) space; ProtoCLIP's method "
+            "clusters the space of its projection heads (--add-projection-head)",
+            loss_name,
+        )
+
+
+def check_schedule_epochs(cfg: Config) -> None:
+    """--lit-start-epoch, --text-start-epoch and --text-end-epoch must lie within the run's epochs."""
+    o, lit = cfg.optim, cfg.loss.lit_start_epoch
+    text_end = o.epochs if o.text_end_epoch < 0 else o.text_end_epoch
+    if lit > o.epochs:
+        raise UsageError(f"--lit-start-epoch {lit}: the run has only {o.epochs} epochs (-1 = no LiT phase)")
+    if not 0 <= o.text_start_epoch < text_end <= o.epochs:
+        raise UsageError(
+            f"--text-start-epoch {o.text_start_epoch} / --text-end-epoch {o.text_end_epoch}: need 0 <= start < end "
+            f"<= --epochs {o.epochs} (-1 = the last epoch)"
         )
 
 
@@ -236,7 +252,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
                 f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
                 "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
             )
-        check_teacher_inputs(needs, set(teachers.extra), cfg.loss.loss)
+        check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
         batches = training_batches(
             corpus,
             transform=train_transform(model.image_preprocess, d.augmentation),
@@ -254,10 +270,12 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
             max_member_bytes=d.max_member_bytes,
         )
         clustering = None
+        check_projection_heads(cfg.model.add_projection_head, needs.clustering, cfg.loss.loss)
+        check_schedule_epochs(cfg)
         if needs.clustering:
-            clustering = clustering_schedule(cfg.loss, model, teacher, seed=cfg.optim.seed)
+            clustering = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=cfg.optim.seed)
             episode_rows = len(batches) * cfg.optim.batch_size * state.world_size
-            check_clustering_inputs(clustering, corpus.rows if clustering.teacher_fixed else episode_rows, corpus.rows)
+            check_clustering_inputs(clustering, episode_rows, corpus.rows)
     except BaseException as error:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -274,8 +292,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     if device.type == "cuda" and model.image_tower is not None:
         model.image_tower.to(memory_format=torch.channels_last)
     o = cfg.optim
+    roles = {VISUAL: [model.image_tower, model.image_head], REST: [model, loss]}  # ProtoCLIP's two schedules
     optimizer = build_optimizer(
-        [model, loss], lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
+        roles, lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
     )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and o.precision == "amp" else None
     start_epoch = restore_state(experiment, model=model, loss=loss, optimizer=optimizer, scaler=scaler)
@@ -316,7 +335,16 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         batches=batches,
         optimizer=optimizer,
         scaler=scaler,
-        schedule=LrSchedule(o.lr, o.warmup, steps_per_epoch * o.epochs),
+        schedule=group_schedule(
+            lr=o.lr,
+            lr_text=o.lr_text,
+            warmup=o.warmup,
+            steps_per_epoch=steps_per_epoch,
+            epochs=o.epochs,
+            lit_start_epoch=cfg.loss.lit_start_epoch,
+            text_start_epoch=o.text_start_epoch,
+            text_end_epoch=o.text_end_epoch,
+        ),
         steps_per_epoch=steps_per_epoch,
         clustering=clustering,
         eval_plan=EvalPlan(eval_root, frequencies, o.epochs, max(o.batch_size, 256), d.workers),
@@ -326,4 +354,4 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     )
 
 
-__all__ = ["EvalPlan", "LrSchedule", "Run", "build_run", "main_loss", "seed_everything"]
+__all__ = ["EvalPlan", "Run", "build_run", "main_loss", "seed_everything"]
