@@ -66,7 +66,7 @@ def test_validate_config_names_the_flag_and_its_range():
     validate_config(Config())  # the defaults are valid
     with pytest.raises(UsageError, match=r"^--epochs 0: must be at least 1$"):
         validate_config(Config(optim=OptimConfig(epochs=0)))
-    with pytest.raises(UsageError, match=r"^--precision 'fp8': must be one of fp32, amp, amp_bf16, bf16$"):
+    with pytest.raises(UsageError, match=r"^--precision 'fp8': must be one of auto, fp32, amp, amp_bf16, bf16$"):
         validate_config(Config(optim=OptimConfig(precision="fp8")))
     with pytest.raises(UsageError, match=r"^--dataset-type 'zip': must be one of auto, csv, webdataset$"):
         validate_config(Config(data=DataConfig(dataset_type="zip")))

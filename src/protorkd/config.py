@@ -76,7 +76,21 @@ class DataConfig:
     augmentation: str | None = flag(
         None, "training image augmentation (default: random resized crop 0.9-1.0)", (None, "protoclip-light")
     )
-    workers: int = flag(2, "data-loading worker processes per GPU/process", minimum=0, resumable=True)
+    workers: int = flag(
+        2,
+        "data-loading worker processes per GPU/process (an in-memory corpus uses none: its batches are cheap)",
+        minimum=0,
+        resumable=True,
+    )
+    in_memory: str = flag(
+        "auto",
+        "decode every training image once into memory and augment on tensors instead of reading files each "
+        "epoch: on, off, or auto (on when the decoded TSV corpus fits --in-memory-budget-mb)",
+        ("auto", "on", "off"),
+    )
+    in_memory_budget_mb: float = flag(
+        2048.0, "the most memory an automatic in-memory corpus may take, in MB", minimum=0.0
+    )
     demo_size: int = flag(10240, "training pairs of the built-in demo corpus", minimum=1)
     demo_seed: int = flag(0, "seed of the built-in demo corpus", minimum=0)
 
@@ -116,7 +130,11 @@ class OptimConfig:
         0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)", minimum=0.0
     )
     precision: str = flag(
-        "amp", "numeric precision (autocast is used only on CUDA)", ("fp32", "amp", "amp_bf16", "bf16")
+        "auto",
+        "numeric precision. amp: fp16 autocast on CUDA (fp32 on the CPU); amp_bf16: bf16 autocast on CUDA and "
+        "on the CPU; bf16: bf16 weights; fp32; auto: amp_bf16 where the hardware computes bf16 natively (CUDA "
+        "with bf16, CPUs with AVX512-BF16 or AMX), amp on other GPUs, fp32 on other CPUs",
+        ("auto", "fp32", "amp", "amp_bf16", "bf16"),
     )
     seed: int = flag(0, "random seed", minimum=0)
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto", resumable=True)

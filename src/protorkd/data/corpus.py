@@ -135,8 +135,12 @@ def training_batches(
     pin_memory: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    in_memory_size: int | None = None,
 ) -> TrainBatches:
     """The one place that turns a corpus into training batches.
+
+    With `in_memory_size` S (a TSV corpus whose images are loaded), every image is decoded once into memory
+    at S x S and augmented on tensors (`data.memory.DecodedCorpus`) instead of read from its file each epoch.
 
     Batches are `collate`'s dicts: indices [b], captions, images [b, 3, H, W] unless `load_images` is
     False, images_view2 (a second augmented view) when `views` is 2, and bad [(row or source, reason)].
@@ -160,10 +164,7 @@ def training_batches(
             max_member_bytes=max_member_bytes,
         )
         return TrainBatches(stream, None, str, stream.set_epoch, len(stream))
-    dataset = CsvCorpus(
-        corpus.images,
-        corpus.captions,
-        transform,
+    options = dict(
         load_images=load_images,
         views=views,
         source=corpus.source,
@@ -173,6 +174,14 @@ def training_batches(
         max_pixels=max_pixels,
         seed=seed,
     )
+    if in_memory_size is not None and load_images:
+        from protorkd.data.memory import DecodedCorpus, decode_images
+
+        known_bad = set(bad_rows or ()) | set(corpus.problems)
+        decoded, failed = decode_images(corpus.images, in_memory_size, skip=known_bad, max_pixels=max_pixels)
+        dataset = DecodedCorpus(corpus.images, corpus.captions, transform, decoded=decoded, failed=failed, **options)
+    else:
+        dataset = CsvCorpus(corpus.images, corpus.captions, transform, **options)
     sampler = EpisodeSampler(len(dataset), episode_size, seed=seed, rank=rank, world_size=world_size)
     loader = DataLoader(
         dataset,

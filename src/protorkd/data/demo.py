@@ -208,7 +208,8 @@ def _fill_demo_corpus(out: Path, *, size: int, seed: int, eval_per_class: int, p
         (tmp / "images").mkdir()
         rng = random.Random(seed)
         lines = ["filepath\ttitle\n"]
-        for row in tqdm(range(size), desc="demo corpus", disable=not progress, mininterval=1.0):
+        bar = tqdm(range(size), desc="demo corpus", disable=None if progress else True, mininterval=1.0)
+        for row in bar:  # a bar only on a terminal
             scene = sample_scene(rng)
             relative = f"images/{row // 1000:03d}/{row:06d}.jpg"
             (tmp / relative).parent.mkdir(exist_ok=True)

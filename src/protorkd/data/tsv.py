@@ -218,6 +218,11 @@ class CsvCorpus(Dataset):
             return sample
         if not self.load_images:
             return sample
+        self.fill_images(sample, index)
+        return sample
+
+    def fill_images(self, sample: dict, index: int) -> None:
+        """Set sample["image"] (and "image_view2") from row `index`'s file, or sample["bad"] with the reason."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
@@ -233,7 +238,6 @@ class CsvCorpus(Dataset):
             sample["bad"] = "missing image"
         except Exception as error:  # PIL raises many types for corrupt / truncated files
             sample["bad"] = f"unreadable image ({type(error).__name__}: {error})"
-        return sample
 
 
 def collate(samples: list[dict]) -> dict:

@@ -215,7 +215,7 @@ def build_teacher_cache(
         total=len(unique),
         initial=done,
         desc=f"teacher {modality} features",
-        disable=not progress,
+        disable=None if progress else True,  # a bar only on a terminal
         unit=modality == "text" and "caption" or "image",
         mininterval=1.0,
     )

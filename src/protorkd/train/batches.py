@@ -19,9 +19,12 @@ from protorkd.teachers.features import Teachers
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast only on CUDA (amp = fp16, amp_bf16 = bf16); elsewhere compute in the weights' dtype."""
+    """Autocast for a resolved `--precision` (`distributed.resolve_precision`): amp = fp16 on CUDA, amp_bf16 =
+    bf16 on CUDA and on the CPU; otherwise compute in the weights' dtype (fp32, or bf16 weights)."""
     if device.type == "cuda" and precision in ("amp", "amp_bf16"):
         return torch.autocast("cuda", dtype=torch.float16 if precision == "amp" else torch.bfloat16)
+    if device.type == "cpu" and precision == "amp_bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -53,8 +56,7 @@ def model_inputs(
         for key in keys:
             images = batch[key] if key in batch else _no_images(model)
             images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
             inputs[key] = images.to(torch.bfloat16) if precision == "bf16" else images
     return inputs
 

@@ -141,7 +141,7 @@ def train_step(
     run: Run, batch: dict, epoch: int, step: int, collected: EpisodeFeatures | None, *, optimizer_step: bool
 ) -> dict[str, float] | None:
     """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values."""
-    device, precision = run.device, run.cfg.optim.precision
+    device, precision = run.device, run.precision
     inputs = model_inputs(batch, run.model, run.teachers, run.teacher, device, precision, run.needs)
     with precision_context(precision, device):
         features = run.train_model(**inputs)

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from protorkd.data.tsv import collate
+from protorkd.distributed import cpu_has_bf16
 from protorkd.train.batches import model_inputs
 from protorkd.train.clustering import ClusteringSchedule, EpisodeFeatures
 
@@ -37,14 +38,6 @@ if TYPE_CHECKING:
     from protorkd.train.run import Run
 
 GPU_BATCH_FACTOR = 4
-
-
-def cpu_has_bf16() -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Emulated bf16 would be slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
 
 
 def extraction_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -83,7 +76,7 @@ def extract_episode_features(run: Run, schedule: ClusteringSchedule, *, low_prec
     model.eval()
     try:
         for batch in extraction_loader(run):
-            inputs = model_inputs(batch, model, run.teachers, run.teacher, run.device, run.cfg.optim.precision)
+            inputs = model_inputs(batch, model, run.teachers, run.teacher, run.device, run.precision)
             with extraction_autocast(run.device, low_precision):
                 output = model(**inputs)
             features.add_batch(schedule, batch, output)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ import torch
 
 from protorkd import __version__, distributed
 from protorkd.config import Config, DataConfig, default_eval_root
-from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, open_corpus, training_batches
+from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, TsvCorpus, open_corpus, training_batches
+from protorkd.data.memory import decoded_bytes
 from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
@@ -89,6 +91,7 @@ class Run:
     eval_plan: EvalPlan
     writer: MetricWriter
     start_epoch: int = 0
+    precision: str = "fp32"  # resolved --precision: fp32, amp, amp_bf16 or bf16
     eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
     log_handler: logging.Handler | None = None
 
@@ -205,6 +208,19 @@ def open_run_corpus(d: DataConfig) -> Corpus:
     )
 
 
+def in_memory_image_size(d: DataConfig, corpus: Corpus, image_size: int, loads_images: bool) -> int | None:
+    """The side at which the training images are kept decoded in memory (`--in-memory`), or None to read files."""
+    if d.in_memory == "off" or not loads_images or not isinstance(corpus, TsvCorpus):
+        if d.in_memory == "on" and isinstance(corpus, ShardCorpus):
+            raise UsageError("--in-memory on needs a TSV corpus; webdataset shards are streamed")
+        return None
+    megabytes = decoded_bytes(corpus.rows, image_size) / 2**20
+    if d.in_memory == "auto" and megabytes > d.in_memory_budget_mb:
+        log.info("corpus read from files: decoded it would take %.0f MB > --in-memory-budget-mb", megabytes)
+        return None
+    return image_size
+
+
 def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     """Validate, create the experiment folder, build model, teachers, loss, data, optimizer; resume if asked."""
     seed_everything(cfg.optim.seed)  # the same initial weights on every rank
@@ -212,7 +228,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
     # --- validate everything a user can get wrong before the experiment folder exists
     d = cfg.data
+    started = time.perf_counter()
     corpus = open_run_corpus(d)
+    corpus_seconds = time.perf_counter() - started  # generating the demo corpus on first use included
     check_batch_fits(corpus.rows, d.episode_size, state.world_size, cfg.optim.batch_size)
     experiment = prepare_experiment(cfg, state.world_size)  # checks a resume (flags, checkpoint); creates nothing
     paths, name = experiment.paths, experiment.paths.root.name
@@ -227,8 +245,13 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
 
+    precision = distributed.resolve_precision(cfg.optim.precision, device)
+    image_size = model.image_preprocess.image_size
+    in_memory_size = in_memory_image_size(d, corpus, image_size, loads_images=teacher is not TeacherSide.IMAGE)
     resolved = {
         "experiment": name,
+        "in_memory": in_memory_size is not None,
+        "precision": precision,
         "teacher_side": teacher.value,
         "version": __version__,
         "world_size": state.world_size,
@@ -243,8 +266,11 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         if isinstance(corpus, ShardCorpus):
             log.info("corpus %s: webdataset shards, %d samples per epoch", corpus.source, corpus.rows)
         else:
-            log.info("corpus %s: %d rows", corpus.source, corpus.rows)
+            log.info("corpus %s: %d rows (ready in %.1f s)", corpus.source, corpus.rows, corpus_seconds)
+        log.info("precision %s, images %s", precision, "decoded in memory" if in_memory_size else "read from files")
+        started = time.perf_counter()
         teachers = _load_teachers(cfg, corpus, model, paths, state, device)
+        log.info("teacher features ready in %.1f s", time.perf_counter() - started)
         loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
         needs = needs_of(loss)
         if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
@@ -253,11 +279,12 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
                 "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
             )
         check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
+        started = time.perf_counter()
         batches = training_batches(
             corpus,
             transform=train_transform(model.image_preprocess, d.augmentation),
             batch_size=cfg.optim.batch_size,
-            workers=d.workers,
+            workers=0 if in_memory_size is not None else d.workers,
             seed=cfg.optim.seed,
             rank=state.rank,
             world_size=state.world_size,
@@ -268,7 +295,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
             pin_memory=device.type == "cuda",
             max_pixels=d.max_image_pixels,
             max_member_bytes=d.max_member_bytes,
+            in_memory_size=in_memory_size,
         )
+        log.info("training batches ready in %.1f s", time.perf_counter() - started)
         clustering = None
         check_projection_heads(cfg.model.add_projection_head, needs.clustering, cfg.loss.loss)
         check_schedule_epochs(cfg)
@@ -287,16 +316,16 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     # --- model, optimizer, resume
     model.to(device)
     loss.to(device)
-    if cfg.optim.precision == "bf16":
+    if precision == "bf16":
         model.to(torch.bfloat16)
-    if device.type == "cuda" and model.image_tower is not None:
+    if model.image_tower is not None:  # faster convolutions on CUDA and on the CPU (oneDNN)
         model.image_tower.to(memory_format=torch.channels_last)
     o = cfg.optim
     roles = {VISUAL: [model.image_tower, model.image_head], REST: [model, loss]}  # ProtoCLIP's two schedules
     optimizer = build_optimizer(
         roles, lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
     )
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and o.precision == "amp" else None
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "amp" else None
     start_epoch = restore_state(experiment, model=model, loss=loss, optimizer=optimizer, scaler=scaler)
     commit_resume(experiment, cfg, resolved, is_master=state.is_master)  # only now may params.txt change
     train_model: torch.nn.Module = model
@@ -335,6 +364,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         batches=batches,
         optimizer=optimizer,
         scaler=scaler,
+        precision=precision,
         schedule=group_schedule(
             lr=o.lr,
             lr_text=o.lr_text,
