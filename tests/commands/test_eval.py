@@ -144,6 +144,14 @@ def test_bad_eval_input_is_one_clear_line(tiny_corpus, capsys, extra, message):
     assert code == 2 and message in error and len(error.strip().splitlines()) == 1
 
 
+def test_an_output_that_is_a_file_is_refused_naming_it(tiny_corpus, tmp_path, capsys):
+    existing = tmp_path / "results.json"
+    existing.write_text("[]")
+    code = eval_cli(*TINY_FLAGS, "--eval-data-dir", str(tiny_corpus / "eval"), "--output", str(existing))
+    error = capsys.readouterr().err
+    assert code == 2 and f"--output {existing}: not a folder" in error and len(error.strip().splitlines()) == 1
+
+
 def test_checkpoint_and_tower_flags_together_are_refused(tmp_path, tiny_corpus, capsys):
     experiment = _experiment(tmp_path)
     code = main(

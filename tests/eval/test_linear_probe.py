@@ -105,8 +105,9 @@ def test_the_search_follows_clip_benchmarks_coarse_to_fine_schedule():
 
 def test_a_flat_score_picks_the_strongest_l2_and_nan_scores_never_win():
     assert sweep_l2(lambda l2: 0.5, CLIP_BENCHMARK_GRID).l2 == pytest.approx(100.0)
-    choice = sweep_l2(lambda l2: float("nan") if l2 > 1e-3 else 0.1, CLIP_BENCHMARK_GRID)
-    assert choice.l2 <= 1e-3 and choice.score == 0.1
+    choice = sweep_l2(lambda l2: float("nan") if l2 > 1.001e-3 else 0.1, CLIP_BENCHMARK_GRID)
+    # 0.1 up to index 36 (1e-3): coarse 32; span 8 {24, 32, 40}: 32; span 4 {28, 32, 36}: 36; then 36 stays
+    assert choice.index == 36 and choice.l2 == pytest.approx(1e-3) and choice.score == 0.1
 
 
 def test_folds_are_stratified_and_deterministic():
