@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ["src", "tests", "benchmarks"]
+CODE = ["src", "tests", "benchmarks", "scripts"]
 
 
 def _tool(name: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from protorkd.cli import main
+from tests.support.elevater_data import balanced, write_iris_dataset
 
 DATASETS = ["caltech101", "cifar10", "hateful-memes", "voc2007"]
 
@@ -35,32 +36,66 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_zeroshot_writes_per_dataset_results_summary_and_clip_benchmark_json(
+def test_zeroshot_writes_per_dataset_results_summary_and_clip_benchmark_files(
     elevater_root, tiny_checkpoint, tmp_path, capsys
 ):
-    output = tmp_path / "out" / "zeroshot.json"
-    assert elevater(tiny_checkpoint, elevater_root, "--mode", "zeroshot", "--output", str(output)) == 0
+    # the tiny caltech101 and voc2007 have 3 classes, not the toolkit's 102 and 20: their names come from a file
+    metadata = tmp_path / "names.json"
+    metadata.write_text(
+        json.dumps({name: {"classes": ["red", "green", "blue"]} for name in ("caltech101", "voc-2007-classification")})
+    )
+    output = tmp_path / "out"
+    extra = [
+        "--mode",
+        "zeroshot",
+        "--datasets",
+        "caltech101,hateful-memes,voc2007",
+        "--zeroshot-metadata",
+        str(metadata),
+    ]
+    assert elevater(tiny_checkpoint, elevater_root, *extra, "--output", str(output)) == 0
     folder = tiny_checkpoint.parents[1] / "ELEVATER_evaluation" / "zeroshot"
     rows = read_csv(folder / "summary.csv")
-    assert [row["dataset"] for row in rows] == [*DATASETS, "Average"]
-    assert [row["metric"] for row in rows[:4]] == ["mean-per-class", "accuracy", "roc_auc", "11point_mAP"]
-    scores = [float(row["score"]) for row in rows]
-    assert all(0.0 <= s <= 100.0 for s in scores) and scores[-1] == pytest.approx(sum(scores[:4]) / 4, abs=0.01)
+    datasets = ["caltech101", "hateful-memes", "voc2007"]
+    assert [row["dataset"] for row in rows] == [*datasets, "Average"]
+    assert [row["metric"] for row in rows[:3]] == ["mean-per-class", "roc_auc", "11point_mAP"]
+    results = {name: json.loads((folder / f"{name}.json").read_text()) for name in datasets}
+    scores = [results[name]["metrics"]["score"] for name in datasets]
+    assert [row["score"] for row in rows] == [f"{s:.2f}" for s in scores] + [f"{sum(scores) / 3:.2f}"]
 
-    records = json.loads(output.read_text())
-    assert records == json.loads((folder / "results.json").read_text())
-    assert [r["dataset"] for r in records] == [f"elevater/{name}" for name in DATASETS]
-    for record in records:
-        assert {"dataset", "model", "pretrained", "task", "metrics"} <= set(record)
-        assert record["task"] == "zeroshot_classification" and record["pretrained"] == str(tiny_checkpoint)
-        assert 0.0 <= record["metrics"]["elevater_score"] <= 1.0  # CLIP_benchmark keeps fractions
-    assert "mean_average_precision_11pt" in records[3]["metrics"] and "roc_auc" in records[2]["metrics"]
-
-    cifar = json.loads((folder / "cifar10.json").read_text())
-    assert cifar["test_images"] == 6 and cifar["classes"] == 3 and cifar["prompts_from"] == "label map"
-    assert cifar["metrics"]["score"] == cifar["metrics"]["top1"]
-    assert (folder / "log.txt").read_text().count("cifar10: accuracy") == 1
+    files = sorted(p.name for p in output.iterdir())
+    assert files == sorted(p.name for p in (folder / "clip_benchmark").iterdir())
+    assert files == [f"elevater_{name}_epoch_1.pt_protorkd_run_en_zeroshot_classification.json" for name in datasets]
+    for name, file in zip(datasets, files):
+        record = json.loads((output / file).read_text())
+        assert record["dataset"] == f"elevater/{name}" and record["pretrained"] == str(tiny_checkpoint)
+        assert record["metrics"]["elevater_score"] == pytest.approx(results[name]["metrics"]["score"] / 100)
+    memes = json.loads((output / files[1]).read_text())["metrics"]
+    assert memes["roc_auc"] == pytest.approx(results["hateful-memes"]["metrics"]["roc_auc"] / 100)
+    # hateful-memes has the toolkit's 2 classes: its names and template come from the toolkit
+    assert results["hateful-memes"]["prompts_from"] == "ELEVATER toolkit" and results["hateful-memes"]["templates"] == 1
+    assert results["caltech101"]["prompts_from"] == "--zeroshot-metadata"
+    assert (folder / "log.txt").read_text().count("caltech101: mean-per-class") == 1
     assert "Average" in capsys.readouterr().out
+
+
+def test_zeroshot_prompts_are_the_toolkits_and_a_class_count_mismatch_is_refused(tmp_path, tiny_checkpoint, capsys):
+    colours = ["red", "green", "blue", "yellow", "magenta", "cyan", "white", "black", "orange", "brown"]
+    write_iris_dataset(
+        tmp_path / "classification" / "cifar_10_20211007", colours, {"test": ("test.txt", "val.zip", balanced(10, 1))}
+    )
+    results = tmp_path / "results"
+    args = ["--mode", "zeroshot", "--results-dir", str(results)]
+    assert elevater(tiny_checkpoint, tmp_path, *args) == 0
+    cifar = json.loads((results / "cifar10.json").read_text())
+    assert cifar["prompts_from"] == "ELEVATER toolkit" and cifar["templates"] == 18 and cifar["classes"] == 10
+    write_iris_dataset(
+        tmp_path / "classification" / "cifar_10_20211007",
+        colours[:3],
+        {"test": ("test.txt", "val.zip", balanced(3, 1))},
+    )
+    assert elevater(tiny_checkpoint, tmp_path, *args) == 2
+    assert "the toolkit lists 10 classes for cifar-10 but the dataset has 3" in capsys.readouterr().err
 
 
 def test_few_shot_linear_probe_averages_seeds_and_separates_colours(elevater_root, tiny_checkpoint, tmp_path):
@@ -86,9 +121,11 @@ def test_few_shot_linear_probe_averages_seeds_and_separates_colours(elevater_roo
     assert [float(rows[name]["score"]) for name in DATASETS] == [100.0] * 4
     voc = json.loads((results / "voc2007.json").read_text())
     assert voc["num_shots"] == 2 and voc["seeds"] == [0, 1] and {"seed0/score", "seed1/score"} <= set(voc["metrics"])
-    records = json.loads((results / "results.json").read_text())
+    records = [json.loads(p.read_text()) for p in sorted((results / "clip_benchmark").iterdir())]
+    assert [r["dataset"] for r in records] == [f"elevater/{name}" for name in DATASETS]
     assert {r["task"] for r in records} == {"linear_probe"} and records[1]["metrics"]["lp_acc1"] == 1.0
-    assert records[0]["num_shots"] == 2 and "elevater_score_std" in records[0]["metrics"]
+    assert records[0]["num_shots"] == 2 and records[0]["features"] == "joint"
+    assert records[0]["metrics"]["elevater_score_std"] == 0.0  # 100 on both seeds
 
 
 def test_full_linear_probe_lands_in_the_linear_probe_folder(elevater_root, tiny_checkpoint):

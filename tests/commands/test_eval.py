@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import dataclasses
 import json
 import re
@@ -39,11 +41,11 @@ def eval_cli(*args: str) -> int:
     return main(["eval", *args, "--device", "cpu", "--workers", "0"])
 
 
-def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_benchmark_json(
+def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_benchmark_files(
     tiny_corpus, tmp_path, capsys
 ):
     experiment = _experiment(tmp_path)
-    output = tmp_path / "out" / "results.json"
+    output = tmp_path / "out"
     code = eval_cli(
         "--checkpoint",
         str(experiment / "checkpoints" / "epoch_1.pt"),
@@ -56,16 +58,56 @@ def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_ben
     printed = capsys.readouterr().out
     assert re.search(r"^zeroshot +shapes +top1 +[0-9.]+$", printed, re.M) and "skipped sts" in printed
     line = json.loads((experiment / "results.jsonl").read_text().splitlines()[-1])
-    assert line["epoch"] == 1 and "zeroshot/shapes/top1" in line
-    records = json.loads(output.read_text())
-    zeroshot = next(r for r in records if r["task"] == "zeroshot_classification")
+    assert line["epoch"] == 1 and "zeroshot/shapes/top1" in line and "linear_joint/shapes/top1" in line
+    # one CLIP_benchmark file per (dataset, task), named as `clip_benchmark eval` names them
+    # (shapes_unseen, the compositional split, is test-only: no linear probe)
+    assert sorted(p.name for p in output.iterdir()) == [
+        f"{dataset}_epoch_1.pt_protorkd_exp_en_{task}.json"
+        for dataset, tasks in (
+            ("shapes", ("feature_analysis", "linear_probe", "zeroshot_classification", "zeroshot_retrieval")),
+            ("shapes_unseen", ("feature_analysis", "zeroshot_classification", "zeroshot_retrieval")),
+        )
+        for task in tasks
+    ]
+    zeroshot = json.loads((output / "shapes_epoch_1.pt_protorkd_exp_en_zeroshot_classification.json").read_text())
     assert set(zeroshot) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-    assert zeroshot["metrics"]["acc1"] == pytest.approx(line["zeroshot/shapes/top1"] / 100)
-    retrieval = next(r for r in records if r["task"] == "zeroshot_retrieval")
-    assert retrieval["metrics"]["image_retrieval_recall@5"] == pytest.approx(
-        line["retrieval/shapes/text_to_image_R@5"] / 100
-    )
+    assert zeroshot["metrics"] == {
+        "acc1": pytest.approx(line["zeroshot/shapes/top1"] / 100, abs=1e-12),
+        "acc5": pytest.approx(line["zeroshot/shapes/top5"] / 100, abs=1e-12),
+        "mean_per_class_recall": pytest.approx(line["zeroshot/shapes/mean_per_class_recall"] / 100, abs=1e-12),
+    }
     assert (experiment / "cache" / "eval").is_dir()
+
+
+def test_clip_benchmarks_own_build_command_reads_our_files_into_its_csv(tiny_corpus, tmp_path):
+    """`clip_benchmark build DIR` (its `main_build`, skipped without the compare extra) over `--output DIR`."""
+    cli = pytest.importorskip("clip_benchmark.cli")
+    experiment = _experiment(tmp_path)
+    output = tmp_path / "out"
+    checkpoint = str(experiment / "checkpoints" / "epoch_1.pt")
+    eval_cli("--checkpoint", checkpoint, "--eval-data-dir", str(tiny_corpus / "eval"), "--output", str(output))
+    line = json.loads((experiment / "results.jsonl").read_text().splitlines()[-1])
+    cli.main_build(argparse.Namespace(files=[str(output)], output=str(tmp_path / "benchmark.csv")))
+    with open(tmp_path / "benchmark.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert {row["dataset"] for row in table} == {"shapes", "shapes_unseen"}
+    rows = {row["task"]: row for row in table if row["dataset"] == "shapes"}
+    assert set(rows) == {"zeroshot_classification", "linear_probe", "zeroshot_retrieval", "feature_analysis"}
+    rows = {task: row for task, row in rows.items() if row["dataset"] == "shapes"}  # shapes_unseen's rows aside
+    assert rows["zeroshot_classification"]["model_fullname"] == f"protorkd:exp {checkpoint}"
+    expected = {
+        ("zeroshot_classification", "acc1"): line["zeroshot/shapes/top1"] / 100,
+        ("zeroshot_classification", "mean_per_class_recall"): line["zeroshot/shapes/mean_per_class_recall"] / 100,
+        ("linear_probe", "lp_acc1"): line["linear_joint/shapes/top1"] / 100,
+        ("linear_probe", "lp_acc5"): line["linear_joint/shapes/top5"] / 100,
+        ("linear_probe", "l2"): line["linear_joint/shapes/l2"],
+        ("zeroshot_retrieval", "image_retrieval_recall@5"): line["retrieval/shapes/text_to_image_R@5"] / 100,
+        ("zeroshot_retrieval", "text_retrieval_recall@1"): line["retrieval/shapes/image_to_text_R@1"] / 100,
+        ("feature_analysis", "image_text_cluster_ari"): line["analysis/shapes/image_text_cluster_ari"] / 100,
+        ("feature_analysis", "modality_gap"): line["analysis/shapes/modality_gap"],
+    }
+    assert {key: float(rows[key[0]][key[1]]) for key in expected} == pytest.approx(expected, abs=1e-12)
+    assert rows["linear_probe"]["normalized"] == "True"
 
 
 def test_tower_flags_evaluate_a_model_without_training(tiny_corpus, capsys):
@@ -107,6 +149,14 @@ def test_bad_eval_input_is_one_clear_line(tiny_corpus, capsys, extra, message):
     code = eval_cli(*TINY_FLAGS, "--eval-data-dir", str(tiny_corpus / "eval"), *extra)
     error = capsys.readouterr().err
     assert code == 2 and message in error and len(error.strip().splitlines()) == 1
+
+
+def test_an_output_that_is_a_file_is_refused_naming_it(tiny_corpus, tmp_path, capsys):
+    existing = tmp_path / "results.json"
+    existing.write_text("[]")
+    code = eval_cli(*TINY_FLAGS, "--eval-data-dir", str(tiny_corpus / "eval"), "--output", str(existing))
+    error = capsys.readouterr().err
+    assert code == 2 and f"--output {existing}: not a folder" in error and len(error.strip().splitlines()) == 1
 
 
 def test_checkpoint_and_tower_flags_together_are_refused(tmp_path, tiny_corpus, capsys):

@@ -23,15 +23,26 @@ def test_average_self_similarity_equals_the_brute_force_off_diagonal_mean():
     assert average_self_similarity(x) == pytest.approx(float(brute), abs=1e-6)
 
 
-def test_identical_image_and_text_clusters_agree_perfectly_and_random_ones_do_not():
+def test_cluster_agreement_of_two_known_partitions_matches_a_hand_computed_ari():
+    from sklearn.metrics import adjusted_mutual_info_score
+
     generator = torch.Generator().manual_seed(1)
-    centres = torch.randn(4, 16, generator=generator) * 5
-    features = centres.repeat_interleave(30, 0) + 0.1 * torch.randn(120, 16, generator=generator)
-    agreement = cluster_agreement(features, features.clone(), k=4)
-    assert agreement["image_text_cluster_ari"] == pytest.approx(100.0)
-    assert agreement["image_text_cluster_ami"] == pytest.approx(100.0)
-    random = cluster_agreement(features, torch.randn(120, 16, generator=generator), k=4)
-    assert abs(random["image_text_cluster_ari"]) < 10.0
+    centres = 5 * torch.eye(16)[:4]  # four orthogonal directions: k-means (on normalised features) finds them
+    image_groups = torch.arange(4).repeat_interleave(30)
+    # the texts of groups 0 and 1 swap halves: text groups {0a, 1b}, {1a, 0b}, {2}, {3}, still 4 x 30
+    text_groups = image_groups.clone()
+    text_groups[15:30], text_groups[45:60] = 1, 0
+    images = centres[image_groups] + 0.1 * torch.randn(120, 16, generator=generator)
+    texts = centres[text_groups] + 0.1 * torch.randn(120, 16, generator=generator)
+    agreement = cluster_agreement(images, texts, k=4)
+    # contingency [[15, 15, 0, 0], [15, 15, 0, 0], [0, 0, 30, 0], [0, 0, 0, 30]]: pairs together in both
+    # partitions 4 C(15, 2) + 2 C(30, 2) = 1290; in each partition 4 C(30, 2) = 1740; of C(120, 2) = 7140
+    expected_pairs = 1740 * 1740 / 7140
+    assert agreement["image_text_cluster_ari"] == pytest.approx(100 * (1290 - expected_pairs) / (1740 - expected_pairs))
+    reference = adjusted_mutual_info_score(image_groups.numpy(), text_groups.numpy())
+    assert agreement["image_text_cluster_ami"] == pytest.approx(100 * reference)
+    same = cluster_agreement(images, images.clone(), k=4)
+    assert same == {"image_text_cluster_ari": pytest.approx(100.0), "image_text_cluster_ami": pytest.approx(100.0)}
 
 
 def test_analysis_pairs_each_image_with_its_first_caption():

@@ -112,7 +112,7 @@ def test_shared_cifar10_and_coco_mini_load_with_their_documented_counts():
     test = ImageFolderDataset(root / "cifar10_jpg" / "test", _to_tensor)
     train = ImageFolderDataset(root / "cifar10_jpg" / "train", _to_tensor)
     assert (len(test), len(train), len(test.classes)) == (10000, 5000, 10)
-    assert cifar.prompt_names == ("CIFAR10",)
+    assert cifar.prompts == "CIFAR10"
     coco = shared_data("coco_mini_captions")
     dataset = coco_captions(coco / "annotations" / "captions_val2017.json", coco / "val2017", _to_tensor)
     assert (len(dataset), len(dataset.captions)) == (159, 795)

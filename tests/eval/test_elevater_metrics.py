@@ -8,7 +8,7 @@ import torch
 
 from protorkd.eval.elevater import probe_scores, validation_split, zeroshot_scores
 from protorkd.eval.elevater_metrics import METRICS, map_11_point, mean_per_class_accuracy, roc_auc
-from protorkd.eval.linear_probe import fit_one_vs_rest
+from protorkd.eval.logistic import fit_one_vs_rest
 
 
 def one_hot(labels: list[int], n: int) -> torch.Tensor:
@@ -73,12 +73,22 @@ def test_zeroshot_scores_are_softmax_of_scaled_cosines():
     assert torch.equal(scores.argmax(dim=1), (features @ classifier).argmax(dim=1))
 
 
-def test_validation_split_is_class_balanced_and_disjoint():
-    labels = torch.tensor([0] * 10 + [1] * 5 + [2])
-    fit, val = validation_split(labels, fraction=0.2, seed=0)
-    assert sorted(fit + val) == list(range(16)) and not set(fit) & set(val)
-    assert sorted(labels[val].tolist()) == [0, 0, 1]  # ceil(0.2 * 10), ceil(0.2 * 5), never a class's only image
-    assert validation_split(labels, seed=0) == (fit, val) and validation_split(labels, seed=1) != (fit, val)
+def test_validation_split_takes_the_first_ceil_20_percent_of_each_class_as_the_toolkit_does():
+    labels = torch.tensor([1, 0, 0, 2, 1, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 3] + [4] * 15)
+    fit, val = validation_split(labels)
+    # class 0 (10 images): its first 2; class 1 (5): its first 1; classes 2 and 3 (1 each): their only
+    # image (the toolkit leaves them no training image); class 4 (15): its first 3
+    assert val == [0, 1, 2, 3, 16, 17, 18, 19]
+    assert fit == [i for i in range(len(labels)) if i not in val]
+
+
+def test_multilabel_validation_split_is_the_toolkits_greedy_pass():
+    targets = torch.tensor(
+        [[1, 0, 0], [1, 1, 0], [0, 1, 0], [1, 0, 1], [0, 0, 1], [1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 1]]
+    ).float()
+    # needs: ceil(0.2 * [5, 3, 3]) = [1, 1, 1]; class 0 takes image 0 -> [0, 1, 1]; class 1 takes image 1
+    # -> [-1, 0, 1]; class 2 takes image 3 -> [-2, 0, 0]: done
+    assert validation_split(targets) == ([2, 4, 5, 6, 7, 8], [0, 1, 3])
 
 
 def _separable(n_per_class: int, n_classes: int, dim: int = 6, seed: int = 0):
@@ -97,9 +107,12 @@ def test_linear_probe_separates_separable_classes():
     assert METRICS.get("accuracy")(scores, y_test) == 100.0 and info["val_score"] == 100.0
 
 
-def test_multilabel_probe_reaches_full_map_on_separable_labels():
+def test_multilabel_probe_reaches_full_map_on_separable_labels_with_the_toolkits_softmax_scores():
     generator = torch.Generator().manual_seed(0)
-    targets = (torch.rand(40, 3, generator=generator) > 0.5).float()
+    # one or two labels per image: their softmax scores (about 1 or 1/2) stay above every negative's
+    single = torch.nn.functional.one_hot(torch.randint(0, 3, (25,), generator=generator), 3).float()
+    pairs = 1.0 - torch.nn.functional.one_hot(torch.randint(0, 3, (15,), generator=generator), 3).float()
+    targets = torch.cat([single, pairs])[torch.randperm(40, generator=generator)]
     features = torch.cat(
         [targets * 4 - 2 + 0.1 * torch.randn(40, 3, generator=generator), torch.randn(40, 2, generator=generator)],
         dim=1,
@@ -107,8 +120,9 @@ def test_multilabel_probe_reaches_full_map_on_separable_labels():
     scores, info = probe_scores(
         features[:30], targets[:30], features[30:], num_classes=3, metric="11point_mAP", multilabel=True
     )
-    assert ((scores >= 0) & (scores <= 1)).all()
-    assert map_11_point(scores, targets[30:]) == pytest.approx(100.0)
+    # one sigmoid classifier per class, scored like the toolkit's `validate`: the softmax of the logits
+    assert torch.allclose(scores.sum(dim=1), torch.ones(10))
+    assert map_11_point(scores, targets[30:]) == pytest.approx(100.0) and info["val_score"] == pytest.approx(100.0)
 
 
 def test_one_vs_rest_fit_equals_independent_sklearn_fits():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from protorkd.eval.monitor import ALL_CSV, ALL_PNG, evaluate_pending, evaluate_single, read_rows, watch
 
@@ -48,7 +49,8 @@ def test_each_checkpoint_is_evaluated_once_in_epoch_order(tmp_path):
     header = (tmp_path / ALL_CSV).read_text().splitlines()[0]
     assert header == "epoch,zeroshot/top1,sts/avg"
     assert rows[0]["sts/avg"] == "" and rows[2]["sts/avg"] == "3.0"
-    assert (tmp_path / ALL_PNG).stat().st_size > 1000
+    with Image.open(tmp_path / ALL_PNG) as plot:  # one 3.2 x 2.4 inch panel per metric, 2 in a row, 90 dpi
+        assert plot.format == "PNG" and plot.size == (576, 216)
 
 
 def test_interrupted_monitor_restarts_without_loss_or_duplicates(tmp_path):

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from math import comb
+
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -18,14 +21,28 @@ def test_perfect_features_give_100_recall_at_1_with_five_captions_per_image():
     assert all(value == 100.0 for value in metrics.values())
 
 
-def test_random_features_give_chance_recall():
-    n_images, captions_per_image = 400, 5
-    owners = torch.arange(n_images).repeat_interleave(captions_per_image)
-    metrics = retrieval_metrics(_random(n_images, 64, 1), _random(n_images * captions_per_image, 64, 2), owners)
-    # text->image: K / I. image->text: 1 - C(T-5, K) / C(T, K) ~ 1 - (1 - 5/T)^K.
-    assert abs(metrics["text_to_image_R@10"] - 100 * 10 / n_images) < 1.0
-    expected_i2t = 100 * (1 - (1 - captions_per_image / (n_images * captions_per_image)) ** 10)
-    assert abs(metrics["image_to_text_R@10"] - expected_i2t) < 2.0
+def test_a_model_whose_embeddings_are_all_equal_scores_exactly_chance():
+    n_images, per_image = 40, 5
+    n_texts = n_images * per_image
+    owners = torch.arange(n_images).repeat_interleave(per_image)
+    same = F.normalize(torch.ones(1, 8), dim=-1)
+    metrics = retrieval_metrics(same.repeat(n_images, 1), same.repeat(n_texts, 1), owners, block=7)
+    for k in (1, 5, 10):
+        # text->image: its image among K of I at random; image->text: one of its 5 captions among K of T
+        assert metrics[f"text_to_image_R@{k}"] == pytest.approx(100 * k / n_images, abs=1e-9)
+        chance = 1 - comb(n_texts - per_image, k) / comb(n_texts, k)
+        assert metrics[f"image_to_text_R@{k}"] == pytest.approx(100 * chance, abs=1e-9)
+
+
+def test_a_tie_counts_as_half_a_hit_between_two_candidates():
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # images 0 and 1 are identical
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    owners = torch.tensor([0, 2])
+    metrics = retrieval_metrics(images, texts, owners, ks=(1, 2))
+    # text 0 ties images 0 and 1 at the top: R@1 = (0.5 + 1) / 2, R@2 = 1
+    assert metrics["text_to_image_R@1"] == 75.0 and metrics["text_to_image_R@2"] == 100.0
+    # image 1 has no caption and is left out; images 0 and 2 rank their own caption first
+    assert metrics["image_to_text_R@1"] == 100.0
 
 
 def test_image_to_text_is_a_hit_when_any_caption_ranks_first():
@@ -51,4 +68,4 @@ def test_blocked_computation_equals_single_block_and_is_independent_of_caption_o
 def test_mean_recall_is_the_mean_of_the_six_recalls():
     metrics = retrieval_metrics(_random(20, 8, 7), _random(40, 8, 8), torch.arange(20).repeat(2))
     six = [v for k, v in metrics.items() if "_R@" in k]
-    assert len(six) == 6 and abs(metrics["mean_recall"] - sum(six) / 6) < 1e-9
+    assert len(six) == 6 and metrics["mean_recall"] == pytest.approx(sum(six) / 6, abs=1e-12)

@@ -114,7 +114,15 @@ def test_shared_sts_data_has_the_standard_pair_counts():
     }
 
 
-def test_sts_runs_on_the_tiny_text_tower(tiny_model):
+def test_all_minilm_l6_v2_scores_its_published_mteb_result_on_sts16():
+    """MTEB's STS16 cosine Spearman for all-MiniLM-L6-v2 is 78.99 (embeddings-benchmark/results,
+    sentence-transformers__all-MiniLM-L6-v2/8b3219a92973c328a8e22fadcfa821b5dc75636a/STS16.json); STS16 is the
+    smallest of the seven (1,867 sentences), benchmarks/bench_eval.py --parts sts checks the others."""
     root = shared_data("sts")
-    metrics = evaluate(tiny_model, Path(root), device="cpu", tasks=["STSB"])
-    assert -100.0 <= metrics["STSB/spearman"] <= 100.0
+    pytest.importorskip("sentence_transformers")
+    from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import ModelOptions
+
+    model = build_dual_encoder(ModelOptions(text_model_builder="sbert", text_model="all-MiniLM-L6-v2")).eval()
+    metrics = evaluate(model, Path(root), device="cpu", tasks=["STS16"])
+    assert round(metrics["STS16/spearman"], 2) == 78.99

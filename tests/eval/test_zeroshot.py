@@ -8,9 +8,9 @@ import torch.nn.functional as F
 
 from protorkd.errors import UsageError
 from protorkd.eval.zeroshot import (
-    accuracy_metrics,
     align_classnames,
     build_zeroshot_classifier,
+    packaged_prompts,
     resolve_prompts,
     zeroshot_scores,
 )
@@ -51,26 +51,6 @@ def test_synonym_lists_average_the_prompts_of_all_synonyms():
     assert torch.allclose(classifier[:, 0], F.normalize(torch.tensor([1.0, 1.0, 0, 0]), dim=0), atol=1e-6)
 
 
-def test_perfect_scores_give_100_top1_and_random_scores_give_chance():
-    labels = torch.arange(10).repeat(100)
-    perfect = F.one_hot(labels, 10).float()
-    assert accuracy_metrics(perfect, labels, mean_per_class=True) == {
-        "top1": 100.0,
-        "top5": 100.0,
-        "mean_per_class_recall": 100.0,
-    }
-    random = torch.randn(1000, 10, generator=torch.Generator().manual_seed(0))
-    metrics = accuracy_metrics(random, labels)
-    assert abs(metrics["top1"] - 10) < 3 and abs(metrics["top5"] - 50) < 5
-
-
-def test_mean_per_class_recall_weights_classes_equally():
-    labels = torch.tensor([0, 0, 0, 1])
-    logits = torch.tensor([[1.0, 0], [1.0, 0], [1.0, 0], [1.0, 0]])  # always class 0
-    metrics = accuracy_metrics(logits, labels, mean_per_class=True)
-    assert metrics["top1"] == 75.0 and metrics["mean_per_class_recall"] == 50.0
-
-
 def test_scores_are_100_times_cosine():
     features = F.normalize(torch.randn(3, 4), dim=-1)
     assert torch.allclose(zeroshot_scores(features, features.T).diag(), torch.full((3,), 100.0))
@@ -104,23 +84,54 @@ def test_a_class_count_mismatch_is_an_error_naming_the_source():
         align_classnames(["a", "b", "c", "d"], ["a"], ["x", "y", "z"], "prompts.json")
 
 
-def test_prompts_come_from_the_metadata_file_first_then_open_clip_then_folder_names(tmp_path):
+def test_prompts_come_from_the_metadata_file_then_the_shipped_clip_prompts_then_folder_names(tmp_path, caplog):
     path = tmp_path / "prompts.json"
-    path.write_text(json.dumps({"CIFAR10": {"classes": ["plane", "car"], "templates": ["a {}."]}}))
-    from_file = resolve_prompts(
-        ("CIFAR10", "cifar10"), ["airplane", "automobile"], ["airplane", "automobile"], metadata_files=[path]
-    )
+    path.write_text(json.dumps({"cifar10": {"classes": ["plane", "car"], "templates": ["a {}."]}}))
+    folders = ["airplane", "automobile"]
+    from_file = resolve_prompts("cifar10", folders, folders, packaged_key="CIFAR10", metadata_files=[path])
     assert from_file.classnames == ["plane", "car"] and from_file.templates == ["a {}."]
-    folders = [f"n{i:08d}" for i in range(1000)]
-    imagenet = resolve_prompts(("ImageNet", "imagenet"), folders, folders, metadata_files=[path])
-    assert imagenet.classnames[0] == "tench" and len(imagenet.templates) == 80
-    assert all("{}" in t for t in imagenet.templates)
-    own = resolve_prompts(("shapes",), ["big_circle", "ring"], ["big_circle", "ring"], metadata_files=[path])
+    synsets = [f"n{i:08d}" for i in range(1000)]
+    imagenet = resolve_prompts("imagenet", synsets, synsets, packaged_key="ImageNet", metadata_files=[path])
+    assert imagenet.classnames[:2] == ["tench", "goldfish"] and len(imagenet.templates) == 80
+    assert imagenet.templates[0] == "a bad photo of a {}."
+    # Birdsnap's CLOOB folders are numbers: the shipped names are used, in label order, empty folders dropped
+    numbered = [f"{i:03d}" for i in range(500)]
+    birdsnap = resolve_prompts("birdsnap", numbered, numbered[:45] + numbered[47:], packaged_key="Birdsnap")
+    assert birdsnap.classnames[:2] == ["Acadian Flycatcher", "Acorn Woodpecker"] and len(birdsnap.classnames) == 498
+    assert birdsnap.templates == ["a photo of a {}, a type of bird."]
+    with caplog.at_level("WARNING"):
+        own = resolve_prompts("shapes", ["big_circle", "ring"], ["big_circle", "ring"], metadata_files=[path])
     assert own.classnames == ["big circle", "ring"] and own.templates == ["a photo of a {}."]
+    assert [r.levelname for r in caplog.records] == ["WARNING"] and "zero-shot shapes" in caplog.text
 
 
 def test_metadata_keys_match_ignoring_case_and_separators(tmp_path):
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps({"StanfordCars": {"classes": ["a", "b"], "templates": ["{}"]}}))
-    prompts = resolve_prompts(("stanford_cars",), ["x", "y"], ["x", "y"], metadata_files=[path])
+    prompts = resolve_prompts("stanford_cars", ["x", "y"], ["x", "y"], metadata_files=[path])
     assert prompts.classnames == ["a", "b"]
+
+
+def test_the_shipped_clip_prompts_cover_every_registered_classification_dataset():
+    from protorkd.eval.catalog import DATASETS, ClassificationSpec
+
+    prompts = packaged_prompts("clip_zeroshot_prompts.json")
+    counts = {
+        spec.name: len(prompts[spec.prompts]["classes"])
+        for spec in map(DATASETS.get, DATASETS.names())
+        if isinstance(spec, ClassificationSpec)
+    }
+    assert counts == {
+        "birdsnap": 500,
+        "cifar10": 10,
+        "cifar100": 100,
+        "country211": 211,
+        "flowers102": 102,
+        "gtsrb": 43,
+        "imagenet": 1000,
+        "stanford_cars": 196,
+        "stl10": 10,
+        "ucf101": 101,
+        "ucf101_testlist02": 101,
+        "ucf101_testlist03": 101,
+    }

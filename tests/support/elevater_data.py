@@ -15,7 +15,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-COLOURS = [(220, 30, 30), (30, 200, 30), (30, 30, 220), (220, 220, 30)]
+COLOURS = [
+    (220, 30, 30),
+    (30, 200, 30),
+    (30, 30, 220),
+    (220, 220, 30),
+    (220, 30, 220),
+    (30, 220, 220),
+    (250, 250, 250),
+    (10, 10, 10),
+    (250, 140, 30),
+    (120, 60, 20),
+]
 
 
 def png_bytes(colour: tuple[int, int, int], seed: int) -> bytes:

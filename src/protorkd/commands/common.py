@@ -20,6 +20,7 @@ from protorkd.config import Config, default_eval_root, read_params
 from protorkd.distributed import resolve_device
 from protorkd.errors import UsageError
 from protorkd.eval.loading import model_from_checkpoint, model_options_from_flat, option_differences, require_weights
+from protorkd.eval.records import LINEAR_FEATURES
 from protorkd.eval.suite import TASK_NAMES
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import ModelOptions
@@ -64,6 +65,17 @@ def int_at_least(minimum: int):
         return value
 
     return parse
+
+
+def add_linear_features_argument(group: argparse._ActionsContainer) -> None:
+    group.add_argument(
+        "--linear-features",
+        choices=LINEAR_FEATURES,
+        default="joint",
+        help="what the linear probe reads: joint (normalised encode_image features, CLIP_benchmark's and "
+        "the ELEVATER toolkit's) or backbone (the image tower's output, before the projection head); "
+        "the metric keys name it (default: joint)",
+    )
 
 
 def add_runtime_arguments(

@@ -1,11 +1,12 @@
 """`protorkd elevater`: ELEVATER image classification (20 datasets) of a checkpoint, zero-shot or linear probe.
 
 Reads the datasets in their published format under --dataset-root (docs/elevater.md: how to download them,
-the layout, the metrics). Each dataset is scored with its official metric; --mode linear_probe with
---num-shots N samples N training images per class for each seed and reports the mean and std over seeds.
-Writes, under EXP_DIR/ELEVATER_evaluation/{zeroshot | linear_probe | N-shot}/ (EXP_DIR: the folder holding
-the checkpoint's checkpoints/ folder), one <dataset>.json per dataset, summary.csv (one row per dataset and
-the average), results.json (CLIP_benchmark's record schema, as `protorkd eval --output`) and log.txt.
+the layout, the metrics, the protocol). Each dataset is scored with its official metric; zero-shot uses the
+toolkit's class names and templates; --mode linear_probe with --num-shots N samples N training images per
+class for each seed and reports the mean and std over seeds. Writes, under EXP_DIR/ELEVATER_evaluation/
+{zeroshot | linear_probe | N-shot}/ (EXP_DIR: the folder holding the checkpoint's checkpoints/ folder), one
+<dataset>.json per dataset, summary.csv (one row per dataset and the average), clip_benchmark/ (one
+CLIP_benchmark result file per dataset, as `protorkd eval --output`) and log.txt.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from protorkd.errors import UsageError
 
 log = logging.getLogger(__name__)
 MODES = ("zeroshot", "linear_probe")
-TEMPLATE_SETS = ("simple", "openai-imagenet")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -71,15 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="JSON {dataset: {classes, templates}} overriding class names and prompts (keys: our "
-        "dataset names or the hub names; default: the dataset's own label names)",
+        "dataset names or the hub names; default: the ELEVATER toolkit's class names and templates, "
+        "shipped with protorkd)",
     )
-    group.add_argument(
-        "--templates",
-        choices=TEMPLATE_SETS,
-        default="simple",
-        help="prompts for datasets without metadata: 'a photo of a {}.' (simple) or open_clip's 80 "
-        "OpenAI ImageNet templates (default: simple)",
-    )
+    common.add_linear_features_argument(group)
     group.add_argument(
         "--results-dir",
         type=Path,
@@ -90,7 +85,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         type=Path,
         default=None,
-        help="also write the CLIP_benchmark records (dataset, model, pretrained, task, metrics) here",
+        metavar="DIR",
+        help="also write the CLIP_benchmark result files (one per dataset) into DIR",
     )
     common.add_runtime_arguments(group, workers=4, items="images or prompts")
     parser.set_defaults(func=run)
@@ -134,6 +130,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for flag, path in (("--definitions", args.definitions), ("--zeroshot-metadata", args.zeroshot_metadata)):
         if path is not None and not path.is_file():
             raise UsageError(f"{flag} {path}: no such file")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output}: not a folder (CLIP_benchmark results are one file each)")
     if args.batch_size < 1 or args.workers < 0:
         raise UsageError("--batch-size must be >= 1 and --workers >= 0")
 
@@ -165,8 +163,9 @@ def _select(args: argparse.Namespace, definitions: dict | None) -> list:
     return chosen
 
 
-def _prompts(spec, split, metadata: dict | None, template_set: str) -> tuple[list, list[str], str]:
+def _prompts(spec, split, metadata: dict | None) -> tuple[list, list[str], str]:
     """(class names, templates, where they came from) for zero-shot."""
+    from protorkd.eval.elevater import toolkit_prompts
     from protorkd.eval.zeroshot import DEFAULT_TEMPLATES, find_metadata_entry
 
     entry = find_metadata_entry(metadata, (spec.name, spec.hub_name)) if metadata else None
@@ -177,12 +176,8 @@ def _prompts(spec, split, metadata: dict | None, template_set: str) -> tuple[lis
                 f"{split.index_file.parent} has {len(split.classnames)}"
             )
         return list(entry["classes"]), list(entry.get("templates") or DEFAULT_TEMPLATES), "--zeroshot-metadata"
-    names = [name.replace("_", " ") for name in split.classnames]
-    if template_set == "openai-imagenet":
-        from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
-
-        return names, [template("{}") for template in OPENAI_IMAGENET_TEMPLATES], "label map + open_clip templates"
-    return names, list(DEFAULT_TEMPLATES), "label map"
+    classnames, templates = toolkit_prompts(spec.hub_name, len(split.classnames))
+    return classnames, templates, "ELEVATER toolkit"
 
 
 def _experiment_dir(checkpoint: Path, loaded) -> Path:
@@ -207,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.eval import elevater
     from protorkd.eval.datasets import load_zeroshot_metadata
     from protorkd.eval.elevater_format import DEFINITIONS_FILE, load_definitions, read_split
-    from protorkd.eval.records import elevater_record, to_json, write_json
+    from protorkd.eval.records import elevater_record, to_json, write_records
     from protorkd.io import atomic_open, atomic_write
 
     definitions_file = args.definitions or (args.dataset_root / DEFINITIONS_FILE)
@@ -253,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                 "classes": len(test.classnames),
             }
             if args.mode == "zeroshot":
-                classnames, templates, source = _prompts(spec, test, metadata, args.templates)
+                classnames, templates, source = _prompts(spec, test, metadata)
                 metrics = elevater.evaluate_zeroshot(
                     model,
                     test,
@@ -277,10 +272,16 @@ def run(args: argparse.Namespace) -> int:
                     device=device,
                     num_shots=args.num_shots,
                     seeds=seeds,
+                    features=args.linear_features,
                     batch_size=args.batch_size,
                     workers=args.workers,
                 )
-                info.update(num_shots=args.num_shots, seeds=list(seeds), train_images_available=len(train))
+                info.update(
+                    num_shots=args.num_shots,
+                    seeds=list(seeds),
+                    features=args.linear_features,
+                    train_images_available=len(train),
+                )
             info.update(metrics=metrics, seconds=round(time.time() - started, 2))
             atomic_write(out / f"{spec.name}.json", to_json(info))
             log.info("%s: %s %.2f", spec.name, spec.metric, metrics["score"])
@@ -293,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
                     linear_probe=args.mode == "linear_probe",
                     model=f"protorkd:{loaded.name}",
                     pretrained=str(args.checkpoint),
+                    features=args.linear_features,
                     num_shots=args.num_shots,
                     seeds=seeds,
                 )
@@ -301,9 +303,9 @@ def run(args: argparse.Namespace) -> int:
         rows = elevater.summary_rows(results, {spec.name: spec.metric for spec, _ in selected})
         with atomic_open(out / "summary.csv", "w", newline="") as handle:
             csv.writer(handle).writerows(rows)
-        write_json(out / "results.json", records)
+        write_records(out / "clip_benchmark", records)
         if args.output is not None:
-            write_json(args.output, records)
+            write_records(args.output, records)
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()

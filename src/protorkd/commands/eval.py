@@ -4,7 +4,8 @@ The model is a checkpoint (`--checkpoint`, rebuilt from the config stored in it 
 params.txt) or the towers named by the same flags as `train` (a pretrained open_clip model, a
 sentence-transformers model), evaluated without training. Tasks whose data is absent under
 --eval-data-dir are reported as skipped. Prints a table; appends one JSON line to the experiment's
-results.jsonl when evaluating an experiment's checkpoint; --output writes CLIP_benchmark's schema.
+results.jsonl when evaluating an experiment's checkpoint; --output DIR writes one CLIP_benchmark result
+file per dataset and task (`clip_benchmark build DIR` reads them).
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--zeroshot-metadata",
         type=Path,
-        help="JSON {dataset: {classes, templates}} with zero-shot class names and prompts, e.g. "
-        "CLIP's clip_zeroshot_prompts.json (default: ROOT/zeroshot_metadata.json, open_clip's "
-        "ImageNet lists, then the dataset's own class names)",
+        help="JSON {dataset: {classes, templates}} overriding zero-shot class names and prompts "
+        "(default: ROOT/zeroshot_metadata.json when it has the dataset, else OpenAI CLIP's names and "
+        "templates shipped for every registered dataset; a generic folder dataset falls back to its "
+        "folder names, with a warning)",
     )
     group.add_argument(
         "--linear-solver",
@@ -60,6 +62,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default="torch",
         help="linear-probe solver: torch L-BFGS (fast) or sklearn (reference) (default: torch)",
     )
+    common.add_linear_features_argument(group)
     group.add_argument(
         "--analysis-clusters",
         type=int,
@@ -72,8 +75,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--output",
         type=Path,
-        help="also write the results as a JSON list of CLIP_benchmark "
-        "records (dataset, model, pretrained, task, metrics)",
+        metavar="DIR",
+        help="also write one CLIP_benchmark result file per dataset and task into DIR "
+        "({dataset}_{pretrained}_{model}_{language}_{task}.json, fractions, CLIP_benchmark's metric names)",
     )
     group.add_argument(
         "--cache-dir",
@@ -144,12 +148,14 @@ def format_table(result: SuiteResult) -> str:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from protorkd.eval.features import FeatureCache
-    from protorkd.eval.records import suite_records, write_json
+    from protorkd.eval.records import suite_records, write_records
     from protorkd.eval.suite import EvalOptions, run_suite
 
     tasks = common.parse_tasks(args.tasks)
     if args.zeroshot_metadata is not None and not args.zeroshot_metadata.is_file():
         raise UsageError(f"--zeroshot-metadata {args.zeroshot_metadata}: no such file")
+    if args.output is not None and args.output.exists() and not args.output.is_dir():
+        raise UsageError(f"--output {args.output}: not a folder (CLIP_benchmark results are one file each)")
     model_fields = {f.name for f in dataclasses.fields(ModelOptions)}
     tower_flags = {k: v for k, v in vars(args).items() if k in model_fields}
     if args.checkpoint is None and not tower_flags:
@@ -177,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         datasets=common.split_list(args.datasets),
         zeroshot_metadata=args.zeroshot_metadata,
         linear_solver=args.linear_solver,
+        linear_features=args.linear_features,
         analysis_clusters=args.analysis_clusters,
         cache=cache,
     )
@@ -195,6 +202,6 @@ def run(args: argparse.Namespace) -> int:
         append_line(loaded.experiment / "results.jsonl", json.dumps(line))  # appended: earlier lines stay
         print(f"appended to {loaded.experiment / 'results.jsonl'}")
     if args.output is not None:
-        write_json(args.output, suite_records(result, model=loaded.name, pretrained=loaded.pretrained))
-        print(f"wrote {args.output}")
+        paths = write_records(args.output, suite_records(result, model=loaded.name, pretrained=loaded.pretrained))
+        print(f"wrote {len(paths)} CLIP_benchmark result files to {args.output}")
     return 0

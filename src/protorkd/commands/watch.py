@@ -2,7 +2,9 @@
 
 With no arguments it asks for the experiment folder and an optional epoch, like the original
 evaluate_checkpoints.py. Results: EXP_DIR/evaluation_metrics_all.csv (+ .png), or
-EXP_DIR/single_evaluation_metrics@epoch_N.csv for a single epoch.
+EXP_DIR/single_evaluation_metrics@epoch_N.csv for a single epoch. The evaluation is `protorkd eval`'s suite
+with its standard protocols (OpenAI CLIP's prompts for every registered dataset, the linear probe on joint
+features unless --linear-features backbone), so its numbers equal training's and `eval`'s.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--interval", type=float, default=10.0, help="seconds between scans (default: 10)")
     common.add_tasks_argument(parser)
     common.add_eval_data_dir_argument(parser)
+    common.add_linear_features_argument(parser)
     common.add_runtime_arguments(parser, workers=2)
     parser.set_defaults(func=run)
 
@@ -58,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     root = common.eval_root(args.eval_data_dir, training_run)
     device = common.device_from(args)
     tasks = common.parse_tasks(args.tasks)
-    options = EvalOptions(device=device, batch_size=args.batch_size, workers=args.workers)
+    options = EvalOptions(
+        device=device, batch_size=args.batch_size, workers=args.workers, linear_features=args.linear_features
+    )
 
     def evaluate(path: Path) -> dict[str, float]:
         loaded = common.load_model_from_checkpoint(path)

@@ -4,6 +4,12 @@ One entry per dataset (`DATASETS.get("cifar10")`), no if/elif chain. Besides the
 `ROOT/<name>/{train,test}/<class>/` folder is a classification dataset and any
 `ROOT/<name>/captions_test.json` (images under `ROOT/<name>/test/`) a retrieval dataset, which is how the
 built-in demo's `shapes` is found. docs/data.md describes every layout with its expected counts.
+
+Each entry names its zero-shot prompts (`prompts`: its key in the shipped CLIP prompt file) and the name
+its CLIP_benchmark records carry: CLIP_benchmark's own name where the data is that dataset's split
+(`imagenet1k`, `cifar10`, `cars`, `flowers`, `flickr30k`, ...), otherwise one that says what the data is
+(`coco2017_val`: CLIP_benchmark's `mscoco_captions` is the Karpathy 5k test split of val2014, another
+image set; `birdsnap_cloob_test`: CLOOB's 1,855-image copy; `ucf101_testlist01`).
 """
 
 from __future__ import annotations
@@ -33,9 +39,8 @@ class ClassificationSpec:
     train_split: str | None = "train"
     torchvision: str | None = None  # "CIFAR10", "CIFAR100" or "STL10"
     torchvision_marker: str = ""  # the sub-folder that torchvision's format creates, e.g. cifar-10-batches-py
-    prompt_names: tuple[str, ...] = ()  # keys of this dataset in CLIP's prompt file
-    mean_per_class: bool = False  # mean per-class recall is this dataset's usual zero-shot metric
-    clip_benchmark_name: str = ""
+    prompts: str | None = None  # its entry in the shipped CLIP prompts (zeroshot.CLIP_PROMPTS_FILE)
+    clip_benchmark_name: str = ""  # CLIP_benchmark's name when the data is its dataset, else an honest name of ours
 
     def _torchvision_root(self, root: Path) -> Path | None:
         folder = Path(root) / self.folder
@@ -81,13 +86,13 @@ class RetrievalSpec:
 DATASETS: Registry = Registry("evaluation dataset")
 
 _REGISTERED = [
-    ClassificationSpec("imagenet", "imagenet", prompt_names=("ImageNet",), clip_benchmark_name="imagenet1k"),
+    ClassificationSpec("imagenet", "imagenet", prompts="ImageNet", clip_benchmark_name="imagenet1k"),
     ClassificationSpec(
         "cifar10",
         "cifar10",
         torchvision="CIFAR10",
         torchvision_marker="cifar-10-batches-py",
-        prompt_names=("CIFAR10",),
+        prompts="CIFAR10",
         clip_benchmark_name="cifar10",
     ),
     ClassificationSpec(
@@ -95,7 +100,7 @@ _REGISTERED = [
         "cifar100",
         torchvision="CIFAR100",
         torchvision_marker="cifar-100-python",
-        prompt_names=("CIFAR100",),
+        prompts="CIFAR100",
         clip_benchmark_name="cifar100",
     ),
     ClassificationSpec(
@@ -103,56 +108,55 @@ _REGISTERED = [
         "stl10",
         torchvision="STL10",
         torchvision_marker="stl10_binary",
-        prompt_names=("STL10",),
+        prompts="STL10",
         clip_benchmark_name="stl10",
     ),
     ClassificationSpec(
-        "birdsnap", "birdsnap", train_split=None, prompt_names=("Birdsnap",), clip_benchmark_name="birdsnap"
+        "birdsnap", "birdsnap", train_split=None, prompts="Birdsnap", clip_benchmark_name="birdsnap_cloob_test"
     ),
     ClassificationSpec(
-        "country211", "country211", train_split=None, prompt_names=("Country211",), clip_benchmark_name="country211"
+        "country211", "country211", train_split=None, prompts="Country211", clip_benchmark_name="country211"
     ),
     ClassificationSpec(
         "flowers102",
         "flowers102",
         train_split=None,
-        prompt_names=("Flowers102",),
-        mean_per_class=True,
-        clip_benchmark_name="vtab/flowers",
+        prompts="Flowers102",
+        clip_benchmark_name="flowers",
     ),
-    ClassificationSpec("gtsrb", "gtsrb", train_split=None, prompt_names=("GTSRB",), clip_benchmark_name="gtsrb"),
+    ClassificationSpec("gtsrb", "gtsrb", train_split=None, prompts="GTSRB", clip_benchmark_name="gtsrb"),
     ClassificationSpec(
-        "stanford_cars", "stanford_cars", train_split=None, prompt_names=("StanfordCars",), clip_benchmark_name="cars"
+        "stanford_cars", "stanford_cars", train_split=None, prompts="StanfordCars", clip_benchmark_name="cars"
     ),
     ClassificationSpec(
         "ucf101",
         "ucf101",
         test_split="testlist01",
         train_split=None,
-        prompt_names=("UCF101",),
-        clip_benchmark_name="ucf101",
+        prompts="UCF101",
+        clip_benchmark_name="ucf101_testlist01",
     ),
     ClassificationSpec(
         "ucf101_testlist02",
         "ucf101",
         test_split="testlist02",
         train_split=None,
-        prompt_names=("UCF101",),
-        clip_benchmark_name="ucf101",
+        prompts="UCF101",
+        clip_benchmark_name="ucf101_testlist02",
     ),
     ClassificationSpec(
         "ucf101_testlist03",
         "ucf101",
         test_split="testlist03",
         train_split=None,
-        prompt_names=("UCF101",),
-        clip_benchmark_name="ucf101",
+        prompts="UCF101",
+        clip_benchmark_name="ucf101_testlist03",
     ),
     RetrievalSpec(
         "coco2017",
         "coco2017/annotations/captions_val2017.json",
         "coco2017/val2017",
-        clip_benchmark_name="mscoco_captions",
+        clip_benchmark_name="coco2017_val",
     ),
     RetrievalSpec(
         "flickr30k",

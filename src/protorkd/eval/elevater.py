@@ -1,12 +1,19 @@
 """ELEVATER image classification: zero-shot and (few-shot) linear probe, each dataset with its official metric.
 
-The metrics (accuracy, mean-per-class, roc_auc, 11point_mAP) are in `eval.elevater_metrics`. Zero-shot
-scores are softmax(100 * image features @ class embeddings), class embeddings built by
-`zeroshot.build_zeroshot_classifier`. The linear probe fits the project's L-BFGS logistic regression
-(softmax; one-vs-rest sigmoid for multi-label) on standardised image-tower features, chooses the L2
-strength with `linear_probe.sweep_l2` on a class-balanced 20% validation split of train by the dataset's
-own metric, refits on all of train and scores test once. Few-shot: `num_shots` images per class per seed
-(`sample_few_shot`).
+The protocol is the ELEVATER toolkit's (Elevater_Toolkit_IC @ 00d0af7), read from its code:
+- zero-shot: the toolkit's class names and templates (`prompts/elevater_prompts.json`, built from its
+  `vision_benchmark/datasets/prompts.py`; a class given as synonyms uses the first, as the toolkit does),
+  class embeddings by `zeroshot.build_zeroshot_classifier`, scores softmax(100 * cosine);
+- linear probe: image features (normalised joint features by default, `features="backbone"` for the
+  tower's), standardised with train statistics; the validation split is the toolkit's (`validation_split`:
+  the first ceil(20%) of each class in dataset order, a greedy pass for multi-label); the L2 strength is
+  searched with the toolkit's coarse-to-fine sweep (97 values in [1e-6, 1e6], `linear_probe.ELEVATER_GRID`)
+  by the dataset's own metric on that split, then refitted on all of train and scored once on test.
+  Multi-class: softmax logistic regression; multi-label (voc2007): one sigmoid classifier per class
+  (the toolkit's BCE loss), scored, like the toolkit, on the softmax of the logits;
+- few-shot: `num_shots` images per class per seed (`elevater_format.sample_few_shot`).
+The metrics (accuracy, mean-per-class, roc_auc, 11point_mAP) are in `eval.elevater_metrics`. Deviations
+from the toolkit (its SGD-trained head, its test-set epoch selection) are listed in docs/elevater.md.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import zipfile
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,20 +36,14 @@ from protorkd.eval.datasets import UnreadableImage
 from protorkd.eval.elevater_format import ElevaterSplit, sample_few_shot
 from protorkd.eval.elevater_metrics import METRICS, accuracy, extra_metrics
 from protorkd.eval.features import image_features
-from protorkd.eval.linear_probe import (
-    DEFAULT_L2_GRID,
-    Fit,
-    L2Choice,
-    LogisticRegressionProblem,
-    Params,
-    fit_one_vs_rest,
-    standardize,
-    sweep_l2,
-)
-from protorkd.eval.zeroshot import build_zeroshot_classifier
+from protorkd.eval.linear_probe import ELEVATER_GRID, L2Choice, L2Grid, WarmStarts, sweep_l2
+from protorkd.eval.logistic import LogisticRegressionProblem, Params, fit_one_vs_rest, standardize
+from protorkd.eval.zeroshot import build_zeroshot_classifier, packaged_prompts
 
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
+ELEVATER_PROMPTS_FILE = "elevater_prompts.json"  # in protorkd/eval/prompts/ (SOURCE.md there)
+VAL_SPLIT = 0.2  # the toolkit's `val_split` in `construct_dataloader`
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -108,6 +109,21 @@ def targets_of(split: ElevaterSplit, indices: list[int] | None = None) -> torch.
 # ---------------------------------------------------------------------------------------------- zero-shot
 
 
+def toolkit_prompts(hub_name: str, n_classes: int) -> tuple[list[str], list[str]]:
+    """(class names, templates) the toolkit uses for a dataset: its `class_map` entry with each synonym list
+    reduced to its first name, and its `template_map` entry (default "a photo of a {}", its fallback)."""
+    entry = packaged_prompts(ELEVATER_PROMPTS_FILE).get(hub_name)
+    if entry is None:
+        raise UsageError(f"no ELEVATER toolkit prompts for {hub_name!r}; give --zeroshot-metadata")
+    classnames = [name[0] if isinstance(name, list) else name for name in entry["classes"]]
+    if len(classnames) != n_classes:
+        raise UsageError(
+            f"the toolkit lists {len(classnames)} classes for {hub_name} but the dataset has {n_classes}; "
+            "give --zeroshot-metadata with names in the dataset's label order"
+        )
+    return classnames, list(entry.get("templates") or ["a photo of a {}"])
+
+
 def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """Normalised image features [N, D] x class embeddings [D, C] -> softmax(100 * cosine) [N, C] (ELEVATER's)."""
     return (100.0 * image_features.float() @ classifier.float()).softmax(dim=1)
@@ -145,26 +161,33 @@ def evaluate_zeroshot(
 # ---------------------------------------------------------------------------------------------- linear probe
 
 
-def validation_split(targets: torch.Tensor, *, fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int]]:
-    """(fit indices, validation indices) of the training set.
+def validation_split(targets: torch.Tensor, *, fraction: float = VAL_SPLIT) -> tuple[list[int], list[int]]:
+    """(fit indices, validation indices) of a training set: the toolkit's split (`get_dataloader` in its
+    `evaluation/feature.py`), deterministic.
 
-    Multi-class targets [N]: per class, ceil(fraction * count) random images go to validation (ELEVATER's
-    class-balanced split), but never a class's only image. Multi-label targets [N, C]: a random `fraction`.
+    Multi-class targets [N]: per class, its first ceil(fraction * count) images in dataset order (a class
+    with one image gives it to validation, as in the toolkit). Multi-label targets [N, C]: while some class
+    still needs validation images (ceil of fraction * its count), the first remaining image of the lowest
+    such class goes to validation and counts for each of its classes.
     """
-    rng = random.Random(seed)
-    if targets.dim() == 2:
-        order = list(range(len(targets)))
-        rng.shuffle(order)
-        n_val = min(len(order) - 1, max(1, math.ceil(fraction * len(order))))
-        return sorted(order[n_val:]), sorted(order[:n_val])
-    fit, val = [], []
-    for c in sorted(targets.unique().tolist()):
-        members = (targets == c).nonzero().flatten().tolist()
-        rng.shuffle(members)
-        n_val = min(len(members) - 1, math.ceil(fraction * len(members)))
-        val += members[:n_val]
-        fit += members[n_val:]
-    return sorted(fit), sorted(val)
+    if targets.dim() == 1:
+        labels = targets.tolist()
+        val = []
+        for label, count in Counter(labels).items():
+            members = [i for i, x in enumerate(labels) if x == label]
+            val += members[: math.ceil(count * fraction)]
+    else:
+        labels = targets.cpu().numpy().astype(np.float64).copy()
+        needed = np.ceil(np.sum(labels, axis=0) * fraction)
+        val = []
+        while (needed > 0).any():
+            target_class = np.where(needed > 0)[0][0]
+            sample = int(np.where(labels[:, target_class] > 0)[0][0])
+            val.append(sample)
+            needed -= labels[sample]
+            labels[sample] = 0
+    chosen = set(val)
+    return [i for i in range(len(targets)) if i not in chosen], sorted(chosen)
 
 
 def probe_scores(
@@ -175,28 +198,26 @@ def probe_scores(
     num_classes: int,
     metric: str,
     multilabel: bool,
-    l2_grid: tuple[float, ...] = DEFAULT_L2_GRID,
-    val_fraction: float = 0.2,
-    seed: int = 0,
+    grid: L2Grid = ELEVATER_GRID,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Test probabilities [M, C] of the classifier whose L2 strength scored best (by `metric`) on validation.
+    """Test scores [M, C] (softmax of the logits) of the classifier whose L2 strength scored best (by
+    `metric`) on the toolkit's validation split, refitted on all of train.
 
-    train_features [N, D], train_targets [N] or multi-hot [N, C]. The grid is walked by `sweep_l2` (strong
-    to weak, warm-started, no refinement). Returns (scores on CPU, {"l2", "val_score"}).
+    train_features [N, D] in the order of the toolkit's training manifest, train_targets [N] or multi-hot
+    [N, C]. Returns (scores on CPU, {"l2", "val_score"}).
     """
     x_train, x_test = standardize(train_features.float().to(device), test_features.float().to(device))
     y_train = train_targets.to(device).float() if multilabel else train_targets.to(device).long()
     score_of = METRICS.get(metric)
 
-    def solve(x: torch.Tensor, y: torch.Tensor) -> Fit:
+    def solve(x: torch.Tensor, y: torch.Tensor) -> WarmStarts:
         if multilabel:
-            return lambda l2, init=None: fit_one_vs_rest(x, y, l2, init=init)
-        return LogisticRegressionProblem(x, y, num_classes).fit
+            return WarmStarts(lambda l2, init=None: fit_one_vs_rest(x, y, l2, init=init))
+        return WarmStarts(LogisticRegressionProblem(x, y, num_classes).fit)
 
     def probabilities(x: torch.Tensor, params: Params) -> torch.Tensor:
-        logits = x @ params[0].T + params[1]
-        return (logits.sigmoid() if multilabel else logits.softmax(dim=1)).cpu()
+        return (x @ params[0].T + params[1]).softmax(dim=1).cpu()  # the toolkit's `validate`: softmax, always
 
     def validation_score(scores: torch.Tensor, targets: torch.Tensor) -> float:
         try:
@@ -205,17 +226,15 @@ def probe_scores(
             value = float("nan")
         return accuracy(scores, targets) if math.isnan(value) and not multilabel else value
 
-    fit_idx, val_idx = validation_split(train_targets.cpu(), fraction=val_fraction, seed=seed)
-    # one training image per class leaves nothing to validate on: the strongest L2 of the grid
-    choice = L2Choice(max(l2_grid), None, -math.inf)
-    if val_idx:
+    fit_idx, val_idx = validation_split(train_targets.cpu())
+    choice = L2Choice(len(grid.values) - 1, grid.values[-1], -math.inf)
+    fits = None
+    if val_idx and fit_idx:
         x_val, y_val = x_train[val_idx], train_targets[val_idx].cpu()
-        choice = sweep_l2(
-            solve(x_train[fit_idx], y_train[fit_idx]),
-            lambda params: validation_score(probabilities(x_val, params), y_val),
-            l2_grid,
-        )
-    params = solve(x_train, y_train)(choice.l2, choice.params)
+        fits = solve(x_train[fit_idx], y_train[fit_idx])
+        choice = sweep_l2(lambda l2: validation_score(probabilities(x_val, fits(l2)), y_val), grid)
+    init = fits.done.get(choice.l2) if fits is not None else None
+    params = solve(x_train, y_train).fit(choice.l2, init)
     val_score = choice.score if math.isfinite(choice.score) else float("nan")
     return probabilities(x_test, params), {"l2": choice.l2, "val_score": val_score}
 
@@ -230,14 +249,16 @@ def evaluate_linear_probe(
     device: torch.device | str,
     num_shots: int = -1,
     seeds: tuple[int, ...] = (0,),
+    features: str = "joint",
     batch_size: int = 256,
     workers: int = 0,
 ) -> dict[str, float]:
-    """Linear-probe metrics, averaged over `seeds` (few-shot subsets, and validation splits); features are
-    extracted and the probe is fitted on `device`.
+    """Linear-probe metrics, averaged over `seeds` (each seed draws a few-shot subset; the validation split
+    follows from the subset's order); features are extracted and the probe is fitted on `device`.
 
-    Returns {"score", "score_std", <extra metrics averaged>, "seed<k>/score", "seed<k>/l2", "train_images"}.
-    Image features of the images any seed uses are extracted once.
+    `features`: "joint" (normalised `encode_image`, what the toolkit's CLIP models feed its linear head) or
+    "backbone" (the image tower's output). Returns {"score", "score_std", <extra metrics averaged>,
+    "seed<k>/score", "seed<k>/l2", "train_images"}. Features of the images any seed uses are extracted once.
     """
     if len(train.classnames) != len(test.classnames):
         raise UsageError(f"{train.name}: train has {len(train.classnames)} classes, test {len(test.classnames)}")
@@ -257,7 +278,7 @@ def evaluate_linear_probe(
         device=device,
         batch_size=batch_size,
         workers=workers,
-        normalize=False,
+        normalize=features == "joint",
         desc=f"{train.name} train images",
     )
     test_features, _ = image_features(
@@ -266,7 +287,7 @@ def evaluate_linear_probe(
         device=device,
         batch_size=batch_size,
         workers=workers,
-        normalize=False,
+        normalize=features == "joint",
         desc=f"{test.name} test images",
     )
     test_targets = targets_of(test)
@@ -280,7 +301,6 @@ def evaluate_linear_probe(
             num_classes=len(train.classnames),
             metric=metric,
             multilabel=train.multilabel,
-            seed=seed,
             device=device,
         )
         metrics = {

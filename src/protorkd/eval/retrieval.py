@@ -1,8 +1,10 @@
 """Image-text retrieval recall@K with several captions per image, computed in blocks.
 
 Image->text is a hit when any of the image's captions ranks in the top K; text->image when its image does
-(the CLIP / ALBEF protocol). Similarities are computed `block` rows at a time, so COCO's 5k x 25k never
-needs the full matrix; each image's captions are looked up through a padded index, not a [B, T] mask.
+(the CLIP / ALBEF protocol, CLIP_benchmark's `zeroshot_retrieval`). Exact ties are resolved in expectation
+(`eval.ranking`), so a model whose embeddings are all equal scores chance. Similarities are computed
+`block` rows at a time, so COCO's 5k x 25k never needs the full matrix; each image's captions are looked
+up through a padded index, not a [B, T] mask.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.features import image_features, text_features
+from protorkd.eval.ranking import hit_probability
 
 
 def _captions_of_images(text_to_image: torch.Tensor, n_images: int) -> torch.Tensor:
@@ -35,30 +38,38 @@ def retrieval_metrics(
     """Recall@K (%) both ways, and their mean.
 
     image_features [I, D], text_features [T, D] (normalised); text_to_image [T]: the image of each caption.
-    Ranks count strictly better candidates, so a tie goes to the correct answer. Images without captions
-    are left out of image->text.
+    A caption's rank counts the images scoring strictly above its own, an image's rank the captions
+    scoring strictly above its best caption; candidates tied with that score are ordered at random in
+    expectation (`ranking.hit_probability`). Images without captions are left out of image->text.
     """
     n_images, n_texts = image_features.shape[0], text_features.shape[0]
     text_to_image = text_to_image.long()
-    text_rank = torch.empty(n_texts, dtype=torch.long)
+    text_hits = {k: torch.empty(n_texts, dtype=torch.float64) for k in ks}
     for start in range(0, n_texts, block):
         sims = text_features[start : start + block] @ image_features.T  # [b, I]
         positive = sims.gather(1, text_to_image[start : start + block, None])
-        text_rank[start : start + block] = (sims > positive).sum(dim=1)
+        better = (sims > positive).sum(dim=1)
+        tied = (sims == positive).sum(dim=1) - 1
+        for k in ks:
+            text_hits[k][start : start + block] = hit_probability(better, tied, 1, k)
     captions = _captions_of_images(text_to_image, n_images)
-    image_rank = torch.empty(n_images, dtype=torch.long)
+    image_hits = {k: torch.empty(n_images, dtype=torch.float64) for k in ks}
     for start in range(0, n_images, block):
         sims = image_features[start : start + block] @ text_features.T  # [b, T]
         own = captions[start : start + block]
-        best_positive = sims.gather(1, own.clamp(min=0)).masked_fill(own < 0, float("-inf")).max(dim=1).values
-        image_rank[start : start + block] = (sims > best_positive[:, None]).sum(dim=1)
+        own_sims = sims.gather(1, own.clamp(min=0)).masked_fill(own < 0, float("-inf"))
+        best = own_sims.max(dim=1, keepdim=True).values
+        tied_positives = (own_sims == best).sum(dim=1)
+        better = (sims > best).sum(dim=1)
+        tied_negatives = (sims == best).sum(dim=1) - tied_positives
+        for k in ks:
+            image_hits[k][start : start + block] = hit_probability(better, tied_negatives, tied_positives, k)
     has_caption = captions[:, 0] >= 0
-    image_rank = image_rank[has_caption]
     metrics: dict[str, float] = {}
     for k in ks:
-        metrics[f"image_to_text_R@{k}"] = 100.0 * (image_rank < k).float().mean().item()
+        metrics[f"image_to_text_R@{k}"] = 100.0 * image_hits[k][has_caption].mean().item()
     for k in ks:
-        metrics[f"text_to_image_R@{k}"] = 100.0 * (text_rank < k).float().mean().item()
+        metrics[f"text_to_image_R@{k}"] = 100.0 * text_hits[k].mean().item()
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 

@@ -3,13 +3,15 @@
 Used by `protorkd eval`, `protorkd watch` and the training loop (`run_suite`), so all report the same
 numbers. Each task is one entry of `TASKS` (an `EvalTask`): its runner, the data it needs and its
 CLIP_benchmark task name; `TASK_NAMES` lists them in the order they run. Metric keys are flat
-`task/dataset/metric` (`eval.records`): `zeroshot/cifar10/top1`, `linear/cifar10/top1`,
-`retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`, `analysis/coco2017/modality_gap`. A task whose
-data is absent is skipped, with the reason.
+`task/dataset/metric` (`eval.records`): `zeroshot/cifar10/top1`, `linear_joint/cifar10/top1` (the linear
+probe names the features it read), `retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`,
+`analysis/coco2017/modality_gap`. A task whose data is absent is skipped, with the reason.
 
 Training calls `run_suite(model, root, tasks=due, options=EvalOptions(device=..., batch_size=...,
 workers=..., cache=cache))` with the tasks due this epoch and a `FeatureCache` the run keeps, so zero-shot
-classifiers of a frozen text tower are built once per run.
+classifiers of a frozen text tower are built once per run. The defaults of `EvalOptions` are the standard
+protocols (CLIP's prompts for every registered dataset, the linear probe on joint features), so training,
+`watch` and `eval` report the same numbers without passing anything else.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from protorkd.eval import analysis, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
 from protorkd.eval.features import FeatureCache, image_features, weights_fingerprint
 from protorkd.eval.linear_probe import linear_probe
-from protorkd.eval.records import SuiteResult, TaskResult
+from protorkd.eval.records import LINEAR_FEATURES, SuiteResult, TaskResult
 from protorkd.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,9 @@ class EvalOptions:
     batch_size: int = 256
     workers: int = 0
     datasets: list[str] | None = None  # None: every dataset present
-    zeroshot_metadata: Path | None = None
+    zeroshot_metadata: Path | None = None  # overrides the shipped CLIP prompts and ROOT/zeroshot_metadata.json
     linear_solver: str = "torch"
+    linear_features: str = "joint"  # "joint": normalised encode_image (CLIP_benchmark's); "backbone": the tower
     analysis_clusters: int = 10
     cache: FeatureCache | None = None
 
@@ -56,6 +59,7 @@ class DatasetScore:
     clip_benchmark_name: str = ""
     seconds: float = 0.0
     images: int = 0
+    features: str = ""  # what a linear probe read; its metric keys name it
 
 
 class Needs(Enum):
@@ -90,6 +94,11 @@ class _Run:
         if "image_fingerprint" not in self.memo:
             self.memo["image_fingerprint"] = weights_fingerprint(self.model.image_tower)
         return self.memo["image_fingerprint"]
+
+    def image_joint_fingerprint(self) -> str:
+        if "image_joint_fingerprint" not in self.memo:
+            self.memo["image_joint_fingerprint"] = weights_fingerprint(self.model.image_tower, self.model.image_head)
+        return self.memo["image_joint_fingerprint"]
 
     def classification(self, *, with_train: bool = False) -> list[ClassificationSpec]:
         return [
@@ -143,7 +152,11 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
                 ", ".join(dataset.empty_classes),
             )
         prompts = zeroshot.resolve_prompts(
-            (*spec.prompt_names, spec.name), dataset.class_folders, dataset.classes, metadata_files=metadata_files
+            spec.name,
+            dataset.class_folders,
+            dataset.classes,
+            packaged_key=spec.prompts,
+            metadata_files=metadata_files,
         )
         log.info(
             "zero-shot %s: %d classes, %d templates from %s",
@@ -159,7 +172,6 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
             device=o.device,
             batch_size=o.batch_size,
             workers=o.workers,
-            mean_per_class=spec.mean_per_class,
             cache=o.cache,
         )
         scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(dataset)))
@@ -167,8 +179,10 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
 
 
 def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[str, torch.Tensor]:
-    """{"features" [N, D] tower features, "labels" [N]} of one split, from the feature cache when it has them."""
+    """{"features" [N, D], "labels" [N]} of one split, from the feature cache when it has them: normalised
+    joint features (`encode_image`) or the image tower's, as `EvalOptions.linear_features` says."""
     o = run.options
+    joint = o.linear_features == "joint"
     dataset = spec.load(run.root, split, run.transform())
 
     def compute() -> dict[str, torch.Tensor]:
@@ -178,7 +192,7 @@ def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[st
             device=o.device,
             batch_size=o.batch_size,
             workers=o.workers,
-            normalize=False,
+            normalize=joint,
             desc=f"linear-probe {split} images",
         )
         return {"features": x, "labels": y}
@@ -186,8 +200,8 @@ def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[st
     if o.cache is None:
         return compute()
     description = {
-        "kind": "linear_features",
-        "image_weights": run.image_fingerprint(),
+        "kind": "linear_features" if not joint else "linear_joint_features",
+        "image_weights": run.image_fingerprint() if not joint else run.image_joint_fingerprint(),
         "preprocess": run.preprocess_key(),
         "data": str(spec.split_path(run.root, split).resolve()),
         "split": split,
@@ -199,6 +213,8 @@ def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[st
 
 def _linear(run: _Run) -> list[DatasetScore]:
     o = run.options
+    if o.linear_features not in LINEAR_FEATURES:
+        raise UsageError(f"linear-probe features {o.linear_features!r}: valid: {', '.join(LINEAR_FEATURES)}")
     scores = []
     for spec in run.classification(with_train=True):
         started = time.time()
@@ -211,10 +227,12 @@ def _linear(run: _Run) -> list[DatasetScore]:
             test["labels"],
             solver=o.linear_solver,
             device=o.device,
-            mean_per_class=spec.mean_per_class,
         )
         images = len(train["labels"]) + len(test["labels"])
-        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, images))
+        seconds = time.time() - started
+        scores.append(
+            DatasetScore(spec.name, metrics, spec.clip_benchmark_name, seconds, images, features=o.linear_features)
+        )
     return scores
 
 
@@ -298,13 +316,14 @@ def run_suite(
                 log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
             result.results.append(
                 TaskResult(
-                    task.name,
+                    f"{task.name}_{score.features}" if score.features else task.name,
                     score.dataset,
                     score.metrics,
                     task.clip_benchmark_task,
                     score.clip_benchmark_name,
                     score.seconds,
                     score.images,
+                    score.features,
                 )
             )
     return result

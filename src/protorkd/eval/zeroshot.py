@@ -1,15 +1,21 @@
 """Zero-shot classification: class embeddings from prompt templates, images scored against them.
 
-Class names and templates come, in this order, from a metadata file (`--zeroshot-metadata`, then the
-data root's `zeroshot_metadata.json`), from open_clip's ImageNet lists, or from the dataset's own class
-names (folder names, torchvision meta files) with the template "a photo of a {}.". Names always follow
-the dataset's label order; names of empty class folders are dropped with them.
+Class names and templates come, in this order, from a metadata file (`--zeroshot-metadata`, then the data
+root's `zeroshot_metadata.json`), from the CLIP prompts shipped with the package for the registered
+dataset (`prompts/clip_zeroshot_prompts.json`: OpenAI CLIP's names and templates, named by the dataset's
+registry entry), or, for a generic folder dataset only, from its folder names with "a photo of a {}." and
+a warning. Names always follow the dataset's label order; names of empty class folders are dropped with
+them. Metrics: `ranking.accuracy_metrics` (top1, top5 with >= 5 classes, mean per-class recall).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
 import re
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,8 +24,11 @@ import torch.nn.functional as F
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import ImageFolderDataset, TorchvisionDataset, load_zeroshot_metadata
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
+from protorkd.eval.ranking import accuracy_metrics
 
+log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
+CLIP_PROMPTS_FILE = "clip_zeroshot_prompts.json"  # in protorkd/eval/prompts/ (SOURCE.md there)
 ClassName = str | list[str]  # a list holds synonyms whose prompts are averaged together
 
 
@@ -28,6 +37,12 @@ class ZeroShotPrompts:
     classnames: list[ClassName]  # one per label, in label order
     templates: list[str]
     source: str  # where they came from, for the log
+
+
+@functools.cache
+def packaged_prompts(file: str) -> dict[str, dict[str, list]]:
+    """{dataset: {"classes", "templates"}} of a prompt file shipped in `protorkd/eval/prompts/`."""
+    return json.loads(resources.files("protorkd.eval").joinpath("prompts", file).read_text(encoding="utf-8"))
 
 
 def _norm(name: str) -> str:
@@ -62,27 +77,39 @@ def align_classnames(class_folders: list[str], kept: list[str], names: list[Clas
 
 
 def resolve_prompts(
-    dataset_names: tuple[str, ...],
+    dataset: str,
     class_folders: list[str],
     kept_classes: list[str],
     *,
-    metadata_files: list[Path],
+    packaged_key: str | None = None,
+    metadata_files: list[Path] = (),
 ) -> ZeroShotPrompts:
-    """Class names and templates for a dataset (see the module docstring for the order of sources)."""
-    for path in metadata_files:
-        entry = find_metadata_entry(load_zeroshot_metadata(path), dataset_names)
-        if entry is not None:
-            source = f"{path} [{dataset_names[0]}]"
-            names = align_classnames(class_folders, kept_classes, entry["classes"], source)
-            return ZeroShotPrompts(names, list(entry.get("templates", DEFAULT_TEMPLATES)), source)
-    if any(_norm(n) in ("imagenet", "imagenet1k") for n in dataset_names):
-        from open_clip import zero_shot_metadata as oc
+    """Class names and templates for `dataset` (see the module docstring for the order of sources).
 
-        templates = [template("{}") for template in oc.OPENAI_IMAGENET_TEMPLATES]
-        names = align_classnames(class_folders, kept_classes, list(oc.IMAGENET_CLASSNAMES), "open_clip's ImageNet")
-        return ZeroShotPrompts(names, templates, "open_clip.zero_shot_metadata (OpenAI ImageNet names, 80 templates)")
-    names = [folder.replace("_", " ") for folder in kept_classes]
-    return ZeroShotPrompts(names, list(DEFAULT_TEMPLATES), "the dataset's own class names")
+    `packaged_key` is the dataset's entry in the shipped CLIP prompts (its registry entry's `prompts`);
+    a metadata file is searched for `dataset` and `packaged_key`, ignoring case, '_' and '-'.
+    """
+    names = (dataset, packaged_key) if packaged_key else (dataset,)
+    for path in metadata_files:
+        entry = find_metadata_entry(load_zeroshot_metadata(path), names)
+        if entry is not None:
+            source = f"{path} [{dataset}]"
+            classnames = align_classnames(class_folders, kept_classes, entry["classes"], source)
+            return ZeroShotPrompts(classnames, list(entry.get("templates", DEFAULT_TEMPLATES)), source)
+    if packaged_key is not None:
+        entry = packaged_prompts(CLIP_PROMPTS_FILE)[packaged_key]
+        source = f"OpenAI CLIP's prompts for {packaged_key} (protorkd/eval/prompts/{CLIP_PROMPTS_FILE})"
+        classnames = align_classnames(class_folders, kept_classes, entry["classes"], source)
+        return ZeroShotPrompts(classnames, list(entry["templates"]), source)
+    log.warning(
+        "zero-shot %s: no class names for this dataset (not a registered dataset, and no %s entry in a "
+        "metadata file): prompting with its folder names and %r; give --zeroshot-metadata to fix",
+        dataset,
+        dataset,
+        DEFAULT_TEMPLATES[0],
+    )
+    classnames = [folder.replace("_", " ") for folder in kept_classes]
+    return ZeroShotPrompts(classnames, list(DEFAULT_TEMPLATES), "the dataset's folder names")
 
 
 def build_zeroshot_classifier(
@@ -141,22 +168,6 @@ def cached_classifier(
     return cache.get_or_compute(description, compute)["classifier"]
 
 
-def accuracy_metrics(logits: torch.Tensor, labels: torch.Tensor, *, mean_per_class: bool = False) -> dict[str, float]:
-    """top1, top5 (%), and mean per-class recall (%) for logits [N, C], labels [N]."""
-    top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    correct = top == labels[:, None]
-    metrics = {
-        "top1": 100.0 * correct[:, 0].float().mean().item(),
-        "top5": 100.0 * correct.any(dim=1).float().mean().item(),
-    }
-    if mean_per_class:
-        present = labels.unique()
-        hits = torch.zeros(int(labels.max()) + 1).index_add_(0, labels, correct[:, 0].float())
-        counts = torch.bincount(labels).float()
-        metrics["mean_per_class_recall"] = 100.0 * (hits[present] / counts[present]).mean().item()
-    return metrics
-
-
 def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
     """[N, D] normalised image features x [D, C] classifier -> [N, C] logits (scaled by 100 like CLIP)."""
     return 100.0 * image_features @ classifier
@@ -170,14 +181,13 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 256,
     workers: int = 0,
-    mean_per_class: bool = False,
     cache: FeatureCache | None = None,
 ) -> dict[str, float]:
-    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", "top5"[, "mean_per_class_recall"]}."""
+    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall"}."""
     if len(prompts.classnames) != len(dataset.classes):
         raise UsageError(f"{len(prompts.classnames)} class names for {len(dataset.classes)} classes")
     classifier = cached_classifier(model, prompts, device=device, batch_size=batch_size, cache=cache)
     features, labels = image_features(
         model, dataset, device=device, batch_size=batch_size, workers=workers, desc="zero-shot images"
     )
-    return accuracy_metrics(zeroshot_scores(features, classifier.cpu()), labels, mean_per_class=mean_per_class)
+    return accuracy_metrics(zeroshot_scores(features, classifier.cpu()), labels)
