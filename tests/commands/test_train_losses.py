@@ -91,6 +91,34 @@ def test_byol_and_simcse_terms_are_optimised_and_logged(tiny_corpus, tmp_path):
         assert f" {term} " in line
 
 
+def test_a_weighted_sum_of_losses_trains_and_logs_each_term_and_the_total(tiny_corpus, tmp_path):
+    args = ["--epochs", "1", "--loss", "InfoNCE+RKD+ProtoRKD", "--loss-weights", "1,0.5,0.25"]
+    assert main(train_args(tiny_corpus, tmp_path, "run", *args)) == 0
+    line = last_step_line(out_log(tmp_path, "run"))
+    tokens = line.split(" step ", 1)[1].split()[1:]  # after "step 6/6": name value name value ...
+    values = dict(zip(tokens[::2], tokens[1::2]))
+    terms = ["infonce/infonce_loss", "rkd/rkd_distance_loss", "rkd/rkd_angle_loss", "protorkd/distill_loss"]
+    assert all(term in values for term in terms)
+    assert float(values["loss"]) == pytest.approx(sum(float(values[term]) for term in terms), rel=1e-3, abs=1e-3)
+    params = read_params(tmp_path / "run" / "params.txt")
+    assert params.loss.loss == "InfoNCE+RKD+ProtoRKD" and params.loss.loss_weights == "1,0.5,0.25"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--loss", "InfoNCE+Nope"], "Nope"),
+        (["--loss", "InfoNCE+RKD", "--loss-weights", "1"], "1 weights for the 2 losses of --loss InfoNCE+RKD"),
+        (["--loss-weights", "1,2"], "--loss-weights needs a sum of losses"),
+    ],
+)
+def test_a_bad_sum_is_one_line_and_leaves_nothing(tiny_corpus, tmp_path, capsys, extra, message):
+    assert main(train_args(tiny_corpus, tmp_path, "run", *extra)) == 2
+    error = capsys.readouterr().err
+    assert message in error and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
 def test_simcse_on_a_locked_text_tower_is_refused(tiny_corpus, tmp_path, capsys):
     assert main(train_args(tiny_corpus, tmp_path, "run", "--w-simcse", "0.5", "--teacher", "text")) == 2
     assert "--w-simcse needs an online, trainable text tower" in capsys.readouterr().err

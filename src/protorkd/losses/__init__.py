@@ -17,6 +17,7 @@ _LAZY = {
     "LossContext": "registry",
     "build_auxiliary_losses": "registry",
     "build_loss": "registry",
+    "loss_components": "registry",
     "clip_kd_teachers": "registry",
     "main_loss": "registry",
     "LossInputs": "base",

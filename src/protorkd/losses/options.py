@@ -13,7 +13,14 @@ NEVER_OR_AT_LEAST_ONE = Rule("-1 (never) or at least 1", lambda value: value == 
 class LossOptions:
     """Every loss hyperparameter (the `loss` flags of `protorkd train`); each factory reads the ones it needs."""
 
-    loss: str = flag("InfoNCE", "distillation loss (see `protorkd train --list-losses`)")
+    loss: str = flag(
+        "InfoNCE",
+        "distillation loss (see `protorkd train --list-losses`), or a weighted sum of them written A+B "
+        "(e.g. InfoNCE+RKD, weights from --loss-weights)",
+    )
+    loss_weights: str = flag(
+        "", "weights of the losses summed by --loss A+B, comma-separated, e.g. 1,0.5 (default: 1 each)"
+    )
     w_distill: float = flag(1.0, "weight of the main distillation loss", minimum=0.0)
     temperature: float = flag(
         0.07,

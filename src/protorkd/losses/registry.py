@@ -19,6 +19,7 @@ import torch.nn as nn
 from protorkd.errors import UsageError
 from protorkd.losses.auxiliary import BYOL, LossWithAuxiliaries, SimCSE
 from protorkd.losses.clip_kd import CLIPKD, ClipKDWeights, ClipTeacher
+from protorkd.losses.combined import WeightedLossSum, parse_loss_weights, split_loss_name
 from protorkd.losses.contrastive import InfoNCE
 from protorkd.losses.options import LossOptions
 from protorkd.losses.protoclip import ProtoCLIP
@@ -184,14 +185,35 @@ def build_auxiliary_losses(o: LossOptions) -> dict[str, nn.Module]:
     return auxiliaries
 
 
+def loss_components(name: str, weights: str = "") -> list[tuple[str, float]]:
+    """[(registered name, weight)] of `--loss name --loss-weights weights`: one loss with weight 1, or each
+    loss of a sum `A+B`. Names are case-insensitive; an unknown one is an error listing the valid names."""
+    parts = split_loss_name(name)
+    if len(parts) == 1 and weights.strip():
+        raise UsageError(f"--loss-weights {weights!r}: --loss-weights needs a sum of losses, e.g. --loss InfoNCE+RKD")
+    canonical = {registered.lower(): registered for registered in LOSSES.names()}
+    for part in parts:
+        LOSSES.get(part)  # an unknown name lists the valid ones
+    return list(zip([canonical[part.lower()] for part in parts], parse_loss_weights(weights, len(parts), name)))
+
+
 def build_loss(
     name: str, options: LossOptions, embed_dim: int, *, teacher_dims: Mapping[str, int] | None = None
 ) -> nn.Module:
-    """The loss module registered as `name` (case-insensitive); an unknown name lists the valid ones.
+    """The loss module registered as `name` (case-insensitive), or the `WeightedLossSum` of a sum `A+B`
+    weighted by `options.loss_weights`; an unknown name lists the valid ones.
 
     With auxiliary terms enabled the result is a `LossWithAuxiliaries` (the chosen loss is its `main`).
     """
-    loss = LOSSES.get(name)(options, LossContext(embed_dim, dict(teacher_dims or {})))
+    context = LossContext(embed_dim, dict(teacher_dims or {}))
+    components = loss_components(name, options.loss_weights)
+    if len(components) == 1:
+        loss = LOSSES.get(name)(options, context)
+    else:
+        names = [part for part, _ in components]
+        loss = WeightedLossSum(
+            names, [LOSSES.get(part)(options, context) for part in names], [w for _, w in components]
+        )
     auxiliaries = build_auxiliary_losses(options)
     return LossWithAuxiliaries(loss, auxiliaries) if auxiliaries else loss
 

@@ -27,7 +27,7 @@ from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.features import FeatureCache
-from protorkd.losses import LOSSES, LossNeeds, build_auxiliary_losses, build_loss, main_loss, needs_of
+from protorkd.losses import LossNeeds, build_auxiliary_losses, build_loss, loss_components, main_loss, needs_of
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
@@ -236,7 +236,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     paths, name = experiment.paths, experiment.paths.root.name
     teacher = cfg.model.teacher_side
     model = build_dual_encoder(cfg.model)
-    LOSSES.get(cfg.loss.loss)  # an unknown name fails here; the loss is built once the teachers' widths are known
+    loss_components(cfg.loss.loss, cfg.loss.loss_weights)  # bad names or weights fail here; built once widths are known
     auxiliary_needs = LossNeeds()
     for auxiliary in build_auxiliary_losses(cfg.loss).values():
         auxiliary_needs = auxiliary_needs | needs_of(auxiliary)
