@@ -42,6 +42,32 @@ def test_a_cached_entry_is_never_served_for_other_weights(tiny_corpus, tmp_path)
     assert cache.misses == misses + 2  # train and test features recomputed
 
 
+def test_caption_features_are_encoded_once_while_the_text_side_is_unchanged(tiny_model, tiny_corpus):
+    """Retrieval re-encodes the images at every evaluation, but a locked text teacher's caption features once."""
+    import copy
+
+    from protorkd.eval.catalog import RetrievalSpec, select
+    from protorkd.eval.features import text_features
+
+    root = tiny_corpus / "eval"
+    cache = FeatureCache()
+    options = EvalOptions(batch_size=64, cache=cache)
+    first = run_suite(tiny_model, root, tasks=["retrieval"], options=options).metrics
+    misses = cache.misses
+    assert misses == 2  # shapes and shapes_unseen
+    again = run_suite(tiny_model, root, tasks=["retrieval"], options=options).metrics
+    assert cache.misses == misses and again == first
+    spec = next(s for s in select(root, ["shapes"]) if isinstance(s, RetrievalSpec))
+    captions = spec.load(root, None).captions
+    expected = text_features(tiny_model, captions, device="cpu", batch_size=64)
+    assert any(torch.equal(value["features"], expected) for value in cache.memory.values())
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():  # the text side changes: its captions are encoded again
+        next(changed.text_tower.parameters()).add_(0.01)
+    run_suite(changed, root, tasks=["retrieval"], options=options)
+    assert cache.misses == misses + 2
+
+
 def test_the_suite_runs_only_the_tasks_it_is_given(tiny_model, tiny_corpus):
     """As training calls it: the tasks due this epoch, and a cache the run keeps across epochs."""
     cache = FeatureCache()

@@ -16,6 +16,7 @@ protocols (CLIP's prompts for every registered dataset, the linear probe on join
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,7 +29,7 @@ import torch
 from protorkd.errors import UsageError
 from protorkd.eval import analysis, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
-from protorkd.eval.features import FeatureCache, image_features, weights_fingerprint
+from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 from protorkd.eval.linear_probe import linear_probe
 from protorkd.eval.records import LINEAR_FEATURES, SuiteResult, TaskResult
 from protorkd.registry import Registry
@@ -128,11 +129,36 @@ class _Run:
         if key not in self.memo:
             dataset = spec.load(self.root, self.transform())
             o = self.options
-            images, texts = retrieval.encode_captioned_images(
-                self.model, dataset, device=o.device, batch_size=o.batch_size, workers=o.workers
+            images, _ = image_features(
+                self.model,
+                dataset,
+                device=o.device,
+                batch_size=o.batch_size,
+                workers=o.workers,
+                desc="retrieval images",
             )
-            self.memo[key] = (images, texts, dataset.caption_image)
+            self.memo[key] = (images, self.caption_features(dataset.captions), dataset.caption_image)
         return self.memo[key]
+
+    def caption_features(self, captions: list[str]) -> torch.Tensor:
+        """[T, D] joint caption features; with a feature cache, encoded once while the text side's weights stay
+        the same (a locked text teacher: once per training run, not at every evaluation)."""
+        o = self.options
+
+        def compute() -> dict[str, torch.Tensor]:
+            return {"features": text_features(self.model, captions, device=o.device, batch_size=o.batch_size)}
+
+        if o.cache is None:
+            return compute()["features"]
+        if "text_fingerprint" not in self.memo:
+            self.memo["text_fingerprint"] = zeroshot.text_side_fingerprint(self.model)
+        description = {
+            "kind": "caption_features",
+            "text_weights": self.memo["text_fingerprint"],
+            "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
+            "count": len(captions),
+        }
+        return o.cache.get_or_compute(description, compute)["features"]
 
 
 def _zeroshot(run: _Run) -> list[DatasetScore]:
