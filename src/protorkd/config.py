@@ -98,7 +98,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     epochs: int = flag(
-        3,
+        4,
         "training epochs (episodes); may change on --resume, which then stretches the cosine schedule",
         minimum=1,
         resumable=True,
@@ -148,15 +148,28 @@ class OptimConfig:
     )
 
 
+FREQUENCY = dict(minimum=-1, resumable=True)  # an evaluation's period in epochs: N, 0 = never, -1 = the last only
+
+
 @dataclass
 class EvalConfig:
     eval_data_dir: str | None = flag(
         None, "root of downstream datasets (default with the demo corpus: its held-out split)", resumable=True
     )
-    zeroshot_frequency: int = flag(1, "zero-shot evaluation every N epochs (0 = never)", minimum=0, resumable=True)
-    linear_frequency: int = flag(1, "linear-probe evaluation every N epochs (0 = never)", minimum=0, resumable=True)
-    retrieval_frequency: int = flag(1, "retrieval evaluation every N epochs (0 = never)", minimum=0, resumable=True)
-    nlp_eval_frequency: int = flag(0, "STS evaluation every N epochs (0 = never)", minimum=0, resumable=True)
+    zeroshot_frequency: int = flag(
+        1, "zero-shot evaluation every N epochs and after the last (0 = never, -1 = after the last only)", **FREQUENCY
+    )
+    linear_frequency: int = flag(
+        -1,
+        "linear-probe evaluation every N epochs and after the last (0 = never, -1 = after the last only)",
+        **FREQUENCY,
+    )
+    retrieval_frequency: int = flag(
+        -1, "retrieval evaluation every N epochs and after the last (0 = never, -1 = after the last only)", **FREQUENCY
+    )
+    nlp_eval_frequency: int = flag(
+        0, "STS evaluation every N epochs and after the last (0 = never, -1 = after the last only)", **FREQUENCY
+    )
 
 
 @dataclass

@@ -357,7 +357,7 @@ def test_every_numeric_flag_has_a_range_in_its_help(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in (
-        "(default: 3; at least 1)",  # --epochs
+        "(default: 4; at least 1)",  # --epochs
         "(default: 0.01; at least 0.0 and at most 1.0)",  # --max-bad-fraction
         "at least 0 and less than 1",  # --beta1, --beta2
         "a comma-separated list of tensorboard, wandb, all",  # --report-to

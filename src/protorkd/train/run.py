@@ -52,7 +52,7 @@ class EvalPlan:
     """Which evaluation tasks run after which epoch, on which data root."""
 
     root: Path | None
-    frequencies: Mapping[str, int]  # task -> every N epochs (0 = never); the last epoch always
+    frequencies: Mapping[str, int]  # task -> every N epochs and the last (0 = never, -1 = the last only)
     last_epoch: int
     batch_size: int
     workers: int
@@ -63,7 +63,7 @@ class EvalPlan:
         return [
             task
             for task, every in self.frequencies.items()
-            if every > 0 and (epoch % every == 0 or epoch == self.last_epoch)
+            if (every > 0 and epoch % every == 0) or (every != 0 and epoch == self.last_epoch)
         ]
 
 
