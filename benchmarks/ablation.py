@@ -1,21 +1,35 @@
-"""Loss ablation: the same student trained with every registered loss at the same budget and seed.
+"""Loss ablation at equal wall-clock budgets, 3 seeds, hyperparameters chosen on validation splits.
+
+    python benchmarks/ablation.py --out /tmp/ablation                       # the whole study (see docs/ablation.md)
+    python benchmarks/ablation.py --out /tmp/ablation --stage plateau       # one stage only
+    python benchmarks/ablation.py --out /tmp/ablation --datasets demo --seeds 0
+
+Stages, in order (each run is a `python -m protorkd train` subprocess whose finished folder is reused, so
+a killed study resumes where it stopped; OUT/study.json holds everything measured):
+
+  plateau    InfoNCE trained for --plateau-epochs with zero-shot on the validation split after every
+             epoch: the budget is the first epoch whose validation top-1 is within --plateau-tolerance points
+             of the best. Measured first, per dataset.
+  cost       one epoch of every configuration (interleaved with InfoNCE) -> seconds per epoch relative to
+             InfoNCE; a configuration trains round(budget epochs / relative cost) epochs (at least 1), so all
+             spend InfoNCE's budget of wall-clock time (to the rounding of one epoch).
+  tune       each family's key hyperparameter (SEARCH below), seed 0, scored on the VALIDATION split
+             (validation zero-shot top-1); the best value of each family goes on.
+  test       every family with its chosen value, plus the combinations, --seeds each, on the TEST split:
+             mean +- std (sample std over seeds) of zero-shot, linear probe and retrieval R@1.
 
 Datasets:
-  demo     the built-in shapes corpus (`--demo-size`, its held-out split: zero-shot, linear probe, retrieval)
-  cifar10  a real-photo proxy: CIFAR-10 train images as the corpus, captioned with CLIP's CIFAR-10 templates
-           (one random template per image); evaluated zero-shot and by linear probe on the test split
+  demo     the built-in shapes corpus (`--demo-size` rows, seed 0). Test: its held-out split `shapes` and the
+           compositional split `shapes_unseen` (shape-colour pairs and phrasings never seen in training).
+           Validation: the held-out split of the demo corpus drawn with seed 1 (other scenes, same
+           distribution), never the test scenes.
+  cifar10  a real-photo proxy: CIFAR-10 train photos (../shared/data/cifar10_jpg), each captioned with one
+           random CLIP CIFAR-10 template. Validation: the last --cifar-val photos per class of the train
+           folder, held out of training. Test: the first --cifar-test photos per class of the test folder.
+           Linear probes train on --cifar-probe-train training photos per class.
 
-Student: tiny-cnn image tower + linear head; teacher: the locked all-MiniLM-L6-v2 text tower (features
-cached once per corpus in OUT/cache and shared by every run). CLIP-KD distils the same MiniLM as its
-text-only teacher (`--extra-text-teacher`); ProtoCLIP runs as published (projection heads, back translation,
-an extraction pass over each episode before training on it).
-
-    python benchmarks/ablation.py --out /tmp/ablation            # ~25 min on 2 CPU cores
-    python benchmarks/ablation.py --out /tmp/ablation --datasets demo --losses InfoNCE,SimReg
-
-Each run is a `python -m protorkd train` subprocess (OMP_NUM_THREADS=1, one loader worker: on two cores
-this is faster than two torch threads competing with the loader). Prints a markdown table and writes
-OUT/results.json.
+Student: tiny-cnn image tower + linear head; teacher: the locked all-MiniLM-L6-v2 text tower, its features
+cached once per corpus (OUT/cache) and shared by every run. Prints markdown tables; docs/ablation.md has them.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -32,170 +47,341 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
+PROTOCLIP_FLAGS = ["--k", "64", "--add-projection-head", "--PBT"]
+CLIP_KD_FLAGS = ["--extra-text-teacher", "all-MiniLM-L6-v2"]
 
-# What a loss needs beyond the common flags (same student, same teacher, same budget).
-LOSS_ARGS = {
-    "CLIP-KD": ["--extra-text-teacher", "all-MiniLM-L6-v2"],
-    "ProtoCLIP": ["--k", "64", "--add-projection-head", "--PBT"],
+# family -> [(label, train flags)]: the candidates tuned on validation (the first is the family's default).
+SEARCH: dict[str, list[tuple[str, list[str]]]] = {
+    "contrastive": [("InfoNCE", ["--loss", "InfoNCE"])],
+    "regression": [
+        ("SimReg", ["--loss", "SimReg"]),
+        ("SimReg-L1", ["--loss", "SimReg-L1"]),
+        ("SimReg-SmoothL1", ["--loss", "SimReg-SmoothL1"]),
+    ],
+    "relational": [
+        ("RKD d1 a2", ["--loss", "RKD", "--w-rkd-d", "1", "--w-rkd-a", "2"]),
+        ("RKD d0.5 a1", ["--loss", "RKD"]),
+    ],
+    "similarity distribution": [
+        ("CompRess-1q", ["--loss", "CompRess-1q"]),
+        ("CompRess-2q", ["--loss", "CompRess-2q"]),
+        ("SEED", ["--loss", "SEED"]),
+    ],
+    "redundancy": [("VICReg", ["--loss", "VICReg"]), ("BarlowTwins", ["--loss", "BarlowTwins"])],
+    "shared prototypes": [
+        ("ProtoRKD", ["--loss", "ProtoRKD"]),
+        ("ProtoCPC", ["--loss", "ProtoCPC"]),
+        ("DINO", ["--loss", "DINO"]),
+    ],
+    "CLIP teacher KD": [("CLIP-KD", ["--loss", "CLIP-KD", *CLIP_KD_FLAGS])],
+    "episodic prototypes": [("ProtoCLIP", ["--loss", "ProtoCLIP", *PROTOCLIP_FLAGS])],
+    "InfoNCE + relational": [
+        ("InfoNCE+RKD 1,0.5", ["--loss", "InfoNCE+RKD", "--loss-weights", "1,0.5"]),
+        ("InfoNCE+RKD 1,2", ["--loss", "InfoNCE+RKD", "--loss-weights", "1,2"]),
+    ],
+    "InfoNCE + prototypes": [
+        ("InfoNCE+ProtoRKD 1,0.25", ["--loss", "InfoNCE+ProtoRKD", "--loss-weights", "1,0.25"]),
+        ("InfoNCE+ProtoRKD 1,1", ["--loss", "InfoNCE+ProtoRKD", "--loss-weights", "1,1"]),
+    ],
+    "InfoNCE + relational + prototypes": [
+        ("InfoNCE+RKD+ProtoRKD", ["--loss", "InfoNCE+RKD+ProtoRKD", "--loss-weights", "1,0.5,0.25"]),
+    ],
 }
 
 
-def write_cifar10(out: Path, source: Path, prompts: Path, probe_train: int, test: int, seed: int) -> tuple[Path, Path]:
-    """OUT/cifar10/train.tsv (every train image, one template caption each, shuffled) and an eval root
-    OUT/cifar10-eval/cifar10/{train,test}/<class>/ (symlinks; `probe_train` / `test` images per class)
-    with zeroshot_metadata.json. Returns (tsv, eval root)."""
+def write_cifar10(out: Path, source: Path, prompts: Path, *, val: int, probe_train: int, test: int) -> dict:
+    """OUT/cifar10/train.tsv (train photos minus the last `val` per class, one random template caption each,
+    shuffled) and two eval roots of symlinks, OUT/cifar10-val and OUT/cifar10-test, each
+    `cifar10/{train,test}/<class>/` + zeroshot_metadata.json. The roots share the probe's train images."""
     entry = json.loads(prompts.read_text())["CIFAR10"]
     classes, templates = entry["classes"], entry["templates"]
-    rng = random.Random(seed)
-    rows = []
+    rng = random.Random(0)
+    rows, probe, held_out, tests = [], {}, {}, {}
     for name in classes:
-        for path in sorted((source / "train" / name).glob("*.jpg")):
-            rows.append(f"{path}\t{rng.choice(templates).format(name)}")
+        photos = sorted((source / "train" / name).glob("*.jpg"))
+        kept, held_out[name] = photos[:-val], photos[-val:]
+        probe[name] = kept[:probe_train]
+        tests[name] = sorted((source / "test" / name).glob("*.jpg"))[:test]
+        rows += [f"{path}\t{rng.choice(templates).format(name)}" for path in kept]
     rng.shuffle(rows)
     tsv = out / "cifar10" / "train.tsv"
     tsv.parent.mkdir(parents=True, exist_ok=True)
     tsv.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
-    eval_root = out / "cifar10-eval"
-    for split, count in (("train", probe_train), ("test", test)):
-        for name in classes:
-            folder = eval_root / "cifar10" / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for path in sorted((source / split / name).glob("*.jpg"))[:count]:
-                link = folder / path.name
-                if not link.exists():
-                    link.symlink_to(path)
-    metadata = {"cifar10": {"classes": classes, "templates": templates}}
-    (eval_root / "zeroshot_metadata.json").write_text(json.dumps(metadata, indent=1))
-    return tsv, eval_root
+    roots = {}
+    for kind, evaluated in (("val", held_out), ("test", tests)):
+        root = out / f"cifar10-{kind}"
+        for split, photos in (("train", probe), ("test", evaluated)):
+            for name in classes:
+                folder = root / "cifar10" / split / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for path in photos[name]:
+                    link = folder / path.name
+                    if not link.exists():
+                        link.symlink_to(path)
+        (root / "zeroshot_metadata.json").write_text(
+            json.dumps({"cifar10": {"classes": classes, "templates": templates}})
+        )
+        roots[kind] = root
+    return {"train": ["--train-data", str(tsv)], "val": roots["val"], "test": roots["test"], "rows": len(rows)}
 
 
-def run_one(name: str, loss: str, data_args: list[str], epochs: int, out: Path, seed: int, extra: list[str]) -> dict:
-    """Train one loss; returns the last evaluation's metrics plus seconds per epoch (training, clustering incl.)."""
-    logs = out / "runs"
-    if (logs / name / "results.jsonl").exists():  # finished earlier: reuse (delete the folder to rerun)
-        return _collect(logs / name)
-    command = [
-        sys.executable,
-        "-m",
-        "protorkd",
-        "train",
-        *data_args,
-        "--loss",
-        loss,
-        *LOSS_ARGS.get(loss, []),
-        "--epochs",
-        str(epochs),
-        "--seed",
-        str(seed),
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--teacher-cache",
-        str(out / "cache"),
-        "--workers",
-        "1",
-        "--report-to",
-        "",
-        "--zeroshot-frequency",
-        str(epochs),
-        "--linear-frequency",
-        str(epochs),
-        "--retrieval-frequency",
-        str(epochs),
-        *extra,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    started = time.time()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        print(f"{name}: exit {result.returncode}\n{result.stderr[-2000:]}", file=sys.stderr)
-        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
-    metrics = _collect(logs / name)
-    metrics["wall_seconds"] = time.time() - started
-    return metrics
+def demo_data(out: Path, size: int) -> dict:
+    """The demo corpus (seed 0) for training and test; the held-out split of seed 1 for validation."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from protorkd.data.demo import write_demo_corpus
+
+    train = write_demo_corpus(out / "demo-train", size=size, seed=0, progress=False)
+    val = write_demo_corpus(out / "demo-val", size=64, seed=1, progress=False)
+    return {
+        "train": ["--train-data", str(train / "train.tsv")],
+        "val": val / "eval",
+        "test": train / "eval",
+        "rows": size,
+    }
 
 
-def _collect(folder: Path) -> dict:
-    metrics = json.loads((folder / "results.jsonl").read_text().splitlines()[-1])
-    seconds = [float(s) for s in re.findall(r"epoch \d+ trained in ([0-9.]+) s", (folder / "out.log").read_text())]
-    metrics["seconds_per_epoch"] = sum(seconds) / len(seconds) if seconds else float("nan")
-    return metrics
+class Study:
+    """Runs and remembers: OUT/runs/<name>/ per run, OUT/study.json for everything measured."""
+
+    def __init__(self, out: Path, common: list[str]) -> None:
+        self.out = out
+        self.common = common
+        self.path = out / "study.json"
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def save(self) -> None:
+        self.path.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+
+    def train(
+        self,
+        name: str,
+        flags: list[str],
+        *,
+        data: list[str],
+        eval_root: Path,
+        epochs: int,
+        seed: int,
+        evaluate: str = "last",
+        tasks: str = "zeroshot,linear,retrieval",
+    ) -> dict:
+        """One run (reused when its folder finished); returns {metrics, results per epoch, seconds per epoch}."""
+        folder = self.out / "runs" / name
+        if not (folder / "results.jsonl").exists() or not _finished(folder, epochs):
+            if folder.exists():
+                import shutil
+
+                shutil.rmtree(folder)
+            every = {
+                "zeroshot": "--zeroshot-frequency",
+                "linear": "--linear-frequency",
+                "retrieval": "--retrieval-frequency",
+            }
+            frequency = 1 if evaluate == "every" else epochs
+            eval_flags = []
+            for task, flag in every.items():
+                eval_flags += [flag, str(frequency if task in tasks.split(",") else 0)]
+            command = [
+                sys.executable, "-m", "protorkd", "train", *data, "--eval-data-dir", str(eval_root),
+                "--logs", str(self.out / "runs"), "--name", name, "--epochs", str(epochs), "--seed", str(seed),
+                "--teacher-cache", str(self.out / "cache"), "--report-to", "", *eval_flags, *self.common, *flags,
+            ]  # fmt: skip
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+            result = subprocess.run(command, env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                tail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
+                print(f"{name}: exit {result.returncode}: {tail}", file=sys.stderr)
+                return {"error": tail}
+        lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        log = (folder / "out.log").read_text()
+        seconds = [float(s) for s in re.findall(r"epoch \d+ trained in ([0-9.]+) s", log)]
+        return {"metrics": lines[-1], "curve": lines, "seconds_per_epoch": seconds}
 
 
-def table(results: dict[str, dict[str, dict]], dataset: str) -> str:
-    keys = {
-        "demo": ("zeroshot/shapes/top1", "linear/shapes/top1", "retrieval/shapes/image_to_text_R@1"),
-        "cifar10": ("zeroshot/cifar10/top1", "linear/cifar10/top1", None),
-    }[dataset]
-    lines = [
-        "| loss | zero-shot top-1 | linear-probe top-1 | retrieval R@1 (image->text) | s / epoch |",
-        "|---|---:|---:|---:|---:|",
-    ]
+def _finished(folder: Path, epochs: int) -> bool:
+    lines = (folder / "results.jsonl").read_text().splitlines()
+    return bool(lines) and json.loads(lines[-1]).get("epoch") == epochs
 
-    def fmt(metrics: dict, key: str | None) -> str:
-        return "-" if key is None or key not in metrics else f"{metrics[key]:.1f}"
 
-    for loss, metrics in results[dataset].items():
-        if "error" in metrics:
-            lines.append(f"| {loss} | failed: {metrics['error'][:60]} | | | |")
-            continue
-        cells = [fmt(metrics, key) for key in keys]
-        lines.append(f"| {loss} | {' | '.join(cells)} | {metrics['seconds_per_epoch']:.1f} |")
+def zeroshot_key(dataset: str) -> str:
+    return {"demo": "zeroshot/shapes/top1", "cifar10": "zeroshot/cifar10/top1"}[dataset]
+
+
+REPORTED = {
+    "demo": [
+        ("zero-shot", "zeroshot/shapes/top1"),
+        ("zero-shot unseen", "zeroshot/shapes_unseen/top1"),
+        ("linear", "linear_joint/shapes/top1"),
+        ("R@1 i->t", "retrieval/shapes/image_to_text_R@1"),
+        ("unseen R@1 t->i", "retrieval/shapes_unseen/text_to_image_R@1"),
+        ("unseen R@1 i->t", "retrieval/shapes_unseen/image_to_text_R@1"),
+    ],
+    "cifar10": [("zero-shot", "zeroshot/cifar10/top1"), ("linear", "linear_joint/cifar10/top1")],
+}
+
+
+def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: float) -> int:
+    run = study.train(f"{dataset}-plateau", ["--loss", "InfoNCE"], data=data["train"], eval_root=data["val"],
+                      epochs=epochs, seed=0, evaluate="every", tasks="zeroshot")  # fmt: skip
+    curve = [line[zeroshot_key(dataset)] for line in run["curve"]]
+    best = max(curve)
+    budget = next(epoch for epoch, value in enumerate(curve, 1) if value >= best - tolerance)
+    study.state.setdefault(dataset, {})["plateau"] = {
+        "validation_zeroshot_per_epoch": curve, "budget_epochs": budget, "tolerance": tolerance,
+        "seconds_per_epoch": statistics.median(run["seconds_per_epoch"]),
+    }  # fmt: skip
+    study.save()
+    print(f"{dataset} plateau: validation zero-shot per epoch {[round(v, 1) for v in curve]} -> {budget} epochs")
+    return budget
+
+
+def costs(study: Study, dataset: str, data: dict) -> dict[str, float]:
+    """Seconds per epoch of each candidate relative to InfoNCE (one epoch each, InfoNCE between every 4)."""
+    measured: dict[str, float] = {}
+    infonce: list[float] = []
+    labels = [label for candidates in SEARCH.values() for label, _ in candidates]
+    flags = {label: f for candidates in SEARCH.values() for label, f in candidates}
+    for index, label in enumerate(labels):
+        if index % 4 == 0:
+            run = study.train(f"{dataset}-cost-InfoNCE-{index}", ["--loss", "InfoNCE"], data=data["train"],
+                              eval_root=data["val"], epochs=1, seed=0, tasks="")  # fmt: skip
+            infonce += run["seconds_per_epoch"]
+        run = study.train(f"{dataset}-cost-{_slug(label)}", flags[label], data=data["train"], eval_root=data["val"],
+                          epochs=1, seed=0, tasks="")  # fmt: skip
+        if "error" not in run:
+            measured[label] = run["seconds_per_epoch"][0]
+    reference = statistics.median(infonce)
+    relative = {label: seconds / reference for label, seconds in measured.items()}
+    study.state.setdefault(dataset, {})["relative_cost"] = relative
+    study.save()
+    return relative
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", label)
+
+
+def epochs_for(budget: int, relative: float) -> int:
+    return max(1, round(budget / relative))
+
+
+def tune(study: Study, dataset: str, data: dict, budget: int, relative: dict[str, float]) -> dict[str, str]:
+    chosen: dict[str, str] = {}
+    scores = study.state.setdefault(dataset, {}).setdefault("validation", {})
+    for family, candidates in SEARCH.items():
+        for label, flags in candidates:
+            if len(candidates) == 1 or label in scores:
+                continue
+            epochs = epochs_for(budget, relative.get(label, 1.0))
+            run = study.train(f"{dataset}-val-{_slug(label)}", flags, data=data["train"], eval_root=data["val"],
+                              epochs=epochs, seed=0, tasks="zeroshot")  # fmt: skip
+            scores[label] = run["metrics"].get(zeroshot_key(dataset), float("nan")) if "error" not in run else None
+            study.save()
+            print(f"{dataset} validation {label}: {scores[label]}")
+        valid = [(scores.get(label) or -1.0, -index, label) for index, (label, _) in enumerate(candidates)]
+        chosen[family] = candidates[0][0] if len(candidates) == 1 else max(valid)[2]
+    study.state[dataset]["chosen"] = chosen
+    study.save()
+    return chosen
+
+
+def test(study: Study, dataset: str, data: dict, budget: int, relative: dict, chosen: dict, seeds: list[int]) -> dict:
+    flags = {label: f for candidates in SEARCH.values() for label, f in candidates}
+    results = study.state[dataset].setdefault("test", {})
+    for family, label in chosen.items():
+        epochs = epochs_for(budget, relative.get(label, 1.0))
+        for seed in seeds:
+            key = f"{label} seed {seed}"
+            if key in results:
+                continue
+            run = study.train(f"{dataset}-test-{_slug(label)}-s{seed}", flags[label], data=data["train"],
+                              eval_root=data["test"], epochs=epochs, seed=seed)  # fmt: skip
+            results[key] = {"family": family, "label": label, "seed": seed, "epochs": epochs, **run}
+            results[key].pop("curve", None)
+            study.save()
+            shown = (
+                run["error"]
+                if "error" in run
+                else {n: round(run["metrics"].get(k, -1), 2) for n, k in REPORTED[dataset]}
+            )
+            print(f"{dataset} test {key}: {shown}", flush=True)
+    return results
+
+
+def table(study: Study, dataset: str) -> str:
+    results = study.state[dataset]["test"]
+    rows: dict[str, list[dict]] = {}
+    for entry in results.values():
+        rows.setdefault(entry["label"], []).append(entry)
+    header = "| family | loss (chosen on validation) | epochs | " + " | ".join(n for n, _ in REPORTED[dataset]) + " |"
+    lines = [header, "|---|---|---:|" + "---:|" * len(REPORTED[dataset])]
+    for label, entries in rows.items():
+        ok = [e for e in entries if "error" not in e]
+        cells = []
+        for _, key in REPORTED[dataset]:
+            values = [e["metrics"][key] for e in ok if key in e["metrics"]]
+            if len(values) >= 2:
+                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+            else:
+                cells.append(f"{values[0]:.1f}" if values else "-")
+        lines.append(f"| {entries[0]['family']} | {label} | {entries[0]['epochs']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--datasets", default="demo,cifar10")
-    parser.add_argument("--losses", default="", help="comma-separated (default: every registered loss)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--demo-size", type=int, default=4096)
-    parser.add_argument("--demo-epochs", type=int, default=2)
+    parser.add_argument("--out", type=Path, required=True, help="study folder (resumable)")
+    parser.add_argument("--datasets", default="demo,cifar10", help="comma-separated: demo, cifar10")
+    parser.add_argument("--stage", default="all", choices=["all", "plateau", "cost", "tune", "test"])
+    parser.add_argument("--seeds", default="0,1,2", help="seeds of the test stage")
+    parser.add_argument("--demo-size", type=int, default=4096, help="demo training rows")
+    parser.add_argument("--plateau-epochs", type=int, default=12, help="InfoNCE epochs of the plateau run")
+    parser.add_argument("--plateau-tolerance", type=float, default=1.0, help="points below the best validation top-1")
+    parser.add_argument("--budget-epochs", type=int, default=0, help="skip the plateau stage: this many InfoNCE epochs")
     parser.add_argument("--cifar-root", type=Path, default=SHARED / "cifar10_jpg")
     parser.add_argument("--cifar-prompts", type=Path, default=SHARED / "clip_prompts" / "clip_zeroshot_prompts.json")
-    parser.add_argument("--cifar-rows", type=int, default=3200, help="training rows (of 5000, class-balanced shuffle)")
-    parser.add_argument("--cifar-epochs", type=int, default=2)
-    parser.add_argument("--cifar-probe-train", type=int, default=100, help="linear-probe train images per class")
-    parser.add_argument("--cifar-test", type=int, default=200, help="test images per class")
-    parser.add_argument(
-        "--n-prototypes", type=int, default=16384, help="DINO/ProtoCPC/ProtoRKD prototypes (65536 costs 3.5x per epoch)"
-    )
+    parser.add_argument("--cifar-val", type=int, default=50, help="train photos per class held out for validation")
+    parser.add_argument("--cifar-probe-train", type=int, default=100, help="linear-probe train photos per class")
+    parser.add_argument("--cifar-test", type=int, default=300, help="test photos per class")
+    parser.add_argument("--n-prototypes", type=int, default=16384, help="DINO/ProtoCPC/ProtoRKD prototypes")
     parser.add_argument("--train-args", default="", help="extra `protorkd train` flags for every run, one string")
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "src"))
-    from protorkd.losses import LOSSES
-
-    losses = [name for name in args.losses.split(",") if name] or LOSSES.names()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, dict]] = {}
-    datasets = [name for name in args.datasets.split(",") if name]
-    for dataset in datasets:
+    common = ["--n-prototypes", str(args.n_prototypes), *args.train_args.split()]
+    study = Study(args.out, common)
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    started = time.time()
+    for dataset in [name for name in args.datasets.split(",") if name]:
         if dataset == "demo":
-            data_args, epochs = ["--demo-size", str(args.demo_size)], args.demo_epochs
+            data = demo_data(args.out, args.demo_size)
         elif dataset == "cifar10":
-            tsv, eval_root = write_cifar10(
-                args.out, args.cifar_root, args.cifar_prompts, args.cifar_probe_train, args.cifar_test, args.seed
-            )
-            data_args = ["--train-data", str(tsv), "--eval-data-dir", str(eval_root)]
-            data_args += ["--dataset-size", str(args.cifar_rows)]
-            epochs = args.cifar_epochs
+            data = write_cifar10(args.out, args.cifar_root, args.cifar_prompts, val=args.cifar_val,
+                                 probe_train=args.cifar_probe_train, test=args.cifar_test)  # fmt: skip
         else:
             raise SystemExit(f"unknown dataset {dataset!r}: demo, cifar10")
-        results[dataset] = {}
-        for loss in losses:
-            extra = ["--n-prototypes", str(args.n_prototypes), *args.train_args.split()]
-            metrics = run_one(f"{dataset}-{loss}", loss, data_args, epochs, args.out, args.seed, extra)
-            results[dataset][loss] = metrics
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))
-            print(
-                f"{dataset} {loss}: {json.dumps({k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})}"
-            )
-            sys.stdout.flush()
-    for dataset in datasets:
-        print(f"\n### {dataset}\n\n{table(results, dataset)}")
+        state = study.state.setdefault(dataset, {})
+        budget = args.budget_epochs or state.get("plateau", {}).get("budget_epochs")
+        if args.stage in ("all", "plateau") and not args.budget_epochs:
+            budget = plateau(study, dataset, data, args.plateau_epochs, args.plateau_tolerance)
+        if args.stage == "plateau":
+            continue
+        if budget is None:
+            raise SystemExit(f"{dataset}: run the plateau stage first (or give --budget-epochs)")
+        state["budget_epochs"] = budget
+        relative = state.get("relative_cost") or {}
+        if args.stage in ("all", "cost") or not relative:
+            relative = costs(study, dataset, data)
+        if args.stage == "cost":
+            continue
+        chosen = state.get("chosen") or {}
+        if args.stage in ("all", "tune") or not chosen:
+            chosen = tune(study, dataset, data, budget, relative)
+        if args.stage == "tune":
+            continue
+        test(study, dataset, data, budget, relative, chosen, seeds)
+        print(f"\n### {dataset} (budget {budget} InfoNCE epochs)\n\n{table(study, dataset)}\n", flush=True)
+    study.state["wall_minutes"] = round((time.time() - started) / 60, 1)
+    study.save()
     return 0
 
 
