@@ -7,14 +7,14 @@
 Stages, in order (each run is a `python -m protorkd train` subprocess whose finished folder is reused, so
 a killed study resumes where it stopped; OUT/study.json holds everything measured):
 
-  plateau    InfoNCE trained for --plateau-epochs with zero-shot on the validation split after every
-             epoch: the budget is the first epoch whose validation top-1 is within --plateau-tolerance points
-             of the best. Measured first, per dataset.
+  plateau    InfoNCE trained to --plateau-epochs / 4, / 2 and x 1 (each with its own schedule), zero-shot on the
+             validation split: the budget is the smallest whose top-1 is within --plateau-tolerance points of
+             the largest's (doubling it no longer helps). Measured first, per dataset.
   cost       one epoch of every configuration (interleaved with InfoNCE) -> seconds per epoch relative to
              InfoNCE; a configuration trains round(budget epochs / relative cost) epochs (at least 1), so all
              spend InfoNCE's budget of wall-clock time (to the rounding of one epoch).
-  tune       each family's key hyperparameter (SEARCH below), seed 0, scored on the VALIDATION split
-             (validation zero-shot top-1); the best value of each family goes on.
+  tune       each family's key hyperparameter (SEARCH below), seed 0, --tune-fraction of the budget, scored
+             on the VALIDATION split (validation zero-shot top-1); the best value of each family goes on.
   test       every family with its chosen value, plus the combinations, --seeds each, on the TEST split:
              mean +- std (sample std over seeds) of zero-shot, linear probe and retrieval R@1.
 
@@ -220,18 +220,24 @@ REPORTED = {
 
 
 def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: float) -> int:
-    run = study.train(f"{dataset}-plateau", ["--loss", "InfoNCE"], data=data["train"], eval_root=data["val"],
-                      epochs=epochs, seed=0, evaluate="every", tasks="zeroshot")  # fmt: skip
-    curve = [line[zeroshot_key(dataset)] for line in run["curve"]]
-    best = max(curve)
-    budget = next(epoch for epoch, value in enumerate(curve, 1) if value >= best - tolerance)
+    """InfoNCE trained to budgets of epochs/4, epochs/2 and epochs (each its own warm-up + cosine schedule),
+    scored on validation: the budget is the smallest whose zero-shot top-1 is within `tolerance` points of the
+    largest budget's (doubling it no longer helps)."""
+    budgets = [max(1, epochs // 4), max(1, epochs // 2), epochs]
+    scores = {}
+    for budget in budgets:
+        run = study.train(f"{dataset}-plateau-{budget}", ["--loss", "InfoNCE"], data=data["train"],
+                          eval_root=data["val"], epochs=budget, seed=0, tasks="zeroshot")  # fmt: skip
+        scores[budget] = run["metrics"][zeroshot_key(dataset)]
+        print(f"{dataset} plateau: {budget} epochs -> validation zero-shot {scores[budget]:.2f}", flush=True)
+    chosen = next(budget for budget in budgets if scores[budget] >= scores[epochs] - tolerance)
     study.state.setdefault(dataset, {})["plateau"] = {
-        "validation_zeroshot_per_epoch": curve, "budget_epochs": budget, "tolerance": tolerance,
+        "validation_zeroshot_by_budget": scores, "budget_epochs": chosen, "tolerance": tolerance,
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"]),
     }  # fmt: skip
     study.save()
-    print(f"{dataset} plateau: validation zero-shot per epoch {[round(v, 1) for v in curve]} -> {budget} epochs")
-    return budget
+    print(f"{dataset} plateau: budget {chosen} epochs")
+    return chosen
 
 
 def costs(study: Study, dataset: str, data: dict) -> dict[str, float]:
@@ -265,6 +271,8 @@ def epochs_for(budget: int, relative: float) -> int:
 
 
 def tune(study: Study, dataset: str, data: dict, budget: int, relative: dict[str, float]) -> dict[str, str]:
+    """Each family's candidates at `budget` epochs (the caller passes a fraction of the test budget), seed 0,
+    scored by validation zero-shot top-1; ties go to the family's first (default) candidate."""
     chosen: dict[str, str] = {}
     scores = study.state.setdefault(dataset, {}).setdefault("validation", {})
     for family, candidates in SEARCH.items():
@@ -334,9 +342,15 @@ def main() -> int:
     parser.add_argument("--stage", default="all", choices=["all", "plateau", "cost", "tune", "test"])
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the test stage")
     parser.add_argument("--demo-size", type=int, default=4096, help="demo training rows")
-    parser.add_argument("--plateau-epochs", type=int, default=12, help="InfoNCE epochs of the plateau run")
-    parser.add_argument("--plateau-tolerance", type=float, default=1.0, help="points below the best validation top-1")
+    parser.add_argument("--plateau-epochs", type=int, default=24, help="the largest InfoNCE budget tried, in epochs")
+    parser.add_argument(
+        "--plateau-tolerance", type=float, default=2.0, help="points below the largest budget's validation top-1"
+    )
     parser.add_argument("--budget-epochs", type=int, default=0, help="skip the plateau stage: this many InfoNCE epochs")
+    parser.add_argument("--max-budget-epochs", type=int, default=0, help="cap the plateau's budget (0 = no cap)")
+    parser.add_argument(
+        "--tune-fraction", type=float, default=0.5, help="validation runs train this fraction of the budget"
+    )
     parser.add_argument("--cifar-root", type=Path, default=SHARED / "cifar10_jpg")
     parser.add_argument("--cifar-prompts", type=Path, default=SHARED / "clip_prompts" / "clip_zeroshot_prompts.json")
     parser.add_argument("--cifar-val", type=int, default=50, help="train photos per class held out for validation")
@@ -367,6 +381,9 @@ def main() -> int:
             continue
         if budget is None:
             raise SystemExit(f"{dataset}: run the plateau stage first (or give --budget-epochs)")
+        if args.max_budget_epochs and budget > args.max_budget_epochs:
+            print(f"{dataset}: plateau budget {budget} epochs capped at --max-budget-epochs {args.max_budget_epochs}")
+            budget = args.max_budget_epochs
         state["budget_epochs"] = budget
         relative = state.get("relative_cost") or {}
         if args.stage in ("all", "cost") or not relative:
@@ -375,7 +392,9 @@ def main() -> int:
             continue
         chosen = state.get("chosen") or {}
         if args.stage in ("all", "tune") or not chosen:
-            chosen = tune(study, dataset, data, budget, relative)
+            tune_budget = max(1, round(budget * args.tune_fraction))
+            state["tune_budget_epochs"] = tune_budget
+            chosen = tune(study, dataset, data, tune_budget, relative)
         if args.stage == "tune":
             continue
         test(study, dataset, data, budget, relative, chosen, seeds)

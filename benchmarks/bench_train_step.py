@@ -6,7 +6,8 @@ machine noise hits both alike. ProtoRKD's side is its DualEncoder (open_clip tow
 stepped the way `protorkd.train.loop` steps it (channels_last + fused AdamW on CUDA); open_clip's side is
 `open_clip.create_model` + `open_clip.loss.ClipLoss`, as open_clip_train steps it.
 
-    python benchmarks/bench_train_step.py                      # CPU: protorkd-tiny-clip, batch 64
+    python benchmarks/bench_train_step.py                      # CPU: protorkd-tiny-clip, batch 64, fp32
+    python benchmarks/bench_train_step.py --precision amp_bf16 # CPU with bf16 autocast (--precision auto's choice)
     python benchmarks/bench_train_step.py --model ViT-B-32 --batch-size 256 --precision amp_bf16   # GPU
 """
 
@@ -29,8 +30,11 @@ from protorkd.models.options import ModelOptions
 
 
 def autocast(device: torch.device, precision: str):
-    if device.type == "cuda" and precision in ("amp", "amp_bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "amp" else torch.bfloat16)
+    """open_clip_train's autocast (`torch.amp.autocast(device_type=...)`): amp_bf16 autocasts on the CPU too."""
+    if precision == "amp_bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if device.type == "cuda" and precision == "amp":
+        return torch.autocast("cuda", dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -47,16 +51,14 @@ def make_protorkd_step(model_name, device, precision, lr):
         )
     ).to(device)
     loss_fn = build_loss("InfoNCE", LossOptions(), model.embed_dim).to(device)
-    if device.type == "cuda":
-        model.image_tower.to(memory_format=torch.channels_last)
+    model.image_tower.to(memory_format=torch.channels_last)  # as train/run.py does, on every device
     params = [p for p in list(model.parameters()) + list(loss_fn.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "amp" else None
     model.train()
 
     def step(images, tokens):
-        if device.type == "cuda":
-            images = images.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)  # as train/batches.py does
         with autocast(device, precision):
             out = model(images=images, tokens={"input_ids": tokens})
             total = sum(loss_fn(LossInputs(out["image_features"], out["text_features"], teacher="none")).values())
