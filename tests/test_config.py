@@ -4,16 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from protorkd.config import (
-    Config,
-    DataConfig,
-    LogConfig,
-    add_config_arguments,
-    config_from_namespace,
-    read_params,
-    write_params,
-)
+from protorkd.config import Config, DataConfig, LogConfig, add_config_arguments, config_from_namespace
 from protorkd.models.options import ModelOptions
+from protorkd.params import read_params, write_params
 
 
 def test_params_round_trip_keeps_types_and_odd_strings(tmp_path):
@@ -74,7 +67,7 @@ def test_validate_config_names_the_flag_and_its_range():
 
 
 def test_the_flags_a_resume_may_change_are_exactly_the_documented_ones():
-    from protorkd.config import resumable_flags
+    from protorkd.params import resumable_flags
 
     assert resumable_flags() == {
         "max_bad_fraction",

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from protorkd.cli import main
-from protorkd.config import Config, write_params
+from protorkd.config import Config
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.options import ModelOptions
+from protorkd.params import write_params
 from tests.conftest import TINY_TOWER_FLAGS, TINY_TOWERS
 
 TINY = TINY_TOWERS

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from protorkd.cli import main
-from protorkd.config import read_params
+from protorkd.params import read_params
 from tests.conftest import TINY_MODEL_ARGS, tiny_train_args
 
 train_args = tiny_train_args

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from protorkd.cli import main
-from protorkd.config import read_params
 from protorkd.losses import LOSSES
 from protorkd.models.build import build_dual_encoder
+from protorkd.params import read_params
 from tests.conftest import TINY_TOWER_FLAGS, tiny_train_args
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "protoclip-cc2.5m-1gpu.args"

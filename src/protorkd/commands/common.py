@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from protorkd.checkpoint import load_checkpoint
-from protorkd.config import Config, default_eval_root, read_params
+from protorkd.config import Config, default_eval_root
 from protorkd.distributed import resolve_device
 from protorkd.errors import UsageError
 from protorkd.eval.loading import model_from_checkpoint, model_options_from_flat, option_differences, require_weights
@@ -24,6 +24,7 @@ from protorkd.eval.records import LINEAR_FEATURES
 from protorkd.eval.suite import TASK_NAMES
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import ModelOptions
+from protorkd.params import read_params
 
 log = logging.getLogger(__name__)
 

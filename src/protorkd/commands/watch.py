@@ -46,10 +46,10 @@ def _ask(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protorkd.config import read_params
     from protorkd.errors import UsageError
     from protorkd.eval.monitor import ALL_CSV, evaluate_single, watch
     from protorkd.eval.suite import EvalOptions, run_suite
+    from protorkd.params import read_params
 
     if args.experiment_dir is None:
         _ask(args)

@@ -8,7 +8,7 @@ resized so its shorter side is the tower's input size and centre cropped to a sq
 the file reader applies to PIL images, seeded by (seed, epoch, position) exactly as `CsvCorpus` seeds it,
 so the random crop parameters are the ones the file reader would draw.
 
-Differences from reading the files (docs/data.md): the random crop is taken from the stored S x S image, not
+Differences from reading the files (docs/training.md): the random crop is taken from the stored S x S image, not
 from the original file (the same thing when the files are S x S already, as in the demo corpus), and tensor
 resampling (bicubic, antialiased) is not bit-identical to PIL's.
 """

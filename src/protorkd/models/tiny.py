@@ -1,6 +1,6 @@
 """Small architectures for CPU tests and the built-in demo, registered next to the real builders.
 
-`tiny-cnn` (~1.4M parameters): a 4x4 stride-4 patchify stem followed by depthwise-separable blocks,
+`tiny-cnn` (~1.2M parameters): a 4x4 stride-4 patchify stem followed by depthwise-separable blocks,
 which trains to high zero-shot accuracy on the demo corpus in a couple of CPU minutes.
 `tiny-vit`: a small ViT built from timm's VisionTransformer, for code paths that need a transformer.
 `tiny-text`: a hashed word-embedding text tower (no download, no tokenizer files) for fast tests.

@@ -37,10 +37,11 @@ from protorkd.checkpoint import (
     restore_numbered_checkpoint,
     strip_module_prefix,
 )
-from protorkd.config import Config, describe_differences, flag_differences, read_params, resumable_flags, write_params
+from protorkd.config import Config
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
 from protorkd.io import atomic_folder
+from protorkd.params import describe_differences, flag_differences, read_params, resumable_flags, write_params
 
 log = logging.getLogger(__name__)
 
