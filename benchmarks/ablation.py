@@ -9,10 +9,11 @@ a killed study resumes where it stopped; OUT/study.json holds everything measure
 
   plateau    InfoNCE trained to --plateau-epochs / 4, / 2 and x 1 (each with its own schedule), zero-shot on the
              validation split: the budget is the smallest whose top-1 is within --plateau-tolerance points of
-             the largest's (doubling it no longer helps). Measured first, per dataset.
-  cost       one epoch of every configuration (interleaved with InfoNCE) -> seconds per epoch relative to
-             InfoNCE; a configuration trains round(budget epochs / relative cost) epochs (at least 1), so all
-             spend InfoNCE's budget of wall-clock time (to the rounding of one epoch).
+             the best budget's (more training no longer helps). Measured first, per dataset.
+  cost       one epoch of every configuration, twice (interleaved with InfoNCE; the faster of the two) ->
+             seconds per epoch relative to InfoNCE; a configuration trains round(budget epochs / relative
+             cost) epochs (at least 1), so all spend InfoNCE's budget of wall-clock time (to the rounding of
+             one epoch).
   tune       each family's key hyperparameter (SEARCH below), seed 0, --tune-fraction of the budget, scored
              on the VALIDATION split (validation zero-shot top-1); the best value of each family goes on.
   test       every family with its chosen value, plus the combinations, --seeds each, on the TEST split:
@@ -166,7 +167,7 @@ class Study:
     ) -> dict:
         """One run (reused when its folder finished); returns {metrics, results per epoch, seconds per epoch}."""
         folder = self.out / "runs" / name
-        if not (folder / "results.jsonl").exists() or not _finished(folder, epochs):
+        if not _finished(folder, epochs, evaluated=bool(tasks)):
             if folder.exists():
                 import shutil
 
@@ -191,14 +192,21 @@ class Study:
                 tail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
                 print(f"{name}: exit {result.returncode}: {tail}", file=sys.stderr)
                 return {"error": tail}
-        lines = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        results = folder / "results.jsonl"
+        lines = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else [{}]
         log = (folder / "out.log").read_text()
         seconds = [float(s) for s in re.findall(r"epoch \d+ trained in ([0-9.]+) s", log)]
         return {"metrics": lines[-1], "curve": lines, "seconds_per_epoch": seconds}
 
 
-def _finished(folder: Path, epochs: int) -> bool:
-    lines = (folder / "results.jsonl").read_text().splitlines()
+def _finished(folder: Path, epochs: int, *, evaluated: bool) -> bool:
+    """Did this run train all its epochs (and write the last evaluation, when it evaluates)?"""
+    log, results = folder / "out.log", folder / "results.jsonl"
+    if not log.exists() or f"epoch {epochs} trained in" not in log.read_text():
+        return False
+    if not evaluated:
+        return True
+    lines = results.read_text().splitlines() if results.exists() else []
     return bool(lines) and json.loads(lines[-1]).get("epoch") == epochs
 
 
@@ -222,7 +230,7 @@ REPORTED = {
 def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: float) -> int:
     """InfoNCE trained to budgets of epochs/4, epochs/2 and epochs (each its own warm-up + cosine schedule),
     scored on validation: the budget is the smallest whose zero-shot top-1 is within `tolerance` points of the
-    largest budget's (doubling it no longer helps)."""
+    best budget's (more training no longer helps)."""
     budgets = [max(1, epochs // 4), max(1, epochs // 2), epochs]
     scores = {}
     for budget in budgets:
@@ -230,7 +238,8 @@ def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: floa
                           eval_root=data["val"], epochs=budget, seed=0, tasks="zeroshot")  # fmt: skip
         scores[budget] = run["metrics"][zeroshot_key(dataset)]
         print(f"{dataset} plateau: {budget} epochs -> validation zero-shot {scores[budget]:.2f}", flush=True)
-    chosen = next(budget for budget in budgets if scores[budget] >= scores[epochs] - tolerance)
+    best = max(scores.values())
+    chosen = next(budget for budget in budgets if scores[budget] >= best - tolerance)
     study.state.setdefault(dataset, {})["plateau"] = {
         "validation_zeroshot_by_budget": scores, "budget_epochs": chosen, "tolerance": tolerance,
         "seconds_per_epoch": statistics.median(run["seconds_per_epoch"]),
@@ -240,25 +249,30 @@ def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: floa
     return chosen
 
 
-def costs(study: Study, dataset: str, data: dict) -> dict[str, float]:
-    """Seconds per epoch of each candidate relative to InfoNCE (one epoch each, InfoNCE between every 4)."""
-    measured: dict[str, float] = {}
+def costs(study: Study, dataset: str, data: dict, rounds: int = 2) -> dict[str, float]:
+    """Seconds per epoch of each candidate relative to InfoNCE: one epoch each, InfoNCE between every 4
+    candidates, `rounds` rounds; each candidate's and InfoNCE's fastest epoch (contention only adds time)."""
+    measured: dict[str, list[float]] = {}
     infonce: list[float] = []
     labels = [label for candidates in SEARCH.values() for label, _ in candidates]
     flags = {label: f for candidates in SEARCH.values() for label, f in candidates}
-    for index, label in enumerate(labels):
-        if index % 4 == 0:
-            run = study.train(f"{dataset}-cost-InfoNCE-{index}", ["--loss", "InfoNCE"], data=data["train"],
+    for round_ in range(rounds):
+        suffix = f"-r{round_}" if round_ else ""
+        for index, label in enumerate(labels):
+            if index % 4 == 0:
+                run = study.train(f"{dataset}-cost-InfoNCE-{index}{suffix}", ["--loss", "InfoNCE"], data=data["train"],
+                                  eval_root=data["val"], epochs=1, seed=0, tasks="")  # fmt: skip
+                infonce += run.get("seconds_per_epoch", [])
+            run = study.train(f"{dataset}-cost-{_slug(label)}{suffix}", flags[label], data=data["train"],
                               eval_root=data["val"], epochs=1, seed=0, tasks="")  # fmt: skip
-            infonce += run["seconds_per_epoch"]
-        run = study.train(f"{dataset}-cost-{_slug(label)}", flags[label], data=data["train"], eval_root=data["val"],
-                          epochs=1, seed=0, tasks="")  # fmt: skip
-        if "error" not in run:
-            measured[label] = run["seconds_per_epoch"][0]
-    reference = statistics.median(infonce)
-    relative = {label: seconds / reference for label, seconds in measured.items()}
+            if "error" not in run:
+                measured.setdefault(label, []).append(run["seconds_per_epoch"][0])
+    reference = min(infonce)
+    relative = {label: min(seconds) / reference for label, seconds in measured.items()}
     study.state.setdefault(dataset, {})["relative_cost"] = relative
+    study.state[dataset]["cost_seconds"] = {"InfoNCE (reference)": infonce, **measured}
     study.save()
+    print(f"{dataset} relative cost: {json.dumps({k: round(v, 2) for k, v in relative.items()})}", flush=True)
     return relative
 
 
@@ -339,12 +353,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="study folder (resumable)")
     parser.add_argument("--datasets", default="demo,cifar10", help="comma-separated: demo, cifar10")
-    parser.add_argument("--stage", default="all", choices=["all", "plateau", "cost", "tune", "test"])
+    parser.add_argument(
+        "--stage",
+        default="all",
+        choices=["all", "data", "plateau", "cost", "tune", "test"],
+        help="data: only write them",
+    )
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the test stage")
     parser.add_argument("--demo-size", type=int, default=4096, help="demo training rows")
     parser.add_argument("--plateau-epochs", type=int, default=24, help="the largest InfoNCE budget tried, in epochs")
     parser.add_argument(
-        "--plateau-tolerance", type=float, default=2.0, help="points below the largest budget's validation top-1"
+        "--plateau-tolerance", type=float, default=2.0, help="points below the best budget's validation top-1"
     )
     parser.add_argument("--budget-epochs", type=int, default=0, help="skip the plateau stage: this many InfoNCE epochs")
     parser.add_argument("--max-budget-epochs", type=int, default=0, help="cap the plateau's budget (0 = no cap)")
@@ -373,6 +392,9 @@ def main() -> int:
                                  probe_train=args.cifar_probe_train, test=args.cifar_test)  # fmt: skip
         else:
             raise SystemExit(f"unknown dataset {dataset!r}: demo, cifar10")
+        if args.stage == "data":
+            print(f"{dataset}: training {' '.join(data['train'])}, validation {data['val']}, test {data['test']}")
+            continue
         state = study.state.setdefault(dataset, {})
         budget = args.budget_epochs or state.get("plateau", {}).get("budget_epochs")
         if args.stage in ("all", "plateau") and not args.budget_epochs:
