@@ -151,7 +151,12 @@ class Study:
         self.state = json.loads(self.path.read_text()) if self.path.exists() else {}
 
     def save(self) -> None:
-        self.path.write_text(json.dumps(self.state, indent=1, sort_keys=True))
+        """Write this process's datasets into study.json, keeping the others' (two studies may share it)."""
+        current = json.loads(self.path.read_text()) if self.path.exists() else {}
+        current.update(self.state)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
 
     def train(
         self,
@@ -382,9 +387,11 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     common = ["--n-prototypes", str(args.n_prototypes), *args.train_args.split()]
     study = Study(args.out, common)
+    datasets = [name for name in args.datasets.split(",") if name]
+    study.state = {name: value for name, value in study.state.items() if name in datasets}  # others' stay theirs
     seeds = [int(seed) for seed in args.seeds.split(",")]
     started = time.time()
-    for dataset in [name for name in args.datasets.split(",") if name]:
+    for dataset in datasets:
         if dataset == "demo":
             data = demo_data(args.out, args.demo_size)
         elif dataset == "cifar10":
@@ -421,7 +428,8 @@ def main() -> int:
             continue
         test(study, dataset, data, budget, relative, chosen, seeds)
         print(f"\n### {dataset} (budget {budget} InfoNCE epochs)\n\n{table(study, dataset)}\n", flush=True)
-    study.state["wall_minutes"] = round((time.time() - started) / 60, 1)
+    for dataset in datasets:
+        study.state.setdefault(dataset, {})["wall_minutes"] = round((time.time() - started) / 60, 1)
     study.save()
     return 0
 
