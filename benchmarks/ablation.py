@@ -380,6 +380,9 @@ def main() -> int:
     parser.add_argument("--cifar-val", type=int, default=50, help="train photos per class held out for validation")
     parser.add_argument("--cifar-probe-train", type=int, default=100, help="linear-probe train photos per class")
     parser.add_argument("--cifar-test", type=int, default=300, help="test photos per class")
+    parser.add_argument(
+        "--costs-from", default="", help="reuse another dataset's measured relative costs (same student and batch)"
+    )
     parser.add_argument("--n-prototypes", type=int, default=16384, help="DINO/ProtoCPC/ProtoRKD prototypes")
     parser.add_argument("--train-args", default="", help="extra `protorkd train` flags for every run, one string")
     args = parser.parse_args()
@@ -415,7 +418,10 @@ def main() -> int:
             budget = args.max_budget_epochs
         state["budget_epochs"] = budget
         relative = state.get("relative_cost") or {}
-        if args.stage in ("all", "cost") or not relative:
+        if args.costs_from:  # the losses' cost does not depend on the images: same student, size and batch
+            relative = json.loads(study.path.read_text())[args.costs_from]["relative_cost"]
+            state["relative_cost"], state["relative_cost_from"] = relative, args.costs_from
+        elif args.stage in ("all", "cost") or not relative:
             relative = costs(study, dataset, data)
         if args.stage == "cost":
             continue
