@@ -102,6 +102,8 @@ def run_once(extra: list[str], work: Path) -> dict:
     accounted += sum(sum(e.values()) for e in measured["evaluations"])
     return {
         "wall_seconds": round(wall, 1),
+        "captured_output_lines": len((result.stdout + result.stderr).splitlines()),
+        "captured_carriage_returns": (result.stdout + result.stderr).count("\r"),  # progress bars: none off a terminal
         **measured,
         "other_seconds": round(wall - accounted, 1),
         "zeroshot_top1": final.get("zeroshot/shapes/top1"),
