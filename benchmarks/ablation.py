@@ -354,6 +354,44 @@ def table(study: Study, dataset: str) -> str:
     return "\n".join(lines)
 
 
+def report(study: Study, dataset: str) -> str:
+    """Markdown of everything measured for `dataset`: plateau, costs and epochs, the validation search, results."""
+    state = study.state.get(dataset, {})
+    out = [f"### {dataset}\n"]
+    plateau_state = state.get("plateau")
+    if plateau_state and "validation_zeroshot_by_budget" in plateau_state:
+        scores = plateau_state["validation_zeroshot_by_budget"]
+        out.append("InfoNCE's plateau (validation zero-shot top-1 by budget):\n")
+        out.append("| epochs | " + " | ".join(str(k) for k in scores) + " |")
+        out.append("|---|" + "---:|" * len(scores))
+        out.append("| top-1 | " + " | ".join(f"{v:.1f}" for v in scores.values()) + " |\n")
+        out.append(
+            f"Budget: {state.get('budget_epochs')} InfoNCE epochs (plateau: {plateau_state['budget_epochs']}).\n"
+        )
+    relative, validation, chosen = state.get("relative_cost", {}), state.get("validation", {}), state.get("chosen", {})
+    if relative:
+        budget, tune_budget = state.get("budget_epochs", 0), state.get("tune_budget_epochs", 0)
+        out.append(
+            "| family | candidate | cost vs InfoNCE | epochs (test) | epochs (validation) | validation zero-shot |"
+        )
+        out.append("|---|---|---:|---:|---:|---:|")
+        for family, candidates in SEARCH.items():
+            for label, _ in candidates:
+                score = validation.get(label, "pending")
+                shown = "-" if len(candidates) == 1 else ("failed" if score is None else score)
+                shown = f"{shown:.1f}" if isinstance(shown, float) else shown
+                mark = " **(chosen)**" if chosen.get(family) == label and len(candidates) > 1 else ""
+                cost = relative.get(label, float("nan"))
+                out.append(
+                    f"| {family} | {label}{mark} | {cost:.2f} | {epochs_for(budget, cost)} | "
+                    f"{epochs_for(tune_budget, cost) if len(candidates) > 1 else '-'} | {shown} |"
+                )
+        out.append("")
+    if state.get("test"):
+        out.append(table(study, dataset))
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="study folder (resumable)")
@@ -361,8 +399,8 @@ def main() -> int:
     parser.add_argument(
         "--stage",
         default="all",
-        choices=["all", "data", "plateau", "cost", "tune", "test"],
-        help="data: only write them",
+        choices=["all", "data", "plateau", "cost", "tune", "test", "report"],
+        help="data: only write the data; report: print what study.json holds",
     )
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the test stage")
     parser.add_argument("--demo-size", type=int, default=4096, help="demo training rows")
@@ -402,6 +440,9 @@ def main() -> int:
                                  probe_train=args.cifar_probe_train, test=args.cifar_test)  # fmt: skip
         else:
             raise SystemExit(f"unknown dataset {dataset!r}: demo, cifar10")
+        if args.stage == "report":
+            print(report(study, dataset) + "\n")
+            continue
         if args.stage == "data":
             print(f"{dataset}: training {' '.join(data['train'])}, validation {data['val']}, test {data['test']}")
             continue
@@ -434,9 +475,10 @@ def main() -> int:
             continue
         test(study, dataset, data, budget, relative, chosen, seeds)
         print(f"\n### {dataset} (budget {budget} InfoNCE epochs)\n\n{table(study, dataset)}\n", flush=True)
-    for dataset in datasets:
-        study.state.setdefault(dataset, {})["wall_minutes"] = round((time.time() - started) / 60, 1)
-    study.save()
+    if args.stage not in ("report", "data"):  # a report never writes: the studies may be running
+        for dataset in datasets:
+            study.state.setdefault(dataset, {})["wall_minutes"] = round((time.time() - started) / 60, 1)
+        study.save()
     return 0
 
 
