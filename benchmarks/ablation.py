@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -174,8 +175,6 @@ class Study:
         folder = self.out / "runs" / name
         if not _finished(folder, epochs, evaluated=bool(tasks)):
             if folder.exists():
-                import shutil
-
                 shutil.rmtree(folder)
             every = {
                 "zeroshot": "--zeroshot-frequency",
@@ -189,7 +188,8 @@ class Study:
             command = [
                 sys.executable, "-m", "protorkd", "train", *data, "--eval-data-dir", str(eval_root),
                 "--logs", str(self.out / "runs"), "--name", name, "--epochs", str(epochs), "--seed", str(seed),
-                "--teacher-cache", str(self.out / "cache"), "--report-to", "", *eval_flags, *self.common, *flags,
+                "--teacher-cache", str(self.out / "cache"), "--report-to", "", "--save-frequency", str(epochs),
+                *eval_flags, *self.common, *flags,
             ]  # fmt: skip
             env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
             result = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -197,6 +197,7 @@ class Study:
                 tail = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"
                 print(f"{name}: exit {result.returncode}: {tail}", file=sys.stderr)
                 return {"error": tail}
+            shutil.rmtree(folder / "checkpoints", ignore_errors=True)  # ~100 MB each (the text tower); unused here
         results = folder / "results.jsonl"
         lines = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else [{}]
         log = (folder / "out.log").read_text()
