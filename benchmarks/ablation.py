@@ -361,7 +361,7 @@ def report(study: Study, dataset: str) -> str:
     out = [f"### {dataset}\n"]
     plateau_state = state.get("plateau")
     if plateau_state and "validation_zeroshot_by_budget" in plateau_state:
-        scores = plateau_state["validation_zeroshot_by_budget"]
+        scores = dict(sorted(plateau_state["validation_zeroshot_by_budget"].items(), key=lambda item: int(item[0])))
         out.append("InfoNCE's plateau (validation zero-shot top-1 by budget):\n")
         out.append("| epochs | " + " | ".join(str(k) for k in scores) + " |")
         out.append("|---|" + "---:|" * len(scores))
