@@ -154,7 +154,13 @@ class Study:
     def save(self) -> None:
         """Write this process's datasets into study.json, keeping the others' (two studies may share it)."""
         current = json.loads(self.path.read_text()) if self.path.exists() else {}
-        current.update(self.state)
+        for dataset, state in self.state.items():  # two processes may share a dataset: merge its run records
+            merged = current.setdefault(dataset, {})
+            for key, value in state.items():
+                if key in ("test", "validation") and isinstance(merged.get(key), dict):
+                    merged[key].update(value)
+                else:
+                    merged[key] = value
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
         os.replace(tmp, self.path)
@@ -312,10 +318,21 @@ def tune(study: Study, dataset: str, data: dict, budget: int, relative: dict[str
     return chosen
 
 
-def test(study: Study, dataset: str, data: dict, budget: int, relative: dict, chosen: dict, seeds: list[int]) -> dict:
+def test(
+    study: Study,
+    dataset: str,
+    data: dict,
+    budget: int,
+    relative: dict,
+    chosen: dict,
+    seeds: list[int],
+    families: set[str] | None = None,
+) -> dict:
     flags = {label: f for candidates in SEARCH.values() for label, f in candidates}
     results = study.state[dataset].setdefault("test", {})
     for family, label in chosen.items():
+        if families and family not in families:
+            continue
         epochs = epochs_for(budget, relative.get(label, 1.0))
         for seed in seeds:
             key = f"{label} seed {seed}"
@@ -404,6 +421,9 @@ def main() -> int:
         help="data: only write the data; report: print what study.json holds",
     )
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the test stage")
+    parser.add_argument(
+        "--families", default="", help="test stage: only these families (comma-separated; two processes can share)"
+    )
     parser.add_argument("--demo-size", type=int, default=4096, help="demo training rows")
     parser.add_argument("--plateau-epochs", type=int, default=24, help="the largest InfoNCE budget tried, in epochs")
     parser.add_argument(
@@ -474,7 +494,8 @@ def main() -> int:
             chosen = tune(study, dataset, data, tune_budget, relative)
         if args.stage == "tune":
             continue
-        test(study, dataset, data, budget, relative, chosen, seeds)
+        families = {name.strip() for name in args.families.split(",") if name.strip()} or None
+        test(study, dataset, data, budget, relative, chosen, seeds, families)
         print(f"\n### {dataset} (budget {budget} InfoNCE epochs)\n\n{table(study, dataset)}\n", flush=True)
     if args.stage not in ("report", "data"):  # a report never writes: the studies may be running
         for dataset in datasets:
