@@ -352,23 +352,39 @@ def test(
     return results
 
 
+def _values(entries: list[dict], key: str) -> list[float]:
+    return [e["metrics"][key] for e in entries if "error" not in e and key in e.get("metrics", {})]
+
+
 def table(study: Study, dataset: str) -> str:
+    """Mean +- sample std over seeds (n seeds in the last column). A mean more than 2 standard errors of the
+    difference above (below) InfoNCE's is marked ▲ (▼): outside the seed noise."""
     results = study.state[dataset]["test"]
     rows: dict[str, list[dict]] = {}
     for entry in results.values():
         rows.setdefault(entry["label"], []).append(entry)
-    header = "| family | loss (chosen on validation) | epochs | " + " | ".join(n for n, _ in REPORTED[dataset]) + " |"
-    lines = [header, "|---|---|---:|" + "---:|" * len(REPORTED[dataset])]
+    order = [label for candidates in SEARCH.values() for label, _ in candidates]
+    rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+    names = " | ".join(n for n, _ in REPORTED[dataset])
+    lines = [f"| family | loss (chosen on validation) | epochs | {names} | seeds |"]
+    lines.append("|---|---|---:|" + "---:|" * len(REPORTED[dataset]) + "---:|")
+    baseline = rows.get("InfoNCE", [])
     for label, entries in rows.items():
-        ok = [e for e in entries if "error" not in e]
         cells = []
         for _, key in REPORTED[dataset]:
-            values = [e["metrics"][key] for e in ok if key in e["metrics"]]
+            values, reference = _values(entries, key), _values(baseline, key)
             if len(values) >= 2:
-                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
+                mean, std = statistics.mean(values), statistics.stdev(values)
+                mark = ""
+                if label != "InfoNCE" and len(reference) >= 2:
+                    error = (std**2 / len(values) + statistics.stdev(reference) ** 2 / len(reference)) ** 0.5
+                    difference = mean - statistics.mean(reference)
+                    mark = " ▲" if difference > 2 * error else " ▼" if difference < -2 * error else ""
+                cells.append(f"{mean:.1f} ± {std:.1f}{mark}")
             else:
                 cells.append(f"{values[0]:.1f}" if values else "-")
-        lines.append(f"| {entries[0]['family']} | {label} | {entries[0]['epochs']} | " + " | ".join(cells) + " |")
+        seeds = len([e for e in entries if "error" not in e])
+        lines.append(f"| {entries[0]['family']} | {label} | {entries[0]['epochs']} | {' | '.join(cells)} | {seeds} |")
     return "\n".join(lines)
 
 
