@@ -17,8 +17,14 @@ each sample (65535 -> 255, 32768 -> 128). Every other mode goes through Pillow's
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 from PIL import Image
+
+T = TypeVar("T")
 
 # Pillow's own decompression-bomb warning threshold (~89.5 MP); gather-cc's --max-pixels and the training
 # reader's --max-image-pixels default to it. Pillow itself refuses images above twice this.
@@ -60,3 +66,21 @@ def too_many_pixels(image: Image.Image, max_pixels: int) -> str | None:
     if width * height > max_pixels:
         return f"too many pixels ({width}x{height} > --max-image-pixels {max_pixels})"
     return None
+
+
+class TooManyPixels(ValueError):
+    """An image over the pixel limit, refused from its header before it is decoded (the reason is the text)."""
+
+
+def read_image(path: str, max_pixels: int, use: Callable[[Image.Image], T]) -> T:
+    """`use(image)` on the decoded image at `path` while it is open. Raises TooManyPixels (checked from the
+    header, Pillow's own bomb warning silenced) and whatever Pillow raises for missing or corrupt files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
+        image = Image.open(path)
+    with image:
+        reason = too_many_pixels(image, max_pixels)
+        if reason is not None:
+            raise TooManyPixels(reason)
+        image.load()
+        return use(image)

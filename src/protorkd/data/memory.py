@@ -16,16 +16,14 @@ resampling (bicubic, antialiased) is not bit-identical to PIL's.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from protorkd.data.images import DEFAULT_MAX_PIXELS, to_rgb, too_many_pixels
+from protorkd.data.images import DEFAULT_MAX_PIXELS, TooManyPixels, read_image, to_rgb
 from protorkd.data.tsv import CsvCorpus
 
 log = logging.getLogger(__name__)
@@ -39,15 +37,9 @@ def decoded_bytes(rows: int, image_size: int) -> int:
 def decode_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor | str:
     """[3, size, size] uint8 (shorter side resized to `size`, bicubic; centre crop), or why it cannot be read."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
-            image = Image.open(path)
-        with image:
-            reason = too_many_pixels(image, max_pixels)
-            if reason is not None:
-                return reason
-            image.load()
-            rgb = to_rgb(image)
+        rgb = read_image(path, max_pixels, to_rgb)
+    except TooManyPixels as reason:
+        return str(reason)
     except FileNotFoundError:
         return "missing image"
     except Exception as error:  # PIL raises many types for corrupt or truncated files

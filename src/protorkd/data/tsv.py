@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from protorkd.data.images import DEFAULT_MAX_PIXELS, too_many_pixels
+from protorkd.data.images import DEFAULT_MAX_PIXELS, TooManyPixels, read_image
 from protorkd.errors import BadDataError, UsageError
 
 log = logging.getLogger(__name__)
@@ -225,17 +224,16 @@ class CsvCorpus(Dataset):
 
     def fill_images(self, sample: dict, index: int) -> None:
         """Set sample["image"] (and "image_view2") from row `index`'s file, or sample["bad"] with the reason."""
+
+        def transform(image: Image.Image) -> None:
+            sample["image"] = self.transform(image)
+            if self.views == 2:
+                sample["image_view2"] = self.transform(image)
+
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
-                image = Image.open(self.images[index])
-            with image:
-                sample["bad"] = too_many_pixels(image, self.max_pixels)
-                if sample["bad"] is None:
-                    image.load()
-                    sample["image"] = self.transform(image)
-                    if self.views == 2:
-                        sample["image_view2"] = self.transform(image)
+            read_image(self.images[index], self.max_pixels, transform)
+        except TooManyPixels as reason:
+            sample["bad"] = str(reason)
         except FileNotFoundError:
             sample["bad"] = "missing image"
         except Exception as error:  # PIL raises many types for corrupt / truncated files

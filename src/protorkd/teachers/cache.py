@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from protorkd.data.images import DEFAULT_MAX_PIXELS, too_many_pixels
+from protorkd.data.images import DEFAULT_MAX_PIXELS, read_image
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
 from protorkd.io import atomic_path, atomic_write, fsync_file
@@ -279,15 +278,7 @@ def image_loader(
     """path -> transformed image; an image over `max_pixels` pixels raises before it is decoded."""
 
     def load(path: str) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
-            image = Image.open(path)
-        with image:
-            problem = too_many_pixels(image, max_pixels)
-            if problem is not None:
-                raise ValueError(problem)
-            image.load()
-            return transform(image)
+        return read_image(path, max_pixels, transform)
 
     return load
 
