@@ -45,8 +45,20 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _library_progress_bars_off() -> None:
+    """Our bars show only on a terminal (`tqdm(disable=None)`); the Hugging Face libraries' bars (downloads,
+    "Loading weights") follow the hub's switch, read when transformers is imported, so it is set first."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    if "transformers" in sys.modules:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not sys.stderr.isatty():
+        _library_progress_bars_off()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["train", *argv]  # `protorkd` alone runs the main job
     parser = build_parser(argv)
