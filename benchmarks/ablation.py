@@ -91,19 +91,28 @@ SEARCH: dict[str, list[tuple[str, list[str]]]] = {
 }
 
 
-def write_cifar10(out: Path, source: Path, prompts: Path, *, val: int, probe_train: int, test: int) -> dict:
+def write_cifar10(
+    out: Path, source: Path, prompts: Path, *, val: int, probe_train: int, test: int, val_from_test: bool = False
+) -> dict:
     """OUT/cifar10/train.tsv (train photos minus the last `val` per class, one random template caption each,
     shuffled) and two eval roots of symlinks, OUT/cifar10-val and OUT/cifar10-test, each
-    `cifar10/{train,test}/<class>/` + zeroshot_metadata.json. The roots share the probe's train images."""
+    `cifar10/{train,test}/<class>/` + zeroshot_metadata.json. The roots share the probe's train images.
+
+    `val_from_test`: train on every train photo and validate on the `val` test photos per class that follow
+    the `test` ones (disjoint from the test photos; a larger validation set than the train folder can spare)."""
     entry = json.loads(prompts.read_text())["CIFAR10"]
     classes, templates = entry["classes"], entry["templates"]
     rng = random.Random(0)
     rows, probe, held_out, tests = [], {}, {}, {}
     for name in classes:
         photos = sorted((source / "train" / name).glob("*.jpg"))
-        kept, held_out[name] = photos[:-val], photos[-val:]
+        tested = sorted((source / "test" / name).glob("*.jpg"))
+        if val_from_test:
+            kept, held_out[name] = photos, tested[test : test + val]
+        else:
+            kept, held_out[name] = photos[:-val], photos[-val:]
         probe[name] = kept[:probe_train]
-        tests[name] = sorted((source / "test" / name).glob("*.jpg"))[:test]
+        tests[name] = tested[:test]
         rows += [f"{path}\t{rng.choice(templates).format(name)}" for path in kept]
     rng.shuffle(rows)
     tsv = out / "cifar10" / "train.tsv"
@@ -335,10 +344,10 @@ def test(
             continue
         epochs = epochs_for(budget, relative.get(label, 1.0))
         for seed in seeds:
-            key = f"{label} seed {seed}"
+            key = f"{label} seed {seed} epochs {epochs}"  # another budget in the same folder is another run
             if key in results:
                 continue
-            run = study.train(f"{dataset}-test-{_slug(label)}-s{seed}", flags[label], data=data["train"],
+            run = study.train(f"{dataset}-test-{_slug(label)}-s{seed}-e{epochs}", flags[label], data=data["train"],
                               eval_root=data["test"], epochs=epochs, seed=seed)  # fmt: skip
             results[key] = {"family": family, "label": label, "seed": seed, "epochs": epochs, **run}
             results[key].pop("curve", None)
@@ -357,12 +366,15 @@ def _values(entries: list[dict], key: str) -> list[float]:
 
 
 def table(study: Study, dataset: str) -> str:
-    """Mean +- sample std over seeds (n seeds in the last column). A mean more than 2 standard errors of the
-    difference above (below) InfoNCE's is marked ▲ (▼): outside the seed noise."""
-    results = study.state[dataset]["test"]
+    """Mean +- sample std over seeds (n seeds in the last column) of the runs at the study's budget. A mean
+    more than 2 standard errors of the difference above (below) InfoNCE's is marked ▲ (▼): outside the seed
+    noise."""
+    state = study.state[dataset]
+    budget, relative = state.get("budget_epochs", 0), state.get("relative_cost", {})
     rows: dict[str, list[dict]] = {}
-    for entry in results.values():
-        rows.setdefault(entry["label"], []).append(entry)
+    for entry in state["test"].values():
+        if not budget or entry["epochs"] == epochs_for(budget, relative.get(entry["label"], 1.0)):
+            rows.setdefault(entry["label"], []).append(entry)
     order = [label for candidates in SEARCH.values() for label, _ in candidates]
     rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
     names = " | ".join(n for n, _ in REPORTED[dataset])
@@ -450,6 +462,9 @@ def main() -> int:
     parser.add_argument(
         "--tune-fraction", type=float, default=0.5, help="validation runs train this fraction of the budget"
     )
+    parser.add_argument(
+        "--tune-budget-epochs", type=int, default=0, help="validation runs train this many InfoNCE epochs instead"
+    )
     parser.add_argument("--cifar-root", type=Path, default=SHARED / "cifar10_jpg")
     parser.add_argument("--cifar-prompts", type=Path, default=SHARED / "clip_prompts" / "clip_zeroshot_prompts.json")
     parser.add_argument("--cifar-val", type=int, default=50, help="train photos per class held out for validation")
@@ -505,7 +520,7 @@ def main() -> int:
             continue
         chosen = state.get("chosen") or {}
         if args.stage in ("all", "tune") or not chosen:
-            tune_budget = max(1, round(budget * args.tune_fraction))
+            tune_budget = args.tune_budget_epochs or max(1, round(budget * args.tune_fraction))
             state["tune_budget_epochs"] = tune_budget
             chosen = tune(study, dataset, data, tune_budget, relative)
         if args.stage == "tune":
