@@ -21,38 +21,23 @@ import argparse
 import json
 import math
 import os
-import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from ablation import SHARED, write_cifar10
+from ablation import SHARED, Study, write_cifar10
 from bench_demo import machine
 
 # The best recipe found on the validation split (docs/ablation.md lists the search).
 RECIPE = ["--image-size", "48", "--augmentation", "protoclip-light", "--batch-size", "256", "--lr", "6e-3"]
 
 
-def train(out: Path, name: str, data: dict, eval_root: Path, epochs: int, flags: list[str], evaluate: bool) -> dict:
-    """One `protorkd train` run; returns its last results line and each epoch's training seconds."""
-    folder = out / "runs" / name
-    never, last = ["0"], [str(epochs)]
-    command = [
-        sys.executable, "-m", "protorkd", "train", *data["train"], "--eval-data-dir", str(eval_root),
-        "--logs", str(out / "runs"), "--name", name, "--epochs", str(epochs), "--teacher-cache", str(out / "cache"),
-        "--report-to", "", "--save-frequency", str(epochs), "--retrieval-frequency", "0",
-        "--zeroshot-frequency", *(last if evaluate else never), "--linear-frequency", *(last if evaluate else never),
-        *flags,
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if folder.exists():
-        raise SystemExit(f"{folder} exists: remove it or pass another --name")
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
-    log = (folder / "out.log").read_text()
-    seconds = [float(s) for s in re.findall(r"epoch \d+ trained in ([0-9.]+) s", log)]
-    results = (folder / "results.jsonl").read_text().splitlines() if evaluate else ["{}"]
-    return {"metrics": json.loads(results[-1]), "seconds_per_epoch": seconds}
+def train(study: Study, name: str, data: dict, eval_root: Path, epochs: int, flags: list[str], tasks: str) -> dict:
+    """One `protorkd train` run through the loss study's runner (a finished run folder is reused)."""
+    run = study.train(name, flags, data=data["train"], eval_root=eval_root, epochs=epochs, seed=0, tasks=tasks)
+    if "error" in run:
+        raise SystemExit(f"{name}: {run['error']}")
+    return run
 
 
 def main() -> int:
@@ -61,7 +46,11 @@ def main() -> int:
     parser.add_argument("--split", choices=["val", "test"], default="test", help="evaluate on validation or test")
     parser.add_argument("--budget-seconds", type=float, default=180.0, help="training wall-clock budget")
     parser.add_argument("--epochs", type=int, default=0, help="skip the timing: train this many epochs")
-    parser.add_argument("--name", default="", help="run folder name under OUT/runs (default: from the split)")
+    parser.add_argument(
+        "--name",
+        default="",
+        help="run folder name under OUT/runs (default: split and time; a finished run of that name is reused)",
+    )
     parser.add_argument("--cifar-root", type=Path, default=SHARED / "cifar10_jpg")
     parser.add_argument("--cifar-prompts", type=Path, default=SHARED / "clip_prompts" / "clip_zeroshot_prompts.json")
     parser.add_argument(
@@ -77,14 +66,15 @@ def main() -> int:
     flags = [*RECIPE, *args.flags]
     name = args.name or f"{args.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     report: dict = {"machine": machine(), "recipe": flags, "split": args.split, "budget_seconds": args.budget_seconds}
+    study = Study(args.out, common=[])
     epochs = args.epochs
     if not epochs:
-        timing = train(args.out, f"{name}-timing", data, data["val"], 2, flags, evaluate=False)
+        timing = train(study, f"{name}-timing", data, data["val"], 2, flags, tasks="")
         epoch_seconds = timing["seconds_per_epoch"][-1]
         epochs = max(1, math.floor(args.budget_seconds / epoch_seconds))
         report["timing_epoch_seconds"] = epoch_seconds
         print(f"one epoch: {epoch_seconds:.1f} s -> {epochs} epochs in {args.budget_seconds:.0f} s", flush=True)
-    run = train(args.out, name, data, data[args.split], epochs, flags, evaluate=True)
+    run = train(study, name, data, data[args.split], epochs, flags, tasks="zeroshot,linear")
     metrics = run["metrics"]
     report.update(
         epochs=epochs,

@@ -57,8 +57,6 @@ def _library_progress_bars_off() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not sys.stderr.isatty():
-        _library_progress_bars_off()
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
         argv = ["train", *argv]  # `protorkd` alone runs the main job
     parser = build_parser(argv)
@@ -67,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s", datefmt="%H:%M:%S")
+    if not sys.stderr.isatty():  # after parsing: --help and --version do not pay for the hub's import
+        _library_progress_bars_off()
     try:
         return int(args.func(args) or 0)
     except UsageError as error:
