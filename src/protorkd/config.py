@@ -73,7 +73,10 @@ class DataConfig:
         minimum=1,
     )
     augmentation: str | None = flag(
-        None, "training image augmentation (default: random resized crop 0.9-1.0)", (None, "protoclip-light")
+        None,
+        "training image augmentation (default: random resized crop 0.9-1.0); protoclip-light: ProtoCLIP's crop 0.5-1, "
+        "flip, colour jitter, grey, blur; pad-crop-flip: a random translation by up to 1/8 of the side and a flip",
+        (None, "protoclip-light", "pad-crop-flip"),
     )
     workers: int = flag(
         2,

@@ -56,6 +56,16 @@ def test_training_crops_are_the_crops_the_file_reader_draws(tiny_corpus):
         assert other_crop > 5 * difference
 
 
+def test_pad_crop_flip_samples_equal_the_file_readers_bit_for_bit(tiny_corpus):
+    """No resampling in pad-crop-flip: the decoded corpus gives exactly the file reader's samples."""
+    size = Image.open(open_corpus(str(tiny_corpus / "train.tsv")).images[0]).size[0]
+    transform = image_transform(size, MEAN, STD, train=True, augmentation="pad-crop-flip")
+    files, memory = _corpora(tiny_corpus, transform, size)
+    for key in [(0, 0, 0), (1, 3, 17), (2, 9, 95)]:
+        assert torch.equal(files[key]["image"], memory[key]["image"])
+    assert not torch.equal(memory[(0, 0, 0)]["image"], memory[(5, 0, 0)]["image"])  # another epoch, another draw
+
+
 def test_an_unreadable_image_is_a_bad_sample_with_the_file_readers_reason(tiny_corpus, tmp_path):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")

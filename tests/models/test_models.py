@@ -76,7 +76,7 @@ def test_nothing_to_train_is_refused():
 @pytest.mark.parametrize(
     "builder, name, message",
     [
-        ("custom", "nope", "valid names: micro-cnn, tiny-cnn, tiny-vit"),
+        ("custom", "nope", "valid names: micro-cnn, resnet9-tiny, tiny-cnn, tiny-vit"),
         ("timm", "no_such_timm_net", "unknown timm model"),
         ("torchvision", "no_such_tv_net", "unknown torchvision model"),
         ("open_clip", "no-such-clip", "unknown open_clip model"),

@@ -16,6 +16,8 @@ from torchvision.transforms import v2 as T
 
 from protorkd.data.images import to_rgb
 
+AUGMENTATIONS = ("none", "protoclip-light", "pad-crop-flip")
+
 INTERPOLATIONS = {
     "bicubic": T.InterpolationMode.BICUBIC,
     "bilinear": T.InterpolationMode.BILINEAR,
@@ -52,7 +54,8 @@ def image_transform(
     augmentation: str | None = None,
     interpolation: str = "bicubic",
 ) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
-    """Train: RandomResizedCrop(scale 0.9-1), or ProtoCLIP's light augmentation. Eval: resize + centre crop."""
+    """Train: RandomResizedCrop(scale 0.9-1), ProtoCLIP's light augmentation, or pad-crop-flip. Eval: resize +
+    centre crop."""
     mode = INTERPOLATIONS.get(interpolation, T.InterpolationMode.BICUBIC)
     normalize = T.Normalize(mean, std)
     if not train:
@@ -74,7 +77,56 @@ def image_transform(
                 *_to_float(normalize),
             ]
         )
-    raise ValueError(f"unknown augmentation {augmentation!r}; valid: none, protoclip-light")
+    if augmentation == "pad-crop-flip":
+        fit = T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), _to_rgb, T.ToImage()])
+        return PadCropFlip(image_size, max(1, image_size // 8), mean, std, fit=fit)
+    raise ValueError(f"unknown augmentation {augmentation!r}; valid: {', '.join(AUGMENTATIONS)}")
+
+
+class PadCropFlip:
+    """The standard small-image augmentation (CIFAR ResNets, Page's ResNet-9): a random translation by up to
+    `pad` pixels with zero fill (torchvision's RandomCrop(size, padding=pad)), a horizontal flip with
+    probability 1/2, then uint8 -> float in [0, 1] and the normalisation.
+
+    Written out with slicing on a [C, S, S] uint8 tensor: the same steps as torchvision v2 transforms (Resize,
+    CenterCrop, RandomCrop, RandomHorizontalFlip, ToDtype, Normalize) took 152 us a 32 px sample on this
+    project's 2-core CPU, mostly dispatch, against 23 us here; 0.6 s of each 5,000-photo epoch of resnet9-tiny
+    (about 6.5 s). The offsets and the flip are drawn from torch's default generator, so the corpus's
+    per-sample seeding makes them reproducible. A PIL image or a tensor of another size is first brought to
+    [C, S, S] uint8 by `fit` (resize the shorter side, centre crop).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        pad: int,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        *,
+        fit: Callable[[Image.Image | torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.size, self.pad = size, pad
+        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.scale = 1.0 / (255.0 * torch.tensor(std).view(-1, 1, 1))
+        self.fit = fit  # to a [C, size, size] uint8 tensor (a decoded tensor of that size skips it)
+
+    def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        if not (isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) == (self.size, self.size)):
+            if self.fit is None:
+                raise ValueError(f"PadCropFlip without `fit` takes [C, {self.size}, {self.size}] tensors")
+            image = self.fit(image)
+        pad, offsets = self.pad, 2 * self.pad + 1
+        draw = int(torch.randint(0, 2 * offsets * offsets, ()))  # one draw: (dx, dy, flip) uniform
+        flip, dx, dy = draw % 2, draw // 2 % offsets, draw // 2 // offsets
+        shift_x, shift_y = dx - pad, dy - pad  # out[y, x] = image[y + shift_y, x + shift_x], zero outside
+        _, height, width = image.shape
+        out = torch.zeros(image.shape, dtype=torch.float32)
+        y0, y1 = max(0, -shift_y), min(height, height - shift_y)
+        x0, x1 = max(0, -shift_x), min(width, width - shift_x)
+        out[:, y0:y1, x0:x1] = image[:, y0 + shift_y : y1 + shift_y, x0 + shift_x : x1 + shift_x]
+        if flip:
+            out = out.flip(-1)
+        return (out - 255.0 * self.mean) * self.scale  # (x / 255 - mean) / std
 
 
 def eval_transform(preprocess: PreprocessSpec) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
@@ -91,7 +143,7 @@ def eval_transform(preprocess: PreprocessSpec) -> Callable[[Image.Image | torch.
 def train_transform(
     preprocess: PreprocessSpec, augmentation: str | None = None
 ) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
-    """The training transform of a tower (`--augmentation`: None or "protoclip-light"), from its preprocessing."""
+    """The training transform of a tower (`--augmentation`: None or one of AUGMENTATIONS), from its preprocessing."""
     return image_transform(
         preprocess.image_size,
         preprocess.mean,

@@ -2,6 +2,7 @@
 
 `tiny-cnn` (~1.2M parameters): a 4x4 stride-4 patchify stem followed by depthwise-separable blocks,
 which trains to high zero-shot accuracy on the demo corpus in a couple of CPU minutes.
+`resnet9-tiny` (~0.9M parameters): Page's ResNet-9 at 3/8 width for 32 px photos (the CIFAR-10 proxy).
 `tiny-vit`: a small ViT built from timm's VisionTransformer, for code paths that need a transformer.
 `tiny-text`: a hashed word-embedding text tower (no download, no tokenizer files) for fast tests.
 """
@@ -50,6 +51,49 @@ class TinyCNN(nn.Module):
         return self.features(images).mean(dim=(2, 3))
 
 
+def _conv_bn(in_channels: int, out_channels: int, pool: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.GELU(),
+    ]
+    return [*layers, nn.MaxPool2d(2)] if pool else layers
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(channels, channels, False), *_conv_bn(channels, channels, False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """Page's ResNet-9 (davidcpage/cifar10-fast, the DAWNBench CIFAR-10 network) at a chosen width.
+
+    prep conv(w0) -> conv(w1)+pool, residual(w1) -> conv(w2)+pool -> conv(w3)+pool, residual(w3) -> global max
+    pool -> [B, w3]. Each conv: 3x3 without bias, BatchNorm, activation (then the 2x2 max pool), as in Page's
+    code, with GELU instead of ReLU. Full width is (64, 128, 256, 512); the default here is 3/8 of it.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int] = (24, 48, 96, 192)) -> None:
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            *_conv_bn(3, w0, False),
+            *_conv_bn(w0, w1, True),
+            _Residual(w1),
+            *_conv_bn(w1, w2, True),
+            *_conv_bn(w2, w3, True),
+            _Residual(w3),
+        )
+        self.output_dim = w3
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images).amax(dim=(2, 3))
+
+
 @CUSTOM_IMAGE_ARCHS.register("tiny-cnn")
 def tiny_cnn() -> tuple[nn.Module, int]:
     """(module, default image size)."""
@@ -60,6 +104,12 @@ def tiny_cnn() -> tuple[nn.Module, int]:
 def micro_cnn() -> tuple[nn.Module, int]:
     """A ~30k-parameter variant for unit tests (64-d, like tiny-text)."""
     return TinyCNN(widths=(16, 64), depths=(1, 1)), 32
+
+
+@CUSTOM_IMAGE_ARCHS.register("resnet9-tiny")
+def resnet9_tiny() -> tuple[nn.Module, int]:
+    """~0.9M parameters at 32 px (CIFAR-sized photos): the CIFAR-10 proxy's student."""
+    return ResNet9(), 32
 
 
 @CUSTOM_IMAGE_ARCHS.register("tiny-vit")
