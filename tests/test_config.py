@@ -75,6 +75,7 @@ def test_the_flags_a_resume_may_change_are_exactly_the_documented_ones():
         "epochs",
         "device",
         "torchcompile",
+        "malloc_mmap_threshold_mb",
         "dist_timeout_minutes",
         "eval_data_dir",
         "zeroshot_frequency",

@@ -141,6 +141,15 @@ class OptimConfig:
     seed: int = flag(0, "random seed", minimum=0)
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto", resumable=True)
     torchcompile: bool = flag(False, "compile the towers with torch.compile", resumable=True)
+    malloc_mmap_threshold_mb: int = flag(
+        32,
+        "CPU runs on Linux (glibc): fix malloc's mmap threshold at this many MiB, so that each step's activations "
+        "reuse heap memory instead of fresh zero-filled mappings (up to 1.2x faster CPU epochs measured; a "
+        "MALLOC_MMAP_THRESHOLD_ in the environment wins); 0 = glibc's adaptive default",
+        minimum=0,
+        maximum=32,
+        resumable=True,
+    )
     dist_timeout_minutes: float = flag(
         DEFAULT_TIMEOUT_MINUTES,
         "minutes a process waits in a collective before the job fails: long enough for rank 0 to fill a "

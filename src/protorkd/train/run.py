@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from protorkd import __version__, distributed
+from protorkd.allocator import set_mmap_threshold
 from protorkd.config import Config, DataConfig, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, TsvCorpus, open_corpus, training_batches
 from protorkd.data.memory import decoded_bytes
@@ -246,11 +247,13 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
 
     precision = distributed.resolve_precision(cfg.optim.precision, device)
+    malloc = set_mmap_threshold(cfg.optim.malloc_mmap_threshold_mb) if device.type == "cpu" else "not a CPU run"
     image_size = model.image_preprocess.image_size
     in_memory_size = in_memory_image_size(d, corpus, image_size, loads_images=teacher is not TeacherSide.IMAGE)
     resolved = {
         "experiment": name,
         "in_memory": in_memory_size is not None,
+        "malloc_mmap_threshold": malloc,
         "precision": precision,
         "teacher_side": teacher.value,
         "version": __version__,
