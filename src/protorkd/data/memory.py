@@ -4,9 +4,9 @@ For a corpus that fits a memory budget (the built-in demo: 10,240 images of 64 x
 a JPEG per sample per epoch in loader workers costs more than a small student's step. Here each image is
 decoded once at start-up (threads), brought to 8-bit RGB like the file reader does (`data.images.to_rgb`),
 resized so its shorter side is the tower's input size and centre cropped to a square, and kept as
-`[N, 3, S, S]` uint8. Every epoch the samples are augmented on tensors by the same torchvision v2 transform
-the file reader applies to PIL images, seeded by (seed, epoch, position) exactly as `CsvCorpus` seeds it,
-so the random crop parameters are the ones the file reader would draw.
+`[N, 3, S, S]` uint8. Every epoch the samples are augmented on tensors by the same transform object the
+file reader applies to PIL images (`data.transforms`), seeded by (seed, epoch, position) exactly as
+`CsvCorpus` seeds it, so the random crop parameters are the ones the file reader would draw.
 
 Differences from reading the files (docs/training.md): the random crop is taken from the stored S x S image, not
 from the original file (the same thing when the files are S x S already, as in the demo corpus), and tensor

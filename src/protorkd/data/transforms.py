@@ -1,8 +1,9 @@
 """Image transforms for training and evaluation, built from a tower's preprocessing (size, mean, std).
 
-Built from torchvision's v2 transforms, so one transform object serves a PIL image (read from a file) and a
-`[3, H, W]` uint8 tensor (the in-memory decoded corpus, `data.memory`) alike: v1 and v2 draw the same random
-crop parameters from torch's generator, and `ToImage` + `ToDtype(scale=True)` is v1's `ToTensor`.
+Built from torchvision's v2 transforms (and `PadCropFlip`, written out on the tensor), so one transform object
+serves a PIL image (read from a file) and a `[3, H, W]` uint8 tensor (the in-memory decoded corpus,
+`data.memory`) alike: v1 and v2 draw the same random crop parameters from torch's generator, and `ToImage` +
+`ToDtype(scale=True)` is v1's `ToTensor`.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def image_transform(
         )
     if augmentation == "pad-crop-flip":
         fit = T.Compose([T.Resize(image_size, interpolation=mode), T.CenterCrop(image_size), _to_rgb, T.ToImage()])
-        return PadCropFlip(image_size, max(1, image_size // 8), mean, std, fit=fit)
+        return PadCropFlip(image_size, max(1, image_size // 8), mean, std, fit)
     raise ValueError(f"unknown augmentation {augmentation!r}; valid: {', '.join(AUGMENTATIONS)}")
 
 
@@ -102,18 +103,15 @@ class PadCropFlip:
         pad: int,
         mean: tuple[float, ...],
         std: tuple[float, ...],
-        *,
-        fit: Callable[[Image.Image | torch.Tensor], torch.Tensor] | None = None,
+        fit: Callable[[Image.Image | torch.Tensor], torch.Tensor],
     ) -> None:
         self.size, self.pad = size, pad
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
+        self.offset = 255.0 * torch.tensor(mean).view(-1, 1, 1)  # (x / 255 - mean) / std = (x - offset) * scale
         self.scale = 1.0 / (255.0 * torch.tensor(std).view(-1, 1, 1))
         self.fit = fit  # to a [C, size, size] uint8 tensor (a decoded tensor of that size skips it)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
         if not (isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) == (self.size, self.size)):
-            if self.fit is None:
-                raise ValueError(f"PadCropFlip without `fit` takes [C, {self.size}, {self.size}] tensors")
             image = self.fit(image)
         pad, offsets = self.pad, 2 * self.pad + 1
         draw = int(torch.randint(0, 2 * offsets * offsets, ()))  # one draw: (dx, dy, flip) uniform
@@ -126,7 +124,7 @@ class PadCropFlip:
         out[:, y0:y1, x0:x1] = image[:, y0 + shift_y : y1 + shift_y, x0 + shift_x : x1 + shift_x]
         if flip:
             out = out.flip(-1)
-        return (out - 255.0 * self.mean) * self.scale  # (x / 255 - mean) / std
+        return (out - self.offset) * self.scale
 
 
 def eval_transform(preprocess: PreprocessSpec) -> Callable[[Image.Image | torch.Tensor], torch.Tensor]:
