@@ -91,7 +91,7 @@ class PadCropFlip:
 
     Written out with slicing on a [C, S, S] uint8 tensor: the same steps as torchvision v2 transforms (Resize,
     CenterCrop, RandomCrop, RandomHorizontalFlip, ToDtype, Normalize) took 152 us a 32 px sample on this
-    project's 2-core CPU, mostly dispatch, against 23 us here; 0.6 s of each 5,000-photo epoch of resnet9-tiny
+    project's 2-core CPU, mostly dispatch, against 19 us here; 0.6 s of each 5,000-photo epoch of resnet9-tiny
     (about 6.5 s). The offsets and the flip are drawn from torch's default generator, so the corpus's
     per-sample seeding makes them reproducible. A PIL image or a tensor of another size is first brought to
     [C, S, S] uint8 by `fit` (resize the shorter side, centre crop).
