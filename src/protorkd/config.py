@@ -78,6 +78,14 @@ class DataConfig:
         "flip, colour jitter, grey, blur; pad-crop-flip: a random translation by up to 1/8 of the side and a flip",
         (None, "protoclip-light", "pad-crop-flip"),
     )
+    mixup_alpha: float = flag(
+        0.0,
+        "mixup of the training images (batch mode): a batch mixed with its reversed order, lam ~ Beta(alpha, "
+        "alpha), InfoNCE's targets mixed alike (i-Mix's virtual labels; docs/method.md); 0 = off. Only losses "
+        "whose targets are the pairing take it (InfoNCE, also with --w-simcse)",
+        minimum=0.0,
+    )
+    mixup_prob: float = flag(1.0, "the fraction of batches that --mixup-alpha mixes", minimum=0.0, maximum=1.0)
     workers: int = flag(
         2,
         "data-loading worker processes per GPU/process (an in-memory corpus uses none: its batches are cheap)",

@@ -305,6 +305,8 @@ class _Pickled:
             "identity head",
         ),
         (["--epochs", "1", "--batch-size", "4096"], "lower --batch-size"),
+        (["--loss", "RKD", "--mixup-alpha", "1"], "--loss RKD cannot take mixed images"),
+        (["--mixup-prob", "1.5"], "--mixup-prob 1.5: must be at least 0.0 and at most 1.0"),
         # every numeric and choice flag is checked against its range before anything is created
         (["--epochs", "0"], "--epochs 0: must be at least 1"),
         (["--epochs", "-1"], "--epochs -1: must be at least 1"),

@@ -39,6 +39,46 @@ def test_infonce_equals_hand_computation_and_its_value_for_identical_towers():
     assert same == pytest.approx(hand_symmetric_infonce(A.tolist(), A.tolist(), 10.0), rel=1e-6)
 
 
+def hand_mixed_infonce(a, b, scale, lam):
+    """Images a[i] = lam x_i + (1 - lam) x_(n-1-i): every row, image or caption, targets lam on its own pair and
+    1 - lam on its mirror's (the reversal is its own inverse, so both directions have the same targets)."""
+    n = len(a)
+    total = 0.0
+    for rows, cols in ((a, b), (b, a)):
+        for i in range(n):
+            logits = [scale * dot(rows[i], cols[j]) for j in range(n)]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            mirror = n - 1 - i
+            if mirror == i:
+                total += -(logits[i] - log_z)
+            else:
+                total += -(lam * (logits[i] - log_z) + (1 - lam) * (logits[mirror] - log_z))
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_infonce_with_mixed_images_equals_hand_computation_and_lam_1_is_plain_infonce(local_loss):
+    loss = build_loss("InfoNCE", LossOptions(temperature=0.1, local_loss=local_loss), 2).double()
+    lams = torch.full((3,), 0.7, dtype=torch.float64)
+    value = loss(LossInputs(image_features=A, text_features=B, teacher="none", mixup_lams=lams))["infonce_loss"]
+    assert value.item() == pytest.approx(hand_mixed_infonce(A.tolist(), B.tolist(), 10.0, 0.7), rel=1e-6)
+    assert value.item() != pytest.approx(hand_symmetric_infonce(A.tolist(), B.tolist(), 10.0), rel=1e-3)
+    unmixed = loss(LossInputs(image_features=A, text_features=B, teacher="none", mixup_lams=torch.ones(3)))
+    plain = loss(LossInputs(image_features=A, text_features=B, teacher="none"))
+    torch.testing.assert_close(unmixed["infonce_loss"], plain["infonce_loss"])
+
+
+def test_only_losses_whose_targets_are_the_pairing_accept_mixed_images():
+    from protorkd.losses import accepts_mixup
+
+    def accepts(name, **options):
+        return accepts_mixup(build_loss(name, LossOptions(**options), 4))
+
+    assert accepts("InfoNCE") and accepts("InfoNCE", w_simcse=0.5)
+    assert not accepts("RKD") and not accepts("InfoNCE", byol=True) and not accepts("ProtoCLIP")
+    assert not accepts("InfoNCE+RKD") and accepts("InfoNCE+InfoNCE")
+
+
 @pytest.mark.parametrize(
     "name, penalty",
     [

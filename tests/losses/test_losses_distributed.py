@@ -191,8 +191,17 @@ def test_every_loss_under_two_process_gloo_equals_the_single_process_loss_on_the
 UNEQUAL_STEPS = ((3, 5), (4, 0))  # in the second step rank 1 has no readable sample
 
 
-def run_infonce(local_loss: bool, steps: list[dict[str, torch.Tensor]], rank: int | None) -> list[dict]:
-    """Per step: the value, the input gradients and the logit-scale gradient, on `rank`'s rows (None: all rows)."""
+MIXUP_LAMS = (0.7, 0.4)  # each rank's lam with --mixup-alpha (its rows are paired within its own slice)
+
+
+def run_infonce(
+    local_loss: bool, steps: list[dict[str, torch.Tensor]], rank: int | None, mixed: bool = False
+) -> list[dict]:
+    """Per step: the value, the input gradients and the logit-scale gradient, on `rank`'s rows (None: all rows).
+
+    `mixed`: the images were mixed per rank (MIXUP_LAMS); the one-process reference (rank None) scores the
+    concatenated batch with soft targets written out here: lam on a row's own pair, 1 - lam on its mirror's
+    within its rank's slice."""
     torch.manual_seed(0)
     loss = build_loss("InfoNCE", LossOptions(gather_with_grad=True, local_loss=local_loss), DIM).double()
     records = []
@@ -202,7 +211,12 @@ def run_infonce(local_loss: bool, steps: list[dict[str, torch.Tensor]], rank: in
         image = step["image"][rows].clone().requires_grad_()
         text = step["text"][rows].clone().requires_grad_()
         loss.zero_grad(set_to_none=True)
-        value = loss(LossInputs(image_features=image, text_features=text, teacher="none"))["infonce_loss"]
+        if mixed and rank is None:
+            value = mixed_reference(image, text, loss.scale(), sizes)
+        else:
+            lams = torch.full((sizes[rank],), MIXUP_LAMS[rank], dtype=torch.float64) if mixed else None
+            inputs = LossInputs(image_features=image, text_features=text, teacher="none", mixup_lams=lams)
+            value = loss(inputs)["infonce_loss"]
         value.backward()
         records.append(
             {"value": value.detach(), "image": image.grad, "text": text.grad, "scale": loss.logit_scale.grad.clone()}
@@ -210,18 +224,40 @@ def run_infonce(local_loss: bool, steps: list[dict[str, torch.Tensor]], rank: in
     return records
 
 
+def mixed_reference(image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, sizes: tuple) -> torch.Tensor:
+    """1/2 mean over rows of -sum_j target_ij log softmax_j, both directions, on the concatenated batch."""
+    n = image.shape[0]
+    targets = torch.zeros(n, n, dtype=torch.float64)
+    start = 0
+    for size, lam in zip(sizes, MIXUP_LAMS):
+        for i in range(size):
+            mirror = start + size - 1 - i
+            targets[start + i, start + i] += lam
+            targets[start + i, mirror] += 1 - lam
+        start += size
+    logits = scale * image @ text.T
+    image_side = -(targets * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    text_side = -(targets.T * torch.log_softmax(logits.T, dim=1)).sum(1).mean()
+    return 0.5 * (image_side + text_side)
+
+
+CASES = ((False, False), (True, False), (False, True), (True, True))  # (local_loss, mixed)
+
+
 def _infonce_worker(rank: int, init_file: str, data_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         steps = torch.load(data_file, weights_only=False)
-        results = {local: run_infonce(local, steps, rank) for local in (False, True)}
+        results = {(local, mixed): run_infonce(local, steps, rank, mixed) for local, mixed in CASES}
         torch.save(results, f"{out_dir}/infonce-rank{rank}.pt")
     finally:
         distributed.shutdown()
 
 
-def test_infonce_with_unequal_and_empty_local_batches_matches_one_process_with_and_without_local_loss(tmp_path):
+def test_infonce_with_unequal_and_empty_local_batches_matches_one_process_with_and_without_local_loss_and_mixup(
+    tmp_path,
+):
     generator = torch.Generator().manual_seed(3)
     steps = [
         {
@@ -233,11 +269,11 @@ def test_infonce_with_unequal_and_empty_local_batches_matches_one_process_with_a
     torch.save(steps, tmp_path / "steps.pt")
     launch(_infonce_worker, str(tmp_path / "init"), str(tmp_path / "steps.pt"), str(tmp_path))
     got = [torch.load(tmp_path / f"infonce-rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
-    for local in (False, True):
-        single = run_infonce(local, steps, None)
+    for local, mixed in CASES:
+        single = run_infonce(local, steps, None, mixed)
         for index, (sizes, reference) in enumerate(zip(UNEQUAL_STEPS, single)):
-            where = f"local_loss={local} step {index}"
-            ranks = [got[rank][local][index] for rank in range(WORLD)]
+            where = f"local_loss={local} mixed={mixed} step {index}"
+            ranks = [got[rank][local, mixed][index] for rank in range(WORLD)]
             # DDP averages the W ranks' gradients: their mean loss is the one-process loss (each rank's own
             # value with the global loss, its share W * sum(own rows) / N with --local-loss)
             torch.testing.assert_close(sum(r["value"] for r in ranks) / WORLD, reference["value"], msg=where)

@@ -22,6 +22,7 @@ _LAZY = {
     "main_loss": "registry",
     "LossInputs": "base",
     "LossNeeds": "base",
+    "accepts_mixup": "base",
     "needs_of": "base",
     "clamp_logit_scales": "common",
 }

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossNeeds, needs_of
+from protorkd.losses.base import LossInputs, LossNeeds, accepts_mixup, needs_of
 from protorkd.losses.common import gather_frozen, gather_trainable
 from protorkd.losses.contrastive import clip_loss
 
@@ -32,6 +32,7 @@ class SimCSE(nn.Module):
     """
 
     needs = LossNeeds(text_dropout_view=True)
+    accepts_mixup = True  # text views only: mixing the images changes nothing it compares
 
     def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE) -> None:
         super().__init__()
@@ -74,6 +75,7 @@ class LossWithAuxiliaries(nn.Module):
         self.needs = needs_of(main)
         for auxiliary in auxiliaries.values():
             self.needs = self.needs | needs_of(auxiliary)
+        self.accepts_mixup = accepts_mixup(main) and all(accepts_mixup(a) for a in auxiliaries.values())
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         terms = dict(self.main(inputs))

@@ -26,6 +26,8 @@ class LossInputs:
         in one episode has two positions); None for streamed shards.
     extra: optional named tensors, e.g. "image_features_view2" [B, D] for BYOL,
         "text_features_dropout" [B, D] for SimCSE, or raw teacher features.
+    mixup_lams: [B] when the run mixes images (`protorkd.data.mixup`; 1 = this batch unmixed): image i is
+        lam x_i + (1 - lam) x_{B-1-i}. Only losses with `accepts_mixup` are given mixed images.
     """
 
     image_features: torch.Tensor
@@ -35,6 +37,7 @@ class LossInputs:
     epoch: int = 0
     positions: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    mixup_lams: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.teacher = TeacherSide(self.teacher)  # "text" / "image" / "none" are accepted too
@@ -77,6 +80,12 @@ class LossNeeds:
             self.image_view2 or other.image_view2,
             self.text_dropout_view or other.text_dropout_view,
         )
+
+
+def accepts_mixup(loss: torch.nn.Module) -> bool:
+    """Whether a loss's targets follow `LossInputs.mixup_lams` (a loss that does not say so cannot take mixed
+    images: its targets are per-sample features that mixing the images would contradict)."""
+    return bool(getattr(loss, "accepts_mixup", False))
 
 
 def needs_of(loss: torch.nn.Module) -> LossNeeds:

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from protorkd.errors import UsageError
-from protorkd.losses.base import LossInputs, LossNeeds, needs_of
+from protorkd.losses.base import LossInputs, LossNeeds, accepts_mixup, needs_of
 
 
 def split_loss_name(name: str) -> list[str]:
@@ -53,6 +53,7 @@ class WeightedLossSum(nn.Module):
         self.needs = LossNeeds()
         for loss in losses:
             self.needs = self.needs | needs_of(loss)
+        self.accepts_mixup = all(accepts_mixup(loss) for loss in losses)
         clustering = [loss for loss in losses if needs_of(loss).clustering]
         if len(clustering) > 1:
             raise UsageError(f"--loss {'+'.join(names)}: at most one of the summed losses may use clusters")

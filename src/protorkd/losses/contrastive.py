@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from protorkd import distributed
+from protorkd.data.mixup import mixed_pair_targets
 from protorkd.losses.base import LossInputs
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -21,6 +22,7 @@ def clip_loss(
     *,
     gather_with_grad: bool = False,
     local_loss: bool = False,
+    mixup_lams: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch: 1/2 [CE(s I T^T, y) + CE(s T I^T, y)].
 
@@ -31,10 +33,16 @@ def clip_loss(
     batch (the sizes of the ranks before it), and rank r's loss is the *sum* over its rows times W / N, so that
     DDP's average over the W ranks is the mean over all N rows, i.e. the single-process loss and gradient
     (open_clip's arange(B) + rank * B and per-rank mean are right only for equal B_r).
+
+    mixup_lams: [B] when the images were mixed (`protorkd.data.mixup`): y becomes the soft targets of
+    `mixed_pair_targets` (each image's own caption weighted lam, its partner's 1 - lam; the transpose for
+    the caption rows). Every rank must pass them or none.
     """
     world = distributed.world_size()
     all_image = distributed.all_gather_cat(image_features, with_grad=gather_with_grad)
     all_text = distributed.all_gather_cat(text_features, with_grad=gather_with_grad)
+    if mixup_lams is not None:
+        return _mixed_clip_loss(image_features, text_features, all_image, all_text, logit_scale, mixup_lams, local_loss)
     if not (local_loss and world > 1):
         return symmetric_infonce(all_image, all_text, logit_scale)
     batch, total = image_features.shape[0], all_image.shape[0]
@@ -45,6 +53,30 @@ def clip_loss(
     summed = F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(
         logits_per_text, labels, reduction="sum"
     )
+    return 0.5 * summed * world / total
+
+
+def _mixed_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    all_image: torch.Tensor,
+    all_text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    lams: torch.Tensor,
+    local_loss: bool,
+) -> torch.Tensor:
+    """`clip_loss` with mixup's soft targets (the same reductions as the hard-label form)."""
+    world, batch, total = distributed.world_size(), image_features.shape[0], all_image.shape[0]
+    device = image_features.device
+    sizes = [int(size) for size in distributed.all_gather_cat(torch.tensor([batch], device=device))]
+    targets = mixed_pair_targets(distributed.all_gather_cat(lams.to(device=device, dtype=torch.float32)), sizes)
+    if not (local_loss and world > 1):
+        logits_per_image = logit_scale * all_image @ all_text.T
+        return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets.T))
+    offset = sum(sizes[: distributed.rank()])
+    rows = slice(offset, offset + batch)
+    summed = F.cross_entropy(logit_scale * image_features @ all_text.T, targets[rows], reduction="sum")
+    summed = summed + F.cross_entropy(logit_scale * text_features @ all_image.T, targets.T[rows], reduction="sum")
     return 0.5 * summed * world / total
 
 
@@ -66,8 +98,11 @@ def symmetric_infonce(
 class InfoNCE(nn.Module):
     """CLIP's symmetric contrastive loss between the image and text features, learnable temperature.
 
-    The log-scale starts at ln(1 / init_temperature) and is clamped at ln(100) like CLIP.
+    The log-scale starts at ln(1 / init_temperature) and is clamped at ln(100) like CLIP. It takes mixed
+    images (`--mixup-alpha`): its targets are the pairing itself, which mixup's soft targets generalise.
     """
+
+    accepts_mixup = True
 
     def __init__(
         self,
@@ -94,6 +129,7 @@ class InfoNCE(nn.Module):
             self.scale(),
             gather_with_grad=self.gather_with_grad,
             local_loss=self.local_loss,
+            mixup_lams=inputs.mixup_lams,
         )
         return {"infonce_loss": self.weight * loss}
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from protorkd import distributed
 from protorkd.checkpoint import save_checkpoint
 from protorkd.config import Config
+from protorkd.data.mixup import mix_images
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
 from protorkd.failpoints import failpoint
@@ -113,7 +114,15 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
         if global_rows(batch, run.device) == 0:  # a rank with no rows still steps while any other rank has some
             continue
         # --- forward, backward (and an optimizer step every `accum` batches)
-        values = train_step(run, batch, epoch, step, collected, optimizer_step=(batch_index + 1) % accum == 0)
+        values = train_step(
+            run,
+            batch,
+            epoch,
+            step,
+            collected,
+            optimizer_step=(batch_index + 1) % accum == 0,
+            batch_number=epoch * steps * accum + batch_index,
+        )
         if values is None:
             continue
         failpoint("train-step")
@@ -138,11 +147,25 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
 
 
 def train_step(
-    run: Run, batch: dict, epoch: int, step: int, collected: EpisodeFeatures | None, *, optimizer_step: bool
+    run: Run,
+    batch: dict,
+    epoch: int,
+    step: int,
+    collected: EpisodeFeatures | None,
+    *,
+    optimizer_step: bool,
+    batch_number: int = 0,
 ) -> dict[str, float] | None:
-    """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values."""
+    """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values.
+
+    `batch_number` (the batch's index in the whole run) seeds its mixup (--mixup-alpha)."""
     device, precision = run.device, run.precision
     inputs = model_inputs(batch, run.model, run.teachers, run.teacher, device, precision, run.needs)
+    mixup_lams = None
+    if run.mixup is not None:  # every rank passes lams (1 = unmixed), as the loss's gathers need
+        lam = run.mixup.draw(batch_number, run.state.rank)
+        inputs["images"] = mix_images(inputs["images"], lam)
+        mixup_lams = torch.full((len(batch["indices"]),), lam, device=device)
     with precision_context(precision, device):
         features = run.train_model(**inputs)
         extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
@@ -155,6 +178,7 @@ def train_step(
             epoch=epoch,
             extra=extra,
             positions=batch["positions"].to(device) if "positions" in batch else None,
+            mixup_lams=mixup_lams,
         )
         terms = run.loss(loss_inputs)
         total = sum(terms.values())

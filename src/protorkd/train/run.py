@@ -24,11 +24,13 @@ from protorkd.allocator import set_mmap_threshold
 from protorkd.config import Config, DataConfig, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, TsvCorpus, open_corpus, training_batches
 from protorkd.data.memory import decoded_bytes
+from protorkd.data.mixup import Mixup, run_mixup
 from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.features import FeatureCache
 from protorkd.losses import LossNeeds, build_auxiliary_losses, build_loss, loss_components, main_loss, needs_of
+from protorkd.losses.base import accepts_mixup
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
@@ -93,6 +95,7 @@ class Run:
     writer: MetricWriter
     start_epoch: int = 0
     precision: str = "fp32"  # resolved --precision: fp32, amp, amp_bf16 or bf16
+    mixup: Mixup | None = None  # --mixup-alpha: how each batch's images are mixed
     eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
     log_handler: logging.Handler | None = None
 
@@ -282,6 +285,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
                 "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
             )
         check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
+        images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
+        mixup = run_mixup(d.mixup_alpha, d.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
+                          loss_accepts=accepts_mixup(loss), images_trained=images_trained)  # fmt: skip
         started = time.perf_counter()
         batches = training_batches(
             corpus,
@@ -368,6 +374,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         optimizer=optimizer,
         scaler=scaler,
         precision=precision,
+        mixup=mixup,
         schedule=group_schedule(
             lr=o.lr,
             lr_text=o.lr_text,
