@@ -86,6 +86,12 @@ class DataConfig:
         minimum=0.0,
     )
     mixup_prob: float = flag(1.0, "the fraction of batches that --mixup-alpha mixes", minimum=0.0, maximum=1.0)
+    caption_ensemble: bool = flag(
+        False,
+        "with a locked text teacher: every row of an image trains towards one target, the normalised mean of the "
+        "teacher features of all the captions the corpus gives that image (rows sharing a path), as CLIP's "
+        "zero-shot classifier ensembles its prompts",
+    )
     workers: int = flag(
         2,
         "data-loading worker processes per GPU/process (an in-memory corpus uses none: its batches are cheap)",

@@ -281,6 +281,40 @@ class _Pickled:
         return (print, ("unpickled!",))
 
 
+@pytest.fixture(scope="module")
+def two_caption_corpus(tiny_corpus, tmp_path_factory) -> Path:
+    """Every demo image in two rows: its caption, and the same caption behind "a picture:"."""
+    lines = (tiny_corpus / "train.tsv").read_text().splitlines()[1:]
+    root = tmp_path_factory.mktemp("two_captions")
+    rows = []
+    for line in lines:
+        image, caption = line.split("\t")
+        rows += [f"{tiny_corpus / image}\t{caption}\n", f"{tiny_corpus / image}\ta picture: {caption}\n"]
+    (root / "train.tsv").write_text("filepath\ttitle\n" + "".join(rows))
+    return root
+
+
+def test_mixup_and_caption_ensembles_train_and_a_killed_run_resumes_to_the_uninterrupted_weights(
+    two_caption_corpus, tmp_path
+):
+    common = ["--epochs", "2", "--episode-size", "96", "--zeroshot-frequency", "0", "--caption-ensemble"]
+    mixed = [*common, "--mixup-alpha", "1", "--mixup-prob", "0.5"]
+    assert main(train_args(two_caption_corpus, tmp_path, "full", *mixed, eval_data=False)) == 0
+    log_text = (tmp_path / "full" / "out.log").read_text()
+    assert "caption ensemble: the 192 rows train towards the targets of 96 images" in log_text
+    args = train_args(two_caption_corpus, tmp_path, "killed", *mixed, eval_data=False)
+    _killed_at("checkpoint-saved=1", args)
+    assert main([*args, "--resume", "latest"]) == 0
+    for epoch in (1, 2):
+        _assert_same_weights(
+            tmp_path / "killed/checkpoints" / f"epoch_{epoch}.pt", tmp_path / "full/checkpoints" / f"epoch_{epoch}.pt"
+        )
+    assert main(train_args(two_caption_corpus, tmp_path, "unmixed", *common, eval_data=False)) == 0
+    unmixed = _state(tmp_path / "unmixed/checkpoints/epoch_2.pt")["state_dict"]
+    full = _state(tmp_path / "full/checkpoints/epoch_2.pt")["state_dict"]
+    assert any(not torch.equal(value, full[key]) for key, value in unmixed.items())  # the mixing reached training
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -307,6 +341,7 @@ class _Pickled:
         (["--epochs", "1", "--batch-size", "4096"], "lower --batch-size"),
         (["--loss", "RKD", "--mixup-alpha", "1"], "--loss RKD cannot take mixed images"),
         (["--mixup-prob", "1.5"], "--mixup-prob 1.5: must be at least 0.0 and at most 1.0"),
+        (["--teacher", "none", "--caption-ensemble"], "--caption-ensemble averages a locked text teacher"),
         # every numeric and choice flag is checked against its range before anything is created
         (["--epochs", "0"], "--epochs 0: must be at least 1"),
         (["--epochs", "-1"], "--epochs -1: must be at least 1"),

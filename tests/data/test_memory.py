@@ -90,6 +90,25 @@ def test_images_of_another_size_are_resized_on_the_shorter_side_and_centre_cropp
     assert decoded[0, 1:].max().item() <= 5
 
 
+def test_a_path_listed_in_several_rows_is_decoded_once_and_copied_to_each(tmp_path, monkeypatch):
+    import protorkd.data.memory as memory
+
+    red, blue, corrupt = tmp_path / "red.png", tmp_path / "blue.png", tmp_path / "corrupt.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(red)
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(blue)
+    corrupt.write_bytes(b"not an image")
+    calls: list[str] = []
+    decode = memory.decode_image
+    monkeypatch.setattr(memory, "decode_image", lambda path, *args: calls.append(path) or decode(path, *args))
+    paths = [str(p) for p in (red, blue, red, corrupt, blue, corrupt, red)]
+    decoded, failed = decode_images(paths, 8, skip={6}, progress=False)
+    assert sorted(calls) == sorted(map(str, (red, blue, corrupt)))  # each distinct path once; row 6 skipped
+    assert [decoded[row, :, 0, 0].tolist() for row in (0, 1, 2, 4)] == [[255, 0, 0], [0, 0, 255]] * 2
+    assert decoded[6].max().item() == 0  # a skipped row stays zero
+    assert set(failed) == {3, 5} and failed[3] == failed[5]
+    assert failed[3].startswith("unreadable image")
+
+
 def test_in_memory_follows_the_flag_and_the_budget(tiny_corpus):
     corpus = open_corpus(str(tiny_corpus / "train.tsv"))  # 96 rows: 96 * 3 * 64 * 64 bytes = 1.125 MiB
     assert in_memory_image_size(DataConfig(in_memory="auto"), corpus, 64, loads_images=True) == 64

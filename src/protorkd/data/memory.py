@@ -62,12 +62,15 @@ def decode_images(
 ) -> tuple[torch.Tensor, dict[int, str]]:
     """([N, 3, size, size] uint8, {row: reason} for rows that could not be decoded; those stay zero).
 
-    Rows in `skip` (already known to be bad) are not read. `progress` None: a bar only on a terminal.
+    Rows in `skip` (already known to be bad) are not read. A path listed in several rows (an image with several
+    captions) is decoded once and copied. `progress` None: a bar only on a terminal.
     """
     skip = skip or set()
     images = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
     failed: dict[int, str] = {}
-    rows = [row for row in range(len(paths)) if row not in skip]
+    first: dict[str, int] = {}  # path -> the first row that lists it
+    copies = [(row, first.setdefault(paths[row], row)) for row in range(len(paths)) if row not in skip]
+    rows = list(first.values())
     disable = None if progress is None else not progress
     with ThreadPoolExecutor(max(1, threads)) as pool:  # PIL releases the GIL while decoding
         results = pool.map(lambda row: decode_image(paths[row], size, max_pixels), rows, chunksize=64)
@@ -77,6 +80,11 @@ def decode_images(
                 failed[row] = result
             else:
                 images[row] = result
+    copies = [(row, source) for row, source in copies if row != source]
+    failed.update({row: failed[source] for row, source in copies if source in failed})
+    if copies:
+        targets, sources = (torch.tensor(column) for column in zip(*copies))
+        images[targets] = images[sources]
     return images, failed
 
 

@@ -34,6 +34,7 @@ from protorkd.losses.base import accepts_mixup
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
+from protorkd.teachers.ensemble import caption_ensemble
 from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
 from protorkd.teachers.keys import TEACHER_FLAGS
 from protorkd.train.clustering import ClusteringSchedule, check_clustering_inputs, clustering_schedule
@@ -276,6 +277,8 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         log.info("precision %s, images %s", precision, "decoded in memory" if in_memory_size else "read from files")
         started = time.perf_counter()
         teachers = _load_teachers(cfg, corpus, model, paths, state, device)
+        if d.caption_ensemble:  # (streamed shards have no rows, so no cached tower: refused inside)
+            teachers.tower = caption_ensemble(teachers.tower, getattr(corpus, "images", []), teacher)
         log.info("teacher features ready in %.1f s", time.perf_counter() - started)
         loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
         needs = needs_of(loss)
