@@ -92,14 +92,24 @@ SEARCH: dict[str, list[tuple[str, list[str]]]] = {
 
 
 def write_cifar10(
-    out: Path, source: Path, prompts: Path, *, val: int, probe_train: int, test: int, val_from_test: bool = False
+    out: Path,
+    source: Path,
+    prompts: Path,
+    *,
+    val: int,
+    probe_train: int,
+    test: int,
+    val_from_test: bool = False,
+    every_template: bool = False,
 ) -> dict:
     """OUT/cifar10/train.tsv (train photos minus the last `val` per class, one random template caption each,
     shuffled) and two eval roots of symlinks, OUT/cifar10-val and OUT/cifar10-test, each
     `cifar10/{train,test}/<class>/` + zeroshot_metadata.json. The roots share the probe's train images.
 
     `val_from_test`: train on every train photo and validate on the `val` test photos per class that follow
-    the `test` ones (disjoint from the test photos; a larger validation set than the train folder can spare)."""
+    the `test` ones (disjoint from the test photos; a larger validation set than the train folder can spare).
+    `every_template`: OUT/cifar10/train-every-template.tsv instead, a row per photo and template (18 captions
+    of each photo)."""
     entry = json.loads(prompts.read_text())["CIFAR10"]
     classes, templates = entry["classes"], entry["templates"]
     rng = random.Random(0)
@@ -113,9 +123,12 @@ def write_cifar10(
             kept, held_out[name] = photos[:-val], photos[-val:]
         probe[name] = kept[:probe_train]
         tests[name] = tested[:test]
-        rows += [f"{path}\t{rng.choice(templates).format(name)}" for path in kept]
+        if every_template:
+            rows += [f"{path}\t{template.format(name)}" for path in kept for template in templates]
+        else:
+            rows += [f"{path}\t{rng.choice(templates).format(name)}" for path in kept]
     rng.shuffle(rows)
-    tsv = out / "cifar10" / "train.tsv"
+    tsv = out / "cifar10" / ("train-every-template.tsv" if every_template else "train.tsv")
     tsv.parent.mkdir(parents=True, exist_ok=True)
     tsv.write_text("filepath\ttitle\n" + "\n".join(rows) + "\n")
     roots = {}
