@@ -69,7 +69,7 @@ def _mixed_clip_loss(
     world, batch, total = distributed.world_size(), image_features.shape[0], all_image.shape[0]
     device = image_features.device
     sizes = [int(size) for size in distributed.all_gather_cat(torch.tensor([batch], device=device))]
-    targets = mixed_pair_targets(distributed.all_gather_cat(lams.to(device=device, dtype=torch.float32)), sizes)
+    targets = mixed_pair_targets(distributed.all_gather_cat(lams.to(device, image_features.dtype)), sizes)
     if not (local_loss and world > 1):
         logits_per_image = logit_scale * all_image @ all_text.T
         return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets.T))

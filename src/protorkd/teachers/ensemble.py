@@ -24,7 +24,7 @@ from protorkd.models.options import TeacherSide
 from protorkd.teachers.cache import TeacherFeatures
 
 log = logging.getLogger(__name__)
-_CHUNK = 65536  # rows summed at a time: a CC3M-sized corpus never holds [N, D] float32 at once
+_CHUNK = 65536  # rows read and summed at a time: neither [N, D] nor the cache's [U, D] is held in float32
 
 
 def caption_ensemble(tower: TeacherFeatures | None, images: Sequence[str], teacher: TeacherSide) -> TeacherFeatures:
@@ -42,11 +42,11 @@ def caption_ensemble(tower: TeacherFeatures | None, images: Sequence[str], teach
         raise ValueError(f"{len(images)} image paths for the {len(tower.rows)} rows of the teacher features")
     image_ids: dict[str, int] = {}
     image_of_row = np.fromiter((image_ids.setdefault(path, len(image_ids)) for path in images), np.int64, len(images))
-    unit = F.normalize(torch.from_numpy(np.asarray(tower.features, dtype=np.float32)), dim=1)  # [U, D]
-    sums = torch.zeros(len(image_ids), unit.shape[1])
+    sums = torch.zeros(len(image_ids), tower.dim)
     for start in range(0, len(images), _CHUNK):
         chunk = slice(start, start + _CHUNK)
-        sums.index_add_(0, torch.from_numpy(image_of_row[chunk]), unit[torch.from_numpy(tower.rows[chunk])])
+        captions = torch.from_numpy(np.asarray(tower.features[tower.rows[chunk]], dtype=np.float32))
+        sums.index_add_(0, torch.from_numpy(image_of_row[chunk]), F.normalize(captions, dim=1))
     log.info("caption ensemble: the %d rows train towards the targets of %d images", len(images), len(image_ids))
     return replace(
         tower,

@@ -154,7 +154,7 @@ def train_step(
     collected: EpisodeFeatures | None,
     *,
     optimizer_step: bool,
-    batch_number: int = 0,
+    batch_number: int,
 ) -> dict[str, float] | None:
     """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values.
 

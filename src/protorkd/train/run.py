@@ -277,8 +277,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         log.info("precision %s, images %s", precision, "decoded in memory" if in_memory_size else "read from files")
         started = time.perf_counter()
         teachers = _load_teachers(cfg, corpus, model, paths, state, device)
-        if d.caption_ensemble:  # (streamed shards have no rows, so no cached tower: refused inside)
-            teachers.tower = caption_ensemble(teachers.tower, getattr(corpus, "images", []), teacher)
+        if d.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
+            rows = corpus.images if isinstance(corpus, TsvCorpus) else []
+            teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
         log.info("teacher features ready in %.1f s", time.perf_counter() - started)
         loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
         needs = needs_of(loss)
