@@ -142,11 +142,10 @@ def channels_last_rates(rounds: int, steps: int = 20) -> dict[str, float]:
 
     import torch
 
-    from protorkd.distributed import resolve_precision
     from protorkd.models.tiny import TinyCNN
-    from protorkd.train.batches import precision_context
+    from protorkd.precision import Precision
 
-    precision = resolve_precision("auto", torch.device("cpu"))
+    precision = Precision.resolve("auto", torch.device("cpu"))
     rates: dict[str, list[float]] = {"channels_last": [], "contiguous (NCHW)": []}
     models = {}
     for name in rates:
@@ -162,7 +161,7 @@ def channels_last_rates(rounds: int, steps: int = 20) -> dict[str, float]:
         batch = images.contiguous(memory_format=torch.channels_last) if name == "channels_last" else images
         started = time.perf_counter()
         for _ in range(count):
-            with precision_context(precision, torch.device("cpu")):
+            with precision.autocast("cpu"):
                 loss = model(batch).float().pow(2).mean()
             loss.backward()
             optimizer.step()

@@ -102,8 +102,9 @@ def bf16_against_fp32(out: Path, config: list[str], checkpoint: Path) -> None:
 
     from protorkd.config import add_config_arguments, config_from_namespace
     from protorkd.distributed import DistState
+    from protorkd.precision import cpu_has_bf16
     from protorkd.prototypes.clustering import cluster_episode
-    from protorkd.train.protoclip_extraction import cpu_has_bf16, extract_episode_features
+    from protorkd.train.protoclip_extraction import extract_episode_features
     from protorkd.train.run import build_run
 
     torch.set_num_threads(1)

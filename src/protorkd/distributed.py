@@ -67,24 +67,6 @@ def resolve_device(name: str, state: DistState | None = None) -> torch.device:
 DEFAULT_TIMEOUT_MINUTES = 180.0
 
 
-def cpu_has_bf16() -> bool:
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Emulated bf16 would be slower than fp32."""
-    try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    except AttributeError:  # a torch without these probes
-        return False
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`--precision auto` -> amp_bf16 where `device` computes bf16 natively (CUDA with bf16, CPUs with
-    AVX512-BF16 or AMX), amp on other GPUs, fp32 on other CPUs; any other name is returned as it is."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp"
-    return "amp_bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-
-
 def init_process_group(state: DistState, device_type: str, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Join the process group (nccl on CUDA, gloo on CPU) when more than one process runs.
 

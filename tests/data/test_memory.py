@@ -13,7 +13,6 @@ from protorkd.data.corpus import ShardCorpus, open_corpus
 from protorkd.data.memory import DecodedCorpus, decode_images, decoded_bytes
 from protorkd.data.transforms import image_transform
 from protorkd.data.tsv import CsvCorpus
-from protorkd.distributed import resolve_precision
 from protorkd.errors import UsageError
 from protorkd.train.run import in_memory_image_size
 
@@ -124,15 +123,3 @@ def test_in_memory_on_refuses_streamed_shards(tmp_path):
     shards = ShardCorpus(pattern=str(tmp_path / "shard-{000..001}.tar"), samples_per_epoch=10)
     with pytest.raises(UsageError, match="--in-memory on needs a TSV corpus"):
         in_memory_image_size(DataConfig(in_memory="on"), shards, 64, loads_images=True)
-
-
-def test_precision_auto_is_bf16_autocast_only_where_bf16_is_native(monkeypatch):
-    import protorkd.distributed as distributed
-
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: True)
-    assert resolve_precision("auto", cpu) == "amp_bf16"
-    monkeypatch.setattr(distributed, "cpu_has_bf16", lambda: False)
-    assert resolve_precision("auto", cpu) == "fp32"
-    assert resolve_precision("fp32", cpu) == "fp32"  # an explicit choice is kept
-    assert resolve_precision("bf16", cpu) == "bf16"

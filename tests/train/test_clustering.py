@@ -53,9 +53,9 @@ def locked_teacher_run(tiny_corpus, tmp_path):
 
 
 def test_back_translation_with_a_locked_teacher_averages_the_students_own_features(locked_teacher_run, monkeypatch):
-    import protorkd.train.protoclip_extraction as extraction
+    import protorkd.precision as precision_module
 
-    monkeypatch.setattr(extraction, "cpu_has_bf16", lambda: False)  # fp32, to compare exactly (bf16: the benchmark)
+    monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)  # fp32: compare exactly
     run = locked_teacher_run
     loss, model = main_loss(run.loss), run.model
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}

@@ -10,7 +10,6 @@ for zero-shot and retrieval, tower (backbone) features for the linear probe. Tex
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -27,15 +26,14 @@ from tqdm import tqdm
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import UnreadableImage
 from protorkd.io import atomic_path, atomic_write
+from protorkd.precision import Precision
 
 log = logging.getLogger(__name__)
 
 
-def autocast_for(device: torch.device | str) -> contextlib.AbstractContextManager:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def default_eval_precision(device: torch.device | str) -> Precision:
+    """bf16 autocast on CUDA, fp32 on the CPU."""
+    return Precision.AMP_BF16 if torch.device(device).type == "cuda" else Precision.FP32
 
 
 def collate_or_error(batch: list[tuple[Any, int]]) -> Any:
@@ -83,7 +81,7 @@ def image_features(
             # in the tower's dtype: a model trained with --precision bf16 holds bf16 weights
             dtype = next(model.image_tower.parameters()).dtype if hasattr(model, "image_tower") else images.dtype
             images = images.to(device, dtype=dtype, non_blocking=True)
-            with autocast_for(device):
+            with default_eval_precision(device).autocast(device):
                 output = model.encode_image(images) if normalize else model.image_backbone(images)
             features.append(output.float().cpu())
             labels.append(torch.as_tensor(targets))
@@ -107,7 +105,7 @@ def text_features(
         outputs = []
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start : start + batch_size]]
-            with autocast_for(device):
+            with default_eval_precision(device).autocast(device):
                 outputs.append(model.encode_texts(batch, device=device).float().cpu())
     finally:
         model.train(was_training)

@@ -23,6 +23,7 @@ from protorkd.data.corpus import TsvCorpus
 from protorkd.data.transforms import PreprocessSpec, eval_transform
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import ModelOptions, TeacherSide
+from protorkd.precision import Precision
 from protorkd.teachers.cache import (
     TeacherFeatures,
     build_teacher_cache,
@@ -173,7 +174,7 @@ class OnlineImageTeacher:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         view = self.view(images.to(self.device, non_blocking=True))
         if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with Precision.AMP_BF16.autocast(self.device):
                 return self.tower(view.contiguous(memory_format=torch.channels_last)).float()
         return self.tower(view.float()).float()
 

@@ -15,17 +15,13 @@ from protorkd import distributed
 from protorkd.losses import LossNeeds
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
+from protorkd.precision import Precision
 from protorkd.teachers.features import Teachers
 
 
 def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast for a resolved `--precision` (`distributed.resolve_precision`): amp = fp16 on CUDA, amp_bf16 =
-    bf16 on CUDA and on the CPU; otherwise compute in the weights' dtype (fp32, or bf16 weights)."""
-    if device.type == "cuda" and precision in ("amp", "amp_bf16"):
-        return torch.autocast("cuda", dtype=torch.float16 if precision == "amp" else torch.bfloat16)
-    if device.type == "cpu" and precision == "amp_bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast for a resolved `--precision` (`Precision.resolve`)."""
+    return Precision(precision).autocast(device)
 
 
 def model_inputs(

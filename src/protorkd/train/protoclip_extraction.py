@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from protorkd.data.tsv import collate
-from protorkd.distributed import cpu_has_bf16
+from protorkd.precision import Precision
 from protorkd.train.batches import model_inputs
 from protorkd.train.clustering import ClusteringSchedule, EpisodeFeatures
 
@@ -42,11 +42,7 @@ GPU_BATCH_FACTOR = 4
 
 def extraction_autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (fp16 on GPUs without bf16) and on CPUs with native bf16; else nothing."""
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    if enabled and device.type == "cpu" and cpu_has_bf16():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return (Precision.fastest_inference(device) if enabled else Precision.FP32).autocast(device)
 
 
 def extraction_loader(run: Run) -> DataLoader:

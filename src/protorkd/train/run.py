@@ -34,6 +34,7 @@ from protorkd.losses.base import accepts_mixup
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
+from protorkd.precision import Precision
 from protorkd.teachers.ensemble import caption_ensemble
 from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
 from protorkd.teachers.keys import TEACHER_FLAGS
@@ -250,7 +251,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
 
-    precision = distributed.resolve_precision(cfg.optim.precision, device)
+    precision = Precision.resolve(cfg.optim.precision, device)
     malloc = set_mmap_threshold(cfg.optim.malloc_mmap_threshold_mb) if device.type == "cpu" else "not a CPU run"
     image_size = model.image_preprocess.image_size
     in_memory_size = in_memory_image_size(d, corpus, image_size, loads_images=teacher is not TeacherSide.IMAGE)
