@@ -103,13 +103,11 @@ def step_seconds(batch_size: int, blocks: int, steps: int) -> dict[str, float]:
     def step(name: str, images, texts, indices) -> None:
         model, loss, optimizer, feature_caches = setups[name]
         features = model(images=images, tokens=model.tokenize(texts))
-        extra = {key: cache.lookup(indices) for key, cache in feature_caches.items()}
+        separate = {key: cache.lookup(indices) for key, cache in feature_caches.items()}
         if feature_caches:
-            extra["teacher_logit_scale"] = torch.tensor(100.0)
+            separate["teacher_logit_scale"] = torch.tensor(100.0)
         terms = loss(
-            LossInputs(
-                features["image_features"], features["text_features"], teacher="none", indices=indices, extra=extra
-            )
+            LossInputs(features.image, features.text, teacher="none", indices=indices, separate_teachers=separate)
         )
         sum(terms.values()).backward()
         optimizer.step()

@@ -104,7 +104,7 @@ def bf16_against_fp32(out: Path, config: list[str], checkpoint: Path) -> None:
     from protorkd.distributed import DistState
     from protorkd.precision import cpu_has_bf16
     from protorkd.prototypes.clustering import cluster_episode
-    from protorkd.train.protoclip_extraction import extract_episode_features
+    from protorkd.train.clustering import extract_episode_features
     from protorkd.train.run import build_run
 
     torch.set_num_threads(1)
@@ -118,12 +118,17 @@ def bf16_against_fp32(out: Path, config: list[str], checkpoint: Path) -> None:
         run.batches.set_epoch(run.start_epoch)
         results = {}
         for name, low in (("fp32", False), ("bf16", True)):
-            keys, rows, image, text = extract_episode_features(run, run.clustering, low_precision=low).tensors()
-            state = cluster_episode(image, text, run.clustering.k, pbt=True, indices=keys, seed=run.clustering.seed)
+            phase = run.clustering
+            episode = extract_episode_features(
+                run.task, run.batches, phase.schedule, phase.batch_size, low_precision=low
+            )
+            keys, rows, image, text = episode.tensors()
+            state = cluster_episode(image, text, phase.schedule.k, pbt=True, indices=keys, seed=phase.schedule.seed)
             results[name] = (image, text, state)
         # k-means' own variability, for scale: the fp32 features clustered with another seed
         image, text, _ = results["fp32"]
-        reseeded = cluster_episode(image, text, run.clustering.k, pbt=True, seed=run.clustering.seed + 1)
+        schedule = run.clustering.schedule
+        reseeded = cluster_episode(image, text, schedule.k, pbt=True, seed=schedule.seed + 1)
     finally:
         run.close()
     (image32, text32, s32), (image16, text16, s16) = results["fp32"], results["bf16"]

@@ -27,6 +27,7 @@ from protorkd.losses.base import LossInputs
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.open_clip_models import register_open_clip_configs
 from protorkd.models.options import ModelOptions
+from protorkd.precision import Precision
 
 
 def autocast(device: torch.device, precision: str):
@@ -58,10 +59,10 @@ def make_protorkd_step(model_name, device, precision, lr):
     model.train()
 
     def step(images, tokens):
-        images = images.contiguous(memory_format=torch.channels_last)  # as train/batches.py does
-        with autocast(device, precision):
+        images = images.contiguous(memory_format=torch.channels_last)  # as train/task.py does
+        with Precision(precision).autocast(device):  # protorkd's own choice (train/task.py)
             out = model(images=images, tokens={"input_ids": tokens})
-            total = sum(loss_fn(LossInputs(out["image_features"], out["text_features"], teacher="none")).values())
+            total = sum(loss_fn(LossInputs(out.image, out.text, teacher="none")).values())
         (scaler.scale(total) if scaler else total).backward()
         if scaler:
             scaler.unscale_(optimizer)

@@ -105,11 +105,12 @@ def recorded_gradients(cfg, state) -> list[dict[str, torch.Tensor]]:
         recorded = []
 
         def recording_step(*args, **kwargs):
-            named = [*run.model.named_parameters(), *(("loss." + n, p) for n, p in run.loss.named_parameters())]
+            model, loss = run.task.model, run.task.loss
+            named = [*model.named_parameters(), *(("loss." + n, p) for n, p in loss.named_parameters())]
             recorded.append({name: p.grad.clone() for name, p in named if p.grad is not None})
 
         run.optimizer.step = recording_step
-        run.model.train()
+        run.task.model.train()
         _train_epoch(run, 0, BadSampleCounter(1.0, str), None)
         return recorded
     finally:

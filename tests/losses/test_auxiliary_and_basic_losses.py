@@ -69,10 +69,8 @@ def test_infonce_with_mixed_images_equals_hand_computation_and_lam_1_is_plain_in
 
 
 def test_only_losses_whose_targets_are_the_pairing_accept_mixed_images():
-    from protorkd.losses import accepts_mixup
-
     def accepts(name, **options):
-        return accepts_mixup(build_loss(name, LossOptions(**options), 4))
+        return build_loss(name, LossOptions(**options), 4).needs.accepts_mixup
 
     assert accepts("InfoNCE") and accepts("InfoNCE", w_simcse=0.5)
     assert not accepts("RKD") and not accepts("InfoNCE", byol=True) and not accepts("ProtoCLIP")
@@ -101,21 +99,21 @@ def test_simreg_family_equals_hand_computation_and_is_zero_for_identical_feature
 
 
 def test_simcse_is_infonce_between_two_dropout_passes_at_scale_20():
-    value = SimCSE(weight=0.5)(LossInputs(image_features=B, text_features=A, extra={"text_features_dropout": B}))
+    value = SimCSE(weight=0.5)(LossInputs(image_features=B, text_features=A, text_features_dropout=B))
     assert value["simcse_loss"].item() == pytest.approx(0.5 * hand_symmetric_infonce(A.tolist(), B.tolist(), 20.0))
-    same = SimCSE()(LossInputs(image_features=B, text_features=A, extra={"text_features_dropout": A}))
+    same = SimCSE()(LossInputs(image_features=B, text_features=A, text_features_dropout=A))
     assert same["simcse_loss"].item() == pytest.approx(hand_symmetric_infonce(A.tolist(), A.tolist(), 20.0))
 
 
 def test_byol_regresses_the_second_view_onto_the_detached_first_view():
     view1 = A.clone().requires_grad_()
     view2 = B.clone().requires_grad_()
-    value = BYOL()(LossInputs(image_features=view1, text_features=A, extra={"image_features_view2": view2}))
+    value = BYOL()(LossInputs(image_features=view1, text_features=A, image_features_view2=view2))
     expected = sum((b - a) ** 2 for ra, rb in zip(A.tolist(), B.tolist()) for a, b in zip(ra, rb)) / 6
     assert value["byol_loss"].item() == pytest.approx(expected, rel=1e-9)
     value["byol_loss"].backward()
     assert view1.grad is None and view2.grad.abs().sum() > 0  # the first view is the (detached) target
-    same = BYOL()(LossInputs(image_features=A, text_features=A, extra={"image_features_view2": A}))
+    same = BYOL()(LossInputs(image_features=A, text_features=A, image_features_view2=A))
     assert same["byol_loss"].item() == 0.0
 
 
@@ -124,8 +122,8 @@ def test_build_loss_adds_enabled_auxiliary_terms_to_any_loss():
     assert not isinstance(plain, LossWithAuxiliaries)
     combined = build_loss("RKD", LossOptions(w_simcse=0.3, byol=True, w_byol=2.0), 2)
     assert isinstance(combined, LossWithAuxiliaries)
-    extra = {"text_features_dropout": B, "image_features_view2": B}
-    terms = combined(LossInputs(image_features=A, text_features=A, teacher="none", extra=extra))
+    views = {"text_features_dropout": B, "image_features_view2": B}
+    terms = combined(LossInputs(image_features=A, text_features=A, teacher="none", **views))
     assert set(terms) == {"rkd_distance_loss", "rkd_angle_loss", "simcse_loss", "byol_loss"}
     assert terms["simcse_loss"].item() == pytest.approx(0.3 * hand_symmetric_infonce(A.tolist(), B.tolist(), 20.0))
 

@@ -85,7 +85,7 @@ def inputs(s_i, s_t, t_i, t_t, teacher_scale=TEACHER_SCALE):
     extra = {"teacher_image_features": t_i, "teacher_text_features": t_t}
     if teacher_scale is not None:
         extra["teacher_logit_scale"] = torch.tensor(teacher_scale, dtype=torch.float64)
-    return LossInputs(image_features=s_i, text_features=s_t, teacher="none", extra=extra)
+    return LossInputs(image_features=s_i, text_features=s_t, teacher="none", separate_teachers=extra)
 
 
 def test_clip_kd_terms_equal_hand_computation():
@@ -221,12 +221,12 @@ def test_clip_kd_combines_several_teachers_with_their_weights():
         "small_image": T_TEXT,
         "small_text": T_IMAGE,
     }
-    terms = loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", extra=extra))
+    terms = loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", separate_teachers=extra))
     single = CLIPKD(2, (ClipTeacher(image_key="small_image", text_key="small_text"),), weights).double()
-    alone = single(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", extra=extra))
+    alone = single(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", separate_teachers=extra))
     for name in ("clip_kd_logit_loss", "clip_kd_fd_loss", "clip_kd_icl_loss"):
         assert terms[f"{name}/small"].item() == pytest.approx(0.5 * alone[name].item(), rel=1e-9)
         assert f"{name}/big" in terms
     only_big = {"teacher_image_features": T_IMAGE, "teacher_text_features": T_TEXT}
     with pytest.raises(KeyError, match="small_image"):
-        loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", extra=only_big))
+        loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", separate_teachers=only_big))

@@ -112,14 +112,15 @@ def run_case(case: str, steps: list[dict[str, torch.Tensor]], rows: slice, state
     record: dict = {"steps": []}
     for step in steps:
         leaves = {key: step[key][rows].clone().requires_grad_() for key in TRAINABLE}
-        extra = {key: leaves[key] for key in ("text_features_dropout", "image_features_view2")}
-        extra.update({key: step[key][rows] for key in ("teacher_image_features", "teacher_text_features")})
+        views = {key: leaves[key] for key in ("text_features_dropout", "image_features_view2")}
+        separate = {key: step[key][rows] for key in ("teacher_image_features", "teacher_text_features")}
         inputs = LossInputs(
             image_features=leaves["image"],
             text_features=leaves["text"],
             teacher=teacher,
             indices=step["indices"][rows],
-            extra=extra,
+            separate_teachers=separate,
+            **views,
         )
         loss.zero_grad(set_to_none=True)
         terms = loss(inputs)

@@ -225,8 +225,8 @@ def test_switched_off_prototype_terms_stay_connected_to_the_projection_features(
     loss = make_loss(infonce_warmup_epoch=1)
     image_proto = F.normalize(t64([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1).requires_grad_()
     text_proto = F.normalize(t64([[0.5, 1.0], [1.0, 0.0], [0.0, 1.0]]), dim=1).requires_grad_()
-    extra = {"image_proto_features": image_proto, "text_proto_features": text_proto}
-    terms = loss(LossInputs(IMAGE, TEXT, teacher="none", indices=INDICES, epoch=0, extra=extra))
+    proto = {"image_proto_features": image_proto, "text_proto_features": text_proto}
+    terms = loss(LossInputs(IMAGE, TEXT, teacher="none", indices=INDICES, epoch=0, **proto))
     assert terms["proto_loss"].item() == 0.0
     terms["proto_loss"].backward()
     assert image_proto.grad is not None and torch.count_nonzero(image_proto.grad) == 0

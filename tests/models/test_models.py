@@ -18,7 +18,7 @@ def test_locked_teacher_gets_no_gradient_and_stays_in_eval_mode():
     model.train()
     assert model.lock_text and not model.text_tower.training and model.image_tower.training
     out = model(images=torch.randn(4, 3, 32, 32), tokens=model.tokenize(["a", "b c", "d", "e f g"]))
-    (out["image_features"] * out["text_features"]).sum().backward()
+    (out.image * out.text).sum().backward()
     assert all(p.grad is None for p in model.text_tower.parameters())
     assert all(not p.requires_grad for p in model.text_tower.parameters())
     assert model.text_head.weight.grad is not None  # the head on top of the teacher still trains
@@ -194,7 +194,7 @@ def test_lora_trains_only_adapter_weights(tiny_bert):
     trainable = [n for n, p in model.text_tower.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     out = model(tokens=model.tokenize(["a red circle"]), images=torch.randn(1, 3, 32, 32))
-    out["text_features"].sum().backward()
+    out.text.sum().backward()
     assert all(p.grad is None for n, p in model.text_tower.named_parameters() if "lora_" not in n)
 
 

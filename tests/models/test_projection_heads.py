@@ -65,11 +65,11 @@ def test_forward_returns_normalised_projections_of_the_unnormalised_joint_featur
     out = model(images=images, tokens=tokens)
     joint_image = model.image_head(model.image_tower(images))  # ProtoCLIP: head(encode_image(x)), before normalising
     joint_text = model.text_head(model.text_tower(tokens))
-    torch.testing.assert_close(out["image_proto_features"], F.normalize(model.image_projection_head(joint_image)))
-    torch.testing.assert_close(out["text_proto_features"], F.normalize(model.text_projection_head(joint_text)))
-    torch.testing.assert_close(out["image_features"], F.normalize(joint_image))
-    assert out["image_proto_features"].shape == (4, 8)
-    assert torch.allclose(out["text_proto_features"].norm(dim=1), torch.ones(4), atol=1e-6)
+    torch.testing.assert_close(out.image_proto, F.normalize(model.image_projection_head(joint_image)))
+    torch.testing.assert_close(out.text_proto, F.normalize(model.text_projection_head(joint_text)))
+    torch.testing.assert_close(out.image, F.normalize(joint_image))
+    assert out.image_proto.shape == (4, 8)
+    assert torch.allclose(out.text_proto.norm(dim=1), torch.ones(4), atol=1e-6)
 
 
 def test_heads_change_neither_the_joint_features_nor_what_encode_returns():

@@ -14,7 +14,6 @@ from protorkd.data.sampling import EXTRACTION_STREAM, episode_indices
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.losses import main_loss
-from protorkd.train.clustering import clustering_phase
 from protorkd.train.run import build_run
 from tests.conftest import tiny_train_args
 
@@ -57,10 +56,10 @@ def test_back_translation_with_a_locked_teacher_averages_the_students_own_featur
 
     monkeypatch.setattr(precision_module, "cpu_has_bf16", lambda: False)  # fp32: compare exactly
     run = locked_teacher_run
-    loss, model = main_loss(run.loss), run.model
+    loss, model = main_loss(run.task.loss), run.task.model
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     run.batches.set_epoch(0)
-    clustering_phase(run, loss, None, epoch=0)
+    run.clustering.run(run.task, None, 0, run.writer, step=0)
     assert model.training  # back in train mode, and the pass left BatchNorm statistics alone
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in buffers.items())
 
@@ -73,7 +72,7 @@ def test_back_translation_with_a_locked_teacher_averages_the_students_own_featur
     model.eval()
     with torch.no_grad():
         image = F.normalize(model.image_projection_head(model.image_head(model.image_tower(images))), dim=1)
-        cached = run.teachers.tower.lookup(rows).float()
+        cached = run.task.teachers.tower.lookup(rows).float()
         text = F.normalize(model.text_projection_head(model.text_head(cached)), dim=1)
     model.train()
 

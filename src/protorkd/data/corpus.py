@@ -140,7 +140,7 @@ def training_batches(
     """The one place that turns a corpus into training batches.
 
     With `in_memory_size` S (a TSV corpus whose images are loaded), every image is decoded once into memory
-    at S x S and augmented on tensors (`data.memory.DecodedCorpus`) instead of read from its file each epoch.
+    at S x S and augmented on tensors (`data.decoded_corpus.DecodedCorpus`) instead of read from its file each epoch.
 
     Batches are `collate`'s dicts: indices [b], captions, images [b, 3, H, W] unless `load_images` is
     False, images_view2 (a second augmented view) when `views` is 2, and bad [(row or source, reason)].
@@ -175,7 +175,7 @@ def training_batches(
         seed=seed,
     )
     if in_memory_size is not None and load_images:
-        from protorkd.data.memory import DecodedCorpus, decode_images
+        from protorkd.data.decoded_corpus import DecodedCorpus, decode_images
 
         known_bad = set(bad_rows or ()) | set(corpus.problems)
         decoded, failed = decode_images(corpus.images, in_memory_size, skip=known_bad, max_pixels=max_pixels)

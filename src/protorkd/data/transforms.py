@@ -2,7 +2,7 @@
 
 Built from torchvision's v2 transforms (and `PadCropFlip`, written out on the tensor), so one transform object
 serves a PIL image (read from a file) and a `[3, H, W]` uint8 tensor (the in-memory decoded corpus,
-`data.memory`) alike: v1 and v2 draw the same random crop parameters from torch's generator, and `ToImage` +
+`data.decoded_corpus`) alike: v1 and v2 draw the same random crop parameters from torch's generator, and `ToImage` +
 `ToDtype(scale=True)` is v1's `ToTensor`.
 """
 

@@ -22,8 +22,9 @@ _LAZY = {
     "main_loss": "registry",
     "LossInputs": "base",
     "LossNeeds": "base",
-    "accepts_mixup": "base",
-    "needs_of": "base",
+    "ClusteringLoss": "base",
+    "Loss": "base",
+    "LossModule": "base",
     "clamp_logit_scales": "common",
 }
 

@@ -10,29 +10,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossNeeds, accepts_mixup, needs_of
+from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
 from protorkd.losses.common import gather_frozen, gather_trainable
 from protorkd.losses.contrastive import clip_loss
 
 SIMCSE_LOGIT_SCALE = 20.0  # 1 / 0.05, SimCSE's temperature (the original: exp(2.996))
 
 
-def _required(inputs: LossInputs, key: str, loss_name: str) -> torch.Tensor:
-    if key not in inputs.extra:
-        raise KeyError(
-            f"{loss_name} needs inputs.extra[{key!r}] ([B, D] features); the training loop did not provide it"
-        )
-    return inputs.extra[key]
-
-
-class SimCSE(nn.Module):
+class SimCSE(LossModule):
     """Symmetric InfoNCE between two dropout passes of the text tower, fixed logit scale 20 (Gao et al., EMNLP 2021).
 
-    Uses inputs.text_features and extra["text_features_dropout"] ([B, D]); global batch under DDP.
+    Uses inputs.text_features and inputs.text_features_dropout ([B, D]); global batch under DDP. It takes mixed
+    images: it compares text views only, which mixing the images does not change.
     """
 
-    needs = LossNeeds(text_dropout_view=True)
-    accepts_mixup = True  # text views only: mixing the images changes nothing it compares
+    needs = LossNeeds(text_dropout_view=True, accepts_mixup=True)
 
     def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE) -> None:
         super().__init__()
@@ -40,17 +32,17 @@ class SimCSE(nn.Module):
         self.logit_scale = logit_scale
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        second = _required(inputs, "text_features_dropout", "SimCSE")
+        second = inputs.required("text_features_dropout", "SimCSE")
         first = F.normalize(inputs.text_features, dim=-1)
         second = F.normalize(second, dim=-1)
         loss = clip_loss(first, second, torch.tensor(self.logit_scale, device=first.device), gather_with_grad=True)
         return {"simcse_loss": self.weight * loss}
 
 
-class BYOL(nn.Module):
+class BYOL(LossModule):
     """mean (normalize(v2) - normalize(v1).detach())^2: the second augmented image view regressed on the first.
 
-    Uses extra["image_features_view2"] ([B, D]) against inputs.image_features; global batch under DDP.
+    Uses inputs.image_features_view2 ([B, D]) against inputs.image_features; global batch under DDP.
     """
 
     needs = LossNeeds(image_view2=True)
@@ -60,22 +52,21 @@ class BYOL(nn.Module):
         self.weight = weight
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        view2 = gather_trainable(F.normalize(_required(inputs, "image_features_view2", "BYOL"), dim=-1))
+        view2 = gather_trainable(F.normalize(inputs.required("image_features_view2", "BYOL"), dim=-1))
         view1 = gather_frozen(F.normalize(inputs.image_features, dim=-1))
         return {"byol_loss": self.weight * F.mse_loss(view2, view1)}
 
 
-class LossWithAuxiliaries(nn.Module):
+class LossWithAuxiliaries(LossModule):
     """The main loss plus auxiliary terms; forward merges their named terms (names must not collide)."""
 
-    def __init__(self, main: nn.Module, auxiliaries: dict[str, nn.Module]) -> None:
+    def __init__(self, main: LossModule, auxiliaries: dict[str, LossModule]) -> None:
         super().__init__()
         self.main = main
         self.auxiliaries = nn.ModuleDict(auxiliaries)
-        self.needs = needs_of(main)
+        self.needs = main.needs
         for auxiliary in auxiliaries.values():
-            self.needs = self.needs | needs_of(auxiliary)
-        self.accepts_mixup = accepts_mixup(main) and all(accepts_mixup(a) for a in auxiliaries.values())
+            self.needs = self.needs | auxiliary.needs
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         terms = dict(self.main(inputs))
@@ -89,6 +80,8 @@ class LossWithAuxiliaries(nn.Module):
     def log_values(self) -> dict[str, float]:
         values: dict[str, float] = {}
         for module in (self.main, *self.auxiliaries.values()):
-            if hasattr(module, "log_values"):
-                values.update(module.log_values())
+            values.update(module.log_values())
         return values
+
+    def clustering(self) -> ClusteringLoss | None:
+        return self.main.clustering()

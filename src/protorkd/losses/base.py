@@ -9,25 +9,33 @@ prototypes) and buffers (queues, centres); the loop optimises the former and che
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+import torch.nn as nn
 
 from protorkd.models.options import TeacherSide
+
+if TYPE_CHECKING:
+    from protorkd.prototypes.clustering import ClusterState
 
 
 @dataclass
 class LossInputs:
-    """Joint-space features of one local batch.
+    """Joint-space features of one local batch, and what the run knows about its rows.
 
     image_features / text_features: [B, D], L2-normalised outputs of the projection heads.
     teacher: which tower is the locked teacher (TEXT, IMAGE) or NONE (both towers train).
     indices: [B] corpus row of each sample (used by prototype / clustering losses).
     positions: [B] each sample's position in its episode (ProtoCLIP's "episodic index": a row drawn twice
         in one episode has two positions); None for streamed shards.
-    extra: optional named tensors, e.g. "image_features_view2" [B, D] for BYOL,
-        "text_features_dropout" [B, D] for SimCSE, or raw teacher features.
+    image_features_view2: [B, D] a second augmented view of the images (BYOL; `LossNeeds.image_view2`).
+    text_features_dropout: [B, D] a second dropout pass of the text tower (SimCSE; `LossNeeds.text_dropout_view`).
+    image_proto_features / text_proto_features: [B, d] ProtoCLIP's projection-head features (None without heads).
+    separate_teachers: separate locked teachers' features [B, D_t] (and 0-d scalars) under the keys of
+        `teachers.keys`; a loss lists the keys it reads in `LossNeeds.teacher_features`.
     mixup_lams: [B] when the run mixes images (`protorkd.data.mixup`; 1 = this batch unmixed): image i is
-        lam x_i + (1 - lam) x_{B-1-i}. Only losses with `accepts_mixup` are given mixed images.
+        lam x_i + (1 - lam) x_{B-1-i}. Only losses whose `needs.accepts_mixup` are given mixed images.
     """
 
     image_features: torch.Tensor
@@ -36,7 +44,11 @@ class LossInputs:
     indices: torch.Tensor | None = None
     epoch: int = 0
     positions: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    image_features_view2: torch.Tensor | None = None
+    text_features_dropout: torch.Tensor | None = None
+    image_proto_features: torch.Tensor | None = None
+    text_proto_features: torch.Tensor | None = None
+    separate_teachers: dict[str, torch.Tensor] = field(default_factory=dict)
     mixup_lams: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
@@ -52,18 +64,27 @@ class LossInputs:
         """[B, D] features of the student tower (the image tower when teacher is NONE)."""
         return self.text_features if self.teacher is TeacherSide.IMAGE else self.image_features
 
+    def required(self, name: str, loss_name: str) -> torch.Tensor:
+        """The optional field `name` ([B, D]), or a KeyError saying which loss needed it and the run did not give."""
+        value = getattr(self, name)
+        if value is None:
+            raise KeyError(f"{loss_name} needs LossInputs.{name} ([B, D] features); the run did not provide it")
+        return value
+
 
 @dataclass(frozen=True)
 class LossNeeds:
-    """What a loss needs from the training run beyond the two towers' features; the run checks these
-    capabilities (never a loss's name) and provides exactly what is asked for.
+    """What a loss needs from the training run beyond the two towers' features, and what it can take; the run
+    checks these capabilities (never a loss's name) and provides exactly what is asked for.
 
     row_ids: `LossInputs.indices` are corpus rows that mean the same thing every epoch (per-row state such
         as cluster labels), so the corpus must have addressable rows (a TSV, not streamed shards).
-    teacher_features: keys of separate locked teachers' features the loss reads from `LossInputs.extra`.
-    clustering: the run clusters each episode and installs the clusters with `loss.set_clusters`.
-    image_view2: a second augmented view of each image, as extra["image_features_view2"].
-    text_dropout_view: a second dropout pass of a trainable text tower, as extra["text_features_dropout"].
+    teacher_features: keys of separate locked teachers' features the loss reads from `LossInputs.separate_teachers`.
+    clustering: the run clusters each episode and installs the clusters (the loss is a `ClusteringLoss`).
+    image_view2: a second augmented view of each image, as `LossInputs.image_features_view2`.
+    text_dropout_view: a second dropout pass of a trainable text tower, as `LossInputs.text_features_dropout`.
+    accepts_mixup: the loss's targets follow `LossInputs.mixup_lams`, so it may be given mixed images (a loss
+        whose targets are per-sample features cannot: mixing the images would contradict them).
     """
 
     row_ids: bool = False
@@ -71,23 +92,57 @@ class LossNeeds:
     clustering: bool = False
     image_view2: bool = False
     text_dropout_view: bool = False
+    accepts_mixup: bool = False
 
     def __or__(self, other: LossNeeds) -> LossNeeds:
+        """The needs of two losses summed: each needs what either needs; mixup only if both accept it."""
         return LossNeeds(
             self.row_ids or other.row_ids,
             self.teacher_features | other.teacher_features,
             self.clustering or other.clustering,
             self.image_view2 or other.image_view2,
             self.text_dropout_view or other.text_dropout_view,
+            self.accepts_mixup and other.accepts_mixup,
         )
 
 
-def accepts_mixup(loss: torch.nn.Module) -> bool:
-    """Whether a loss's targets follow `LossInputs.mixup_lams` (a loss that does not say so cannot take mixed
-    images: its targets are per-sample features that mixing the images would contradict)."""
-    return bool(getattr(loss, "accepts_mixup", False))
+@runtime_checkable
+class ClusteringLoss(Protocol):
+    """A loss that trains against clusters of each episode (ProtoCLIP): the run clusters and installs them."""
+
+    def set_clusters(self, state: ClusterState) -> None:
+        """Install one episode's clusters (identical on every rank)."""
+
+    def prototypes_active(self, epoch: int) -> bool:
+        """Do the prototype terms count in `epoch` (0-based)? An epoch where they do not needs no clustering."""
+
+    def label_coverage(self) -> tuple[int, int]:
+        """(samples that had a cluster label, samples looked up) since the last call."""
 
 
-def needs_of(loss: torch.nn.Module) -> LossNeeds:
-    """A loss's declared needs (`loss.needs`); a loss that declares none needs nothing extra."""
-    return getattr(loss, "needs", LossNeeds())
+@runtime_checkable
+class Loss(Protocol):
+    """What the training run asks of a loss: its terms, its needs, the scalars it logs, its clustering part."""
+
+    needs: LossNeeds
+
+    def __call__(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
+        """A flat dict of weighted named terms; the run sums and logs every one."""
+
+    def log_values(self) -> dict[str, float]:
+        """Scalars worth logging beside the terms (temperatures, accuracies); {} when none."""
+
+    def clustering(self) -> ClusteringLoss | None:
+        """The part of the loss that trains against clusters (itself, or a component of a sum), else None."""
+
+
+class LossModule(nn.Module):
+    """The base of every loss: an `nn.Module` that implements `Loss` (needs nothing, logs nothing, no clusters)."""
+
+    needs: LossNeeds = LossNeeds()
+
+    def log_values(self) -> dict[str, float]:
+        return {}
+
+    def clustering(self) -> ClusteringLoss | None:
+        return None

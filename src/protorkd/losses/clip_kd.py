@@ -1,9 +1,9 @@
 """CLIP-to-CLIP distillation (CLIP-KD; Yang et al., CVPR 2024) for a trainable CLIP student and locked CLIP teachers.
 
 Student: inputs.image_features / inputs.text_features [B, D] (both towers train, teacher="none").
-Teacher(s): extra[<teacher.image_key>] / extra[<teacher.text_key>] [B, Dt], normalised, and optionally
-extra[<teacher.logit_scale_key>] (a scalar, already exponentiated). Terms (each weighted, summed over
-teachers with per-teacher weights):
+Teacher(s): `LossInputs.separate_teachers`[<teacher.image_key>] / [<teacher.text_key>] [B, Dt], normalised,
+and optionally [<teacher.logit_scale_key>] (a scalar, already exponentiated). Terms (each weighted, summed
+over teachers with per-teacher weights):
 
 * infonce: CLIP loss on the student pair, learnable student logit scale s.
 * logit (CRD / open_clip DistillClipLoss, as a KL): KL(softmax(s_t T_I T_T^T) || softmax(s S_I S_T^T))
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossNeeds
+from protorkd.losses.base import LossInputs, LossModule, LossNeeds
 from protorkd.losses.common import drop_diagonal, gather_frozen, gather_trainable, kl_divergence
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.losses.relational import rkd_terms
@@ -69,7 +69,7 @@ def _projection(dim: int, teacher_dim: int) -> nn.Module:
     return nn.Identity() if teacher_dim == dim else nn.Linear(dim, teacher_dim)  # CLIP-KD: nn.Linear, with bias
 
 
-class CLIPKD(nn.Module):
+class CLIPKD(LossModule):
     """InfoNCE on the student plus logit / feature / interactive-contrastive / intra-modal distillation."""
 
     def __init__(
@@ -120,13 +120,16 @@ class CLIPKD(nn.Module):
         student_text: torch.Tensor,
         scale: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        given = inputs.separate_teachers
         for key in (teacher.image_key, teacher.text_key):
-            if key not in inputs.extra:
-                raise KeyError(f"CLIP-KD teacher {teacher.name!r} needs inputs.extra[{key!r}] ([B, Dt] features)")
-        teacher_image = F.normalize(gather_frozen(inputs.extra[teacher.image_key]).to(student_image.dtype), dim=-1)
-        teacher_text = F.normalize(gather_frozen(inputs.extra[teacher.text_key]).to(student_text.dtype), dim=-1)
-        if teacher.logit_scale_key in inputs.extra:
-            teacher_scale = inputs.extra[teacher.logit_scale_key].detach().to(student_image.dtype).reshape(())
+            if key not in given:
+                raise KeyError(
+                    f"CLIP-KD teacher {teacher.name!r} needs LossInputs.separate_teachers[{key!r}] ([B, Dt] features)"
+                )
+        teacher_image = F.normalize(gather_frozen(given[teacher.image_key]).to(student_image.dtype), dim=-1)
+        teacher_text = F.normalize(gather_frozen(given[teacher.text_key]).to(student_text.dtype), dim=-1)
+        if teacher.logit_scale_key in given:
+            teacher_scale = given[teacher.logit_scale_key].detach().to(student_image.dtype).reshape(())
         else:
             teacher_scale = torch.tensor(1.0 / teacher.temperature, device=student_image.device)
         w = self.weights

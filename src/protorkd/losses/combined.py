@@ -8,13 +8,15 @@ logged is what is optimised): `infonce/infonce_loss`, `rkd/distance_loss`, ...
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from protorkd.errors import UsageError
-from protorkd.losses.base import LossInputs, LossNeeds, accepts_mixup, needs_of
+from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule
 
 
 def split_loss_name(name: str) -> list[str]:
@@ -40,24 +42,21 @@ def parse_loss_weights(text: str, count: int, loss: str) -> list[float]:
     return weights
 
 
-class WeightedLossSum(nn.Module):
+class WeightedLossSum(LossModule):
     """sum_i w_i * loss_i, term by term. At most one component may cluster (the run installs its clusters)."""
 
-    def __init__(self, names: Sequence[str], losses: Sequence[nn.Module], weights: Sequence[float]) -> None:
+    def __init__(self, names: Sequence[str], losses: Sequence[LossModule], weights: Sequence[float]) -> None:
         super().__init__()
         if not (len(names) == len(losses) == len(weights)) or len(losses) < 2:
             raise ValueError("a weighted sum needs two or more losses, each with a name and a weight")
         self.names = list(names)
         self.components = nn.ModuleList(losses)
         self.weights = [float(weight) for weight in weights]
-        self.needs = LossNeeds()
-        for loss in losses:
-            self.needs = self.needs | needs_of(loss)
-        self.accepts_mixup = all(accepts_mixup(loss) for loss in losses)
-        clustering = [loss for loss in losses if needs_of(loss).clustering]
+        self.needs = functools.reduce(operator.or_, (loss.needs for loss in losses))
+        clustering = [loss for loss in losses if loss.clustering() is not None]
         if len(clustering) > 1:
             raise UsageError(f"--loss {'+'.join(names)}: at most one of the summed losses may use clusters")
-        self._clustered_index = next((i for i, loss in enumerate(losses) if needs_of(loss).clustering), None)
+        self._clustering = clustering[0].clustering() if clustering else None
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -69,22 +68,9 @@ class WeightedLossSum(nn.Module):
     def log_values(self) -> dict[str, float]:
         values: dict[str, float] = {}
         for loss in self.components:
-            if hasattr(loss, "log_values"):
-                values.update(loss.log_values())
+            values.update(loss.log_values())
         return values
 
-    # The clustering run talks to the one component that clusters (ProtoCLIP).
-    @property
-    def clustered(self) -> nn.Module:
-        if self._clustered_index is None:
-            raise AttributeError("none of the summed losses uses clusters")
-        return self.components[self._clustered_index]
-
-    def set_clusters(self, state) -> None:
-        self.clustered.set_clusters(state)
-
-    def prototypes_active(self, epoch: int) -> bool:
-        return self.clustered.prototypes_active(epoch)
-
-    def label_coverage(self) -> tuple[int, int]:
-        return self.clustered.label_coverage()
+    def clustering(self) -> ClusteringLoss | None:
+        """The one component that clusters (ProtoCLIP), which the run's clustering phase talks to."""
+        return self._clustering

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from protorkd import distributed
 from protorkd.data.mixup import mixed_pair_targets
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule, LossNeeds
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -95,14 +95,14 @@ def symmetric_infonce(
     return 0.5 * (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.T, labels))
 
 
-class InfoNCE(nn.Module):
+class InfoNCE(LossModule):
     """CLIP's symmetric contrastive loss between the image and text features, learnable temperature.
 
     The log-scale starts at ln(1 / init_temperature) and is clamped at ln(100) like CLIP. It takes mixed
     images (`--mixup-alpha`): its targets are the pairing itself, which mixup's soft targets generalise.
     """
 
-    accepts_mixup = True
+    needs = LossNeeds(accepts_mixup=True)
 
     def __init__(
         self,

@@ -12,7 +12,7 @@ Per global batch of N, with student logits u_i = s_p <p_i, P_k> over the k proto
   `infonce_warmup_epoch`, from `lit_start_epoch - 1` on (the Locked-image Tuning phase, when
   `lit_start_epoch` > 0), and before the first clustering, only L_clip with weight 1.
 
-Prototype terms use extra["image_proto_features"] / extra["text_proto_features"] ([B, d], the
+Prototype terms use `LossInputs.image_proto_features` / `text_proto_features` ([B, d], the
 features that were clustered: ProtoCLIP's projection-head outputs) when present, else the main
 features. When the prototype terms are off, they are still connected to those features with weight 0,
 so that DistributedDataParallel sees every parameter used. s_p is a learnable prototype scale (init
@@ -29,13 +29,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossNeeds
+from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
 from protorkd.losses.common import gather_frozen, gather_trainable, soft_cross_entropy, zero_with_grad
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.prototypes.clustering import TENSOR_FIELDS, ClusterState
 
 
-class ProtoCLIP(nn.Module):
+class ProtoCLIP(LossModule):
     needs = LossNeeds(row_ids=True, clustering=True)  # labels are looked up by episode position or corpus row
 
     def __init__(
@@ -81,6 +81,9 @@ class ProtoCLIP(nn.Module):
             setattr(self, name, tensor.to(device=device, dtype=dtype))
         self.keyed_by_position = torch.tensor(bool(state.keyed_by_position), device=device)
 
+    def clustering(self) -> ClusteringLoss:
+        return self
+
     def prototypes_active(self, epoch: int) -> bool:
         """Do the prototype terms count in `epoch` (0-based)? Not in InfoNCE warmup or LiT epochs."""
         lit = 0 < self.lit_start_epoch and epoch >= self.lit_start_epoch - 1
@@ -121,9 +124,8 @@ class ProtoCLIP(nn.Module):
         image = gather_trainable(inputs.image_features)
         text = gather_trainable(inputs.text_features)
         infonce = symmetric_infonce(image, text, self.scale())
-        extra = inputs.extra
-        image_proto = gather_trainable(extra["image_proto_features"]) if "image_proto_features" in extra else image
-        text_proto = gather_trainable(extra["text_proto_features"]) if "text_proto_features" in extra else text
+        image_proto = image if inputs.image_proto_features is None else gather_trainable(inputs.image_proto_features)
+        text_proto = text if inputs.text_proto_features is None else gather_trainable(inputs.text_proto_features)
         self._diagnostics = {}
         active = self.prototypes_active(inputs.epoch)
         # unused terms stay connected to the prototype features with weight 0: DDP needs every parameter used

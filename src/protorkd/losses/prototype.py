@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import soft_cross_entropy, student_teacher
 
 
@@ -49,7 +49,7 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
     return -(probs * probs.clamp(min=1e-12).log()).sum(dim=1).mean()
 
 
-class _SharedPrototypeLoss(nn.Module):
+class _SharedPrototypeLoss(LossModule):
     """Holds the shared prototypes, temperatures and the last step's diagnostics."""
 
     def __init__(

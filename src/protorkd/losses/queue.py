@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import kl_divergence, soft_cross_entropy, student_teacher, zero_with_grad
 
 
@@ -43,7 +43,7 @@ class FeatureQueue(nn.Module):
         self.count.fill_(min(int(self.count) + n, self.size))
 
 
-class CompRess(nn.Module):
+class CompRess(LossModule):
     """KL(softmax(t Q_t^T / T) || softmax(s Q^T / T)), batchmean over the global batch.
 
     Q is the teacher queue (CompRess-1q) or the student's own queue (CompRess-2q, `two_queues`);
@@ -76,7 +76,7 @@ class CompRess(nn.Module):
         return {"distill_loss": self.weight * loss}
 
 
-class SEED(nn.Module):
+class SEED(LossModule):
     """CE(softmax([<t,t>, t Q^T] / T_t), log_softmax([<s,t>, s Q^T] / T_s)) over a teacher queue Q.
 
     The first logit is the positive pair; T_s = 0.07, T_t = 1e-4 (a nearly one-hot teacher).

@@ -8,10 +8,9 @@ The teacher tower's terms are constants (detached) unless both towers train (`te
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import both_towers, off_diagonal
 
 
@@ -34,7 +33,7 @@ def vicreg_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
     return invariance, variance, covariance
 
 
-class VICReg(nn.Module):
+class VICReg(LossModule):
     """25 * invariance + 25 * variance + 1 * covariance between student and teacher features."""
 
     def __init__(
@@ -70,7 +69,7 @@ def barlow_twins_terms(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, 
     return on_diagonal, off_diag
 
 
-class BarlowTwins(nn.Module):
+class BarlowTwins(LossModule):
     """on-diagonal + lambda * off-diagonal of the student-teacher cross-correlation (lambda 0.0051).
 
     The original ProtoRKD code L2-normalised each feature column instead of batch-standardising it

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import student_teacher
 
 PENALTIES = {
@@ -16,7 +15,7 @@ PENALTIES = {
 }
 
 
-class SimReg(nn.Module):
+class SimReg(LossModule):
     """mean_i penalty(normalize(s_i) - normalize(t_i)), the teacher detached.
 
     penalty is MSE (SimReg), L1 (SimReg-L1) or smooth L1 (SimReg-SmoothL1), averaged over all elements

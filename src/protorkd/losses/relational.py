@@ -9,11 +9,10 @@ evaluated in chunks of anchors, each under activation checkpointing, so its memo
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import student_teacher
 
 AUTO_CHUNK_TRIPLETS = 2**26  # about 256 MB per fp32 [chunk, N, N] block
@@ -105,7 +104,7 @@ def rkd_angle_loss(student: torch.Tensor, teacher: torch.Tensor, chunk: int = 0)
     return total / float(n) ** 3
 
 
-class RKD(nn.Module):
+class RKD(LossModule):
     """w_d * L_distance + w_a * L_angle between the normalised global student and teacher features."""
 
     def __init__(

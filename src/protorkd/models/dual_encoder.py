@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from protorkd.models.features import Features
 from protorkd.models.image_towers import ImageTower
 from protorkd.models.text_towers import TextTower
 
@@ -21,7 +22,7 @@ class DualEncoder(nn.Module):
 
     Optional ProtoCLIP projection heads (`image_projection_head`, `text_projection_head`, built by
     `--add-projection-head`) map the *unnormalised* joint features to a separate space where the
-    prototypes live ("image_proto_features" / "text_proto_features" of `forward`); as in ProtoCLIP,
+    prototypes live (`Features.image_proto` / `text_proto` of `forward`); as in ProtoCLIP,
     they never reach `encode_image` / `encode_text`, so no evaluation ever sees them.
     """
 
@@ -70,17 +71,15 @@ class DualEncoder(nn.Module):
         text_backbone_features: torch.Tensor | None = None,
         images_view2: torch.Tensor | None = None,
         text_views: int = 1,
-    ) -> dict[str, torch.Tensor]:
+    ) -> Features:
         """One training forward (so DistributedDataParallel sees every trainable parameter's use).
 
         Each side comes from raw inputs (`images` / `tokens`) or from cached backbone features of a locked
-        teacher. Returns normalised joint features: "image_features", "text_features" [B, D], plus
-        "image_features_view2" (a second augmented view) and "text_features_dropout" (a second pass of a
-        trainable text tower, different dropout) when asked for, and with projection heads the normalised
-        "image_proto_features" / "text_proto_features" [B, projection_dim].
+        teacher. Returns the normalised joint features, plus a second augmented view (`images_view2`), a second
+        pass of a trainable text tower with other dropout (`text_views` 2), and with projection heads ProtoCLIP's
+        prototype-space features (`Features`).
         """
-        out: dict[str, torch.Tensor] = {}
-        image_joint = text_joint = None
+        image_joint = text_joint = text_dropout = None
         if image_backbone_features is not None:
             image_joint = self.image_joint(image_backbone_features)
         elif images is not None:
@@ -90,19 +89,22 @@ class DualEncoder(nn.Module):
         elif tokens is not None:
             text_joint = self.text_joint(self.text_backbone(tokens))
             if text_views == 2:
-                out["text_features_dropout"] = self.encode_text(tokens)
-        for side, joint, head in (
-            ("image", image_joint, self.image_projection_head),
-            ("text", text_joint, self.text_projection_head),
-        ):
-            if joint is None:
-                continue
-            out[f"{side}_features"] = F.normalize(joint, dim=-1)
-            if head is not None:
-                out[f"{side}_proto_features"] = F.normalize(head(joint.to(_head_dtype(head))), dim=-1)
-        if images_view2 is not None:
-            out["image_features_view2"] = self.encode_image(images_view2)
-        return out
+                text_dropout = self.encode_text(tokens)
+        image, image_proto = self._joint_and_proto(image_joint, self.image_projection_head)
+        text, text_proto = self._joint_and_proto(text_joint, self.text_projection_head)
+        image_view2 = self.encode_image(images_view2) if images_view2 is not None else None
+        return Features(image, text, image_view2, text_dropout, image_proto, text_proto)
+
+    @staticmethod
+    def _joint_and_proto(
+        joint: torch.Tensor | None, head: nn.Module | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(normalised joint features, normalised projection-head features or None) of unnormalised `joint`."""
+        if joint is None:
+            return None, None
+        normalized = F.normalize(joint, dim=-1)
+        proto = F.normalize(head(joint.to(_head_dtype(head))), dim=-1) if head is not None else None
+        return normalized, proto
 
     # --- backbones (tower features before the heads) -------------------------------------------
     def image_backbone(self, images: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ the projection heads' outputs (`--add-projection-head`, ProtoCLIP's clustering s
 Which features (`--cluster-features`):
 
 * episode (default; ProtoCLIP's method): the episode has been drawn (`data.sampling`), then one pass over
-  exactly that episode extracts its features (`train.protoclip_extraction`), in eval mode, without
-  gradients, from one snapshot of the model, before any training on it. Like the original it iterates
+  exactly that episode extracts its features (`extract_episode_features`, through `Task.encode`), in eval
+  mode, without gradients, from one snapshot of the model, before any training on it. Like the original it iterates
   the training data (so the training augmentation, its own draw of it), splits it across ranks the same
   way, and labels every sample by its position in the episode (ProtoCLIP's episodic index: a row drawn
   twice has two labels); with `--episode-size 0` the position is the corpus row, as in ProtoCLIP.
@@ -18,9 +18,25 @@ Which features (`--cluster-features`):
   mode, weights drifting over that epoch), keyed by corpus row; rows of this episode that the previous one
   did not draw get no label (-1, ignored by the loss). The first epoch runs one extraction pass.
 
+The extraction pass, and how it keeps ProtoCLIP's `feature_extraction_one_epoch` cheap:
+
+* the same episode and the same split across ranks as the training pass (`EpisodeSampler.extraction_pass`),
+  through the training transform with its own augmentation draw (the original iterates its training
+  DataLoader, i.e. the training augmentation, a second time); no sample is dropped (drop_last off);
+* the model in eval mode, one snapshot (nothing trains during the pass), no gradients (`Task.encode`);
+* bf16 autocast where the hardware computes in bf16 (`Precision.fastest_inference`): CUDA (fp16 on GPUs
+  without bf16) and CPUs with AVX512-BF16 or AMX (a tiny-cnn forward 2.2x faster than fp32 there; elsewhere
+  the CPU stays fp32). `benchmarks/bench_protoclip.py` measures what it changes: the k-means labels and
+  back-translated centroids of one episode from bf16 against fp32 features;
+* on CUDA: batches GPU_BATCH_FACTOR x the training batch (no activations are kept for a backward pass). On
+  the CPU larger batches are slower (measured: a tiny-cnn forward over 256 images took 1.5-2x the time of 4
+  batches of 64, the activations no longer fit the caches), so the pass keeps the training batch size there;
+* a locked teacher tower is not run: its backbone features come from the feature cache and only its heads
+  are applied (`Task.inputs`), so with `--teacher text` only the image tower runs.
+
 Features stay on the CPU: each batch's are gathered to the master only (`EpisodeFeatures`), never onto
 every rank's GPU. After each epoch the share of trained samples that had a label is logged
-(`report_label_coverage`), with a warning below 90 %.
+(`ClusteringPhase.report_label_coverage`), with a warning below 90 %.
 """
 
 from __future__ import annotations
@@ -28,20 +44,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from protorkd import distributed
+from protorkd.data.corpus import TrainBatches
+from protorkd.data.tsv import collate
 from protorkd.errors import UsageError
 from protorkd.losses import LossOptions
+from protorkd.losses.base import ClusteringLoss
+from protorkd.models.features import Features
+from protorkd.precision import Precision
 from protorkd.prototypes.clustering import broadcast_cluster_state, cluster_episode, load_external_teacher
-
-if TYPE_CHECKING:
-    from protorkd.train.run import Run
+from protorkd.train.logs import MetricWriter
+from protorkd.train.task import Task
 
 log = logging.getLogger(__name__)
+GPU_BATCH_FACTOR = 4
 
 EPISODE, PREVIOUS_EPOCH = "episode", "previous-epoch"
 LOW_COVERAGE = 0.9  # warn when fewer trained samples than this had a prototype label
@@ -103,9 +124,9 @@ class EpisodeFeatures:
         self.image.append(features[:, :width])
         self.text.append(features[:, width:])
 
-    def add_batch(self, schedule: ClusteringSchedule, batch: dict, features: dict[str, torch.Tensor]) -> None:
-        """The clustering-space features of one forward (`DualEncoder.forward`'s output) of `batch`."""
-        image, text = clustering_space(features)
+    def add_batch(self, schedule: ClusteringSchedule, batch: dict, features: Features) -> None:
+        """The clustering-space features (`Features.clustering_space`) of one forward of `batch`."""
+        image, text = features.clustering_space()
         self.add(schedule.keys(batch), batch["indices"], image, text)
 
     def __len__(self) -> int:
@@ -116,13 +137,6 @@ class EpisodeFeatures:
         if not self.keys:
             return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), torch.zeros(0), torch.zeros(0)
         return torch.cat(self.keys), torch.cat(self.rows), torch.cat(self.image), torch.cat(self.text)
-
-
-def clustering_space(features: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The features ProtoCLIP clusters: the projection heads' outputs when the model has them, else the joint ones."""
-    image = features.get("image_proto_features", features["image_features"])
-    text = features.get("text_proto_features", features["text_features"])
-    return image, text
 
 
 def clustering_schedule(cfg: LossOptions, *, episode_size: int, seed: int) -> ClusteringSchedule:
@@ -171,7 +185,7 @@ def check_clustering_inputs(schedule: ClusteringSchedule, rows_clustered: int, c
 
 
 def cluster_and_install(
-    loss: torch.nn.Module, schedule: ClusteringSchedule, collected: EpisodeFeatures, *, device: torch.device
+    loss: ClusteringLoss, schedule: ClusteringSchedule, collected: EpisodeFeatures, *, device: torch.device
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """k-means on the master, broadcast, `loss.set_clusters`.
 
@@ -205,63 +219,101 @@ def cluster_and_install(
     return stats, state.cluster_sizes
 
 
-def clustering_phase(run: Run, loss: torch.nn.Module, collected: EpisodeFeatures | None, epoch: int) -> None:
-    """Pick the features (module docstring), cluster, install in `loss`, log the stats on the master."""
-    from protorkd.train.protoclip_extraction import extract_episode_features  # it imports this module
-
-    schedule = run.clustering
-    if not loss.prototypes_active(epoch):  # an InfoNCE-only epoch (warm-up, LiT) never reads the labels
-        log.info(
-            "epoch %d: no clustering (an InfoNCE-only epoch: --infonce-warmup-epoch or --lit-start-epoch)", epoch + 1
-        )
-        return
-    started = time.perf_counter()
-    if schedule.features == EPISODE or collected is None:  # the same decision on every rank (it is collective)
-        collected = extract_episode_features(run, schedule)
-        source = "extraction pass over this episode"
-    else:
-        source = "previous epoch's training features"
-    seconds_features = time.perf_counter() - started
-    stats, sizes = cluster_and_install(loss, schedule, collected, device=run.device)
-    if not run.state.is_master:
-        return
-    stats["clustering/seconds_features"] = seconds_features
-    log.info(
-        "epoch %d clustering of %d samples (%s), k %d: %s",
-        epoch + 1,
-        len(collected),
-        source,
-        schedule.k,
-        "  ".join(f"{k.removeprefix('clustering/')} {v:.4g}" for k, v in stats.items()),
+def extraction_loader(batches: TrainBatches, batch_size: int, device: torch.device) -> DataLoader:
+    """The episode's samples for this rank, in large batches, with the extraction pass's augmentation draw."""
+    loader, sampler = batches.loader, batches.sampler
+    if sampler is None or not isinstance(loader, DataLoader):
+        raise ValueError("a feature-extraction pass needs a TSV corpus (an episode of addressable rows)")
+    workers = loader.num_workers
+    return DataLoader(
+        loader.dataset,
+        batch_size=(GPU_BATCH_FACTOR if device.type == "cuda" else 1) * batch_size,
+        sampler=sampler.extraction_pass(),
+        num_workers=workers,
+        collate_fn=collate,
+        drop_last=False,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=2 if workers > 0 else None,
     )
-    step = epoch * run.steps_per_epoch
-    run.writer.scalars(stats, step)
-    if run.writer.tensorboard is not None:
-        for name, counts in sizes.items():
-            run.writer.tensorboard.add_histogram(f"clustering/{name}/cluster_sizes", counts, step)
 
 
-def report_label_coverage(run: Run, loss: torch.nn.Module, epoch: int) -> float | None:
-    """Log the share of this epoch's trained samples that had a prototype label (None: no prototype terms)."""
-    labelled, looked_up = loss.label_coverage()
-    if looked_up == 0:
-        return None
-    share = labelled / looked_up
-    if run.state.is_master:
+def extract_episode_features(
+    task: Task, batches: TrainBatches, schedule: ClusteringSchedule, batch_size: int, *, low_precision: bool = True
+) -> EpisodeFeatures:
+    """Every rank's share of the episode through `Task.encode`, gathered on the master's CPU. `low_precision`
+    False keeps fp32 (for measuring what bf16 changes)."""
+    features = EpisodeFeatures()
+    precision = None if low_precision else Precision.FP32
+    for batch in extraction_loader(batches, batch_size, task.device):
+        features.add_batch(schedule, batch, task.encode(batch, precision=precision))
+    return features
+
+
+@dataclass
+class ClusteringPhase:
+    """ProtoCLIP's clustering in a run: when and how (`schedule`), of which batches, into which loss."""
+
+    schedule: ClusteringSchedule
+    loss: ClusteringLoss
+    batches: TrainBatches
+    batch_size: int  # the training batch size per process (the extraction pass's, times a factor on CUDA)
+    is_master: bool
+
+    def run(self, task: Task, collected: EpisodeFeatures | None, epoch: int, writer: MetricWriter, step: int) -> None:
+        """At the start of `epoch`: pick the features (module docstring), cluster, install in the loss, log the
+        stats on the master at `step`."""
+        schedule = self.schedule
+        if not self.loss.prototypes_active(epoch):  # an InfoNCE-only epoch (warm-up, LiT) never reads the labels
+            log.info(
+                "epoch %d: no clustering (an InfoNCE-only epoch: --infonce-warmup-epoch or --lit-start-epoch)",
+                epoch + 1,
+            )
+            return
+        started = time.perf_counter()
+        if schedule.features == EPISODE or collected is None:  # the same decision on every rank (it is collective)
+            collected = extract_episode_features(task, self.batches, schedule, self.batch_size)
+            source = "extraction pass over this episode"
+        else:
+            source = "previous epoch's training features"
+        seconds_features = time.perf_counter() - started
+        stats, sizes = cluster_and_install(self.loss, schedule, collected, device=task.device)
+        if not self.is_master:
+            return
+        stats["clustering/seconds_features"] = seconds_features
         log.info(
-            "epoch %d: %.1f %% of the %d samples trained on had a prototype label (--cluster-features %s)",
+            "epoch %d clustering of %d samples (%s), k %d: %s",
             epoch + 1,
-            100 * share,
-            looked_up,
-            run.clustering.features,
+            len(collected),
+            source,
+            schedule.k,
+            "  ".join(f"{k.removeprefix('clustering/')} {v:.4g}" for k, v in stats.items()),
         )
-        run.writer.scalars({"clustering/labelled_share": share}, (epoch + 1) * run.steps_per_epoch)
-        if share < LOW_COVERAGE:
-            log.warning(
-                "epoch %d: only %.1f %% of the samples had a prototype label; the prototype loss ignores the rest "
-                "(with --cluster-features previous-epoch, samples the previous episode did not draw have none; "
-                "--cluster-features episode labels every sample)",
+        writer.scalars(stats, step)
+        if writer.tensorboard is not None:
+            for name, counts in sizes.items():
+                writer.tensorboard.add_histogram(f"clustering/{name}/cluster_sizes", counts, step)
+
+    def report_label_coverage(self, epoch: int, writer: MetricWriter, step: int) -> float | None:
+        """Log the share of this epoch's trained samples that had a prototype label (None: no prototype terms)."""
+        labelled, looked_up = self.loss.label_coverage()
+        if looked_up == 0:
+            return None
+        share = labelled / looked_up
+        if self.is_master:
+            log.info(
+                "epoch %d: %.1f %% of the %d samples trained on had a prototype label (--cluster-features %s)",
                 epoch + 1,
                 100 * share,
+                looked_up,
+                self.schedule.features,
             )
-    return share
+            writer.scalars({"clustering/labelled_share": share}, step)
+            if share < LOW_COVERAGE:
+                log.warning(
+                    "epoch %d: only %.1f %% of the samples had a prototype label; the prototype loss ignores the "
+                    "rest (with --cluster-features previous-epoch, samples the previous episode did not draw have "
+                    "none; --cluster-features episode labels every sample)",
+                    epoch + 1,
+                    100 * share,
+                )
+        return share

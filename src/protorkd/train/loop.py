@@ -16,16 +16,15 @@ from tqdm import tqdm
 from protorkd import distributed
 from protorkd.checkpoint import save_checkpoint
 from protorkd.config import Config
-from protorkd.data.mixup import mix_images
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
 from protorkd.failpoints import failpoint
-from protorkd.losses import LossInputs, clamp_logit_scales, main_loss
-from protorkd.train.batches import global_rows, model_inputs, precision_context
-from protorkd.train.clustering import EpisodeFeatures, clustering_phase, report_label_coverage
+from protorkd.losses import clamp_logit_scales
+from protorkd.train.clustering import EpisodeFeatures
 from protorkd.train.experiment import evaluated_epochs
 from protorkd.train.optim import REST, VISUAL, set_lr
 from protorkd.train.run import Run, build_run, seed_everything
+from protorkd.train.task import global_rows
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(run: Run) -> TrainResult:
-    cfg, state, loss = run.cfg, run.state, main_loss(run.loss)
+    cfg, state, clustering = run.cfg, run.state, run.clustering
     metrics: dict[str, float] = {}
     collected: EpisodeFeatures | None = None
     # --- evaluate the resumed epoch if a kill came between its checkpoint and its results.jsonl line
@@ -67,18 +66,18 @@ def _train(run: Run) -> TrainResult:
         epoch_started = time.time()  # clustering included: it is part of the epoch's cost
 
         # --- cluster (losses that need clusters): this episode's features (an extraction pass) or the previous epoch's
-        if run.clustering is not None and run.clustering.due(epoch):
-            clustering_phase(run, loss, collected, epoch)
-        keep = run.clustering is not None and run.clustering.collect_during(epoch, cfg.optim.epochs)
+        if clustering is not None and clustering.schedule.due(epoch):
+            clustering.run(run.task, collected, epoch, run.writer, epoch * run.steps_per_epoch)
+        keep = clustering is not None and clustering.schedule.collect_during(epoch, cfg.optim.epochs)
         collected = EpisodeFeatures() if keep else None
 
         # --- train one epoch
-        run.model.train()
+        run.task.model.train()
         bad = BadSampleCounter(cfg.data.max_bad_fraction, run.batches.describe)
         _train_epoch(run, epoch, bad, collected)
         log.info("epoch %d trained in %.1f s", epoch + 1, time.time() - epoch_started)
-        if run.clustering is not None:
-            report_label_coverage(run, loss, epoch)
+        if clustering is not None:
+            clustering.report_label_coverage(epoch, run.writer, (epoch + 1) * run.steps_per_epoch)
         bad.report(epoch + 1)
         bad.check()
 
@@ -92,7 +91,7 @@ def _train(run: Run) -> TrainResult:
             metrics = _evaluate(run, completed)
         distributed.barrier()
     if state.distributed:
-        distributed.check_same_on_all_ranks(run.model.parameters())
+        distributed.check_same_on_all_ranks(run.task.model.parameters())
         log.info("model parameters identical on all %d ranks", state.world_size)
     return TrainResult(run.paths.root, cfg.optim.epochs, metrics)
 
@@ -159,68 +158,50 @@ def train_step(
     """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values.
 
     `batch_number` (the batch's index in the whole run) seeds its mixup (--mixup-alpha)."""
-    device, precision = run.device, run.precision
-    inputs = model_inputs(batch, run.model, run.teachers, run.teacher, device, precision, run.needs)
-    mixup_lams = None
-    if run.mixup is not None:  # every rank passes lams (1 = unmixed), as the loss's gathers need
-        lam = run.mixup.draw(batch_number, run.state.rank)
-        inputs["images"] = mix_images(inputs["images"], lam)
-        mixup_lams = torch.full((len(batch["indices"]),), lam, device=device)
-    with precision_context(precision, device):
-        features = run.train_model(**inputs)
-        extra = {k: v for k, v in features.items() if k not in ("image_features", "text_features")}
-        extra.update(run.teachers.extra_inputs(batch["indices"], device, images=inputs.get("images")))
-        loss_inputs = LossInputs(  # losses see fp32 features whatever the towers computed in
-            image_features=features["image_features"].float(),
-            text_features=features["text_features"].float(),
-            teacher=run.teacher,
-            indices=batch["indices"].to(device),
-            epoch=epoch,
-            extra=extra,
-            positions=batch["positions"].to(device) if "positions" in batch else None,
-            mixup_lams=mixup_lams,
-        )
-        terms = run.loss(loss_inputs)
-        total = sum(terms.values())
+    out = run.task.forward(batch, epoch=epoch, batch_number=batch_number)
     if collected is not None:  # kept for the next epoch's clustering (--cluster-features previous-epoch)
-        collected.add_batch(run.clustering, batch, features)
-    if not torch.isfinite(total):
-        raise FloatingPointError(
-            f"non-finite loss at epoch {epoch + 1} step {step}: "
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in terms.items())
-        )
-    scaler, optimizer = run.scaler, run.optimizer
-    scaled = total / run.cfg.optim.accum_freq
-    (scaler.scale(scaled) if scaler else scaled).backward()
+        collected.add_batch(run.clustering.schedule, batch, out.features)
+    if not torch.isfinite(out.total):
+        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.terms.items())
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}")
+    # the micro-batches' gradients add up: each is scaled so that the sum averages them
+    scaled = out.total / run.cfg.optim.accum_freq
+    (run.scaler.scale(scaled) if run.scaler else scaled).backward()
     if not optimizer_step:
         return None
+    grad_norm = _optimizer_step(run)
+    values = {f"train/{k}": v.item() for k, v in out.terms.items()}
+    values.update({"train/loss": out.total.item(), "train/grad_norm": float(grad_norm)})
+    values.update({f"train/{k}": v for k, v in run.task.loss.log_values().items()})
+    return values
+
+
+def _optimizer_step(run: Run) -> torch.Tensor:
+    """Unscale (fp16), average the loss's own gradients across ranks, clip, step, clamp; returns the gradient norm."""
+    scaler, optimizer, loss = run.scaler, run.optimizer, run.task.loss
     if scaler:
-        scaler.unscale_(optimizer)
-    if run.state.distributed:  # gradients of loss-owned parameters are averaged across ranks by hand
-        distributed.average_gradients(run.loss.parameters())
+        scaler.unscale_(optimizer)  # clipping reads true gradients
+    if run.state.distributed:  # DDP averages the model's gradients; the loss's parameters are averaged by hand
+        distributed.average_gradients(loss.parameters())
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # the norm is logged even without clipping
     if scaler:
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # skips the step when fp16 overflowed
         scaler.update()
     else:
         optimizer.step()
-    clamp_logit_scales(run.loss)  # to [0, ln 100] in place, as CLIP
+    clamp_logit_scales(loss)  # to [0, ln 100] in place, as CLIP
     optimizer.zero_grad(set_to_none=True)
-    values = {f"train/{k}": v.item() for k, v in terms.items()}
-    values.update({"train/loss": total.item(), "train/grad_norm": float(grad_norm)})
-    if hasattr(run.loss, "log_values"):
-        values.update({f"train/{k}": v for k, v in run.loss.log_values().items()})
-    return values
+    return grad_norm
 
 
 def _save_checkpoints(run: Run, completed: int) -> None:
     payload = {
         "epoch": completed,
         "name": run.paths.root.name,
-        "state_dict": run.model.state_dict(),
-        "loss_state": run.loss.state_dict(),
+        "state_dict": run.task.model.state_dict(),
+        "loss_state": run.task.loss.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "config": run.cfg.to_flat_dict(),
     }
@@ -241,7 +222,7 @@ def _evaluate(run: Run, completed: int) -> dict[str, float]:
         return {}
     started = time.time()
     options = EvalOptions(device=run.device, batch_size=plan.batch_size, workers=plan.workers, cache=run.eval_cache)
-    metrics = run_suite(run.model, plan.root, tasks=due, options=options).metrics
+    metrics = run_suite(run.task.model, plan.root, tasks=due, options=options).metrics
     if metrics:
         log.info(
             "epoch %d evaluation (%.1f s): %s",

@@ -2,9 +2,10 @@
 
 This is where the user's config is unpacked into library calls and where every fact derived from it is
 resolved once into a typed value: the teacher side (`TeacherSide`), the corpus kind (`TsvCorpus` or
-`ShardCorpus`), the separate teachers' feature widths (passed to the loss, never written into the config),
-what the loss needs from the run (`LossNeeds`), the learning-rate schedule and the evaluation plan.
-Every check a user can fail runs before the experiment folder is created, or removes it again.
+`ShardCorpus`), the precision (`Precision`), the separate teachers' feature widths (passed to the loss, never
+written into the config), what the loss needs from the run (`LossNeeds`), the learning-rate schedule and the
+evaluation plan. What one batch becomes is the `Task`'s (`train.task`), built here once. Every check a user
+can fail runs before the experiment folder is created, or removes it again.
 """
 
 from __future__ import annotations
@@ -20,28 +21,35 @@ import numpy as np
 import torch
 
 from protorkd import __version__, distributed
-from protorkd.allocator import set_mmap_threshold
 from protorkd.config import Config, DataConfig, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, TsvCorpus, open_corpus, training_batches
-from protorkd.data.memory import decoded_bytes
-from protorkd.data.mixup import Mixup, run_mixup
+from protorkd.data.decoded_corpus import decoded_bytes
+from protorkd.data.mixup import run_mixup
 from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.features import FeatureCache
-from protorkd.losses import LossNeeds, build_auxiliary_losses, build_loss, loss_components, main_loss, needs_of
-from protorkd.losses.base import accepts_mixup
+from protorkd.glibc_malloc import set_mmap_threshold
+from protorkd.losses import LossNeeds, build_auxiliary_losses, build_loss, loss_components, main_loss
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
-from protorkd.teachers.ensemble import caption_ensemble
+from protorkd.teachers.caption_ensemble import caption_ensemble
 from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
 from protorkd.teachers.keys import TEACHER_FLAGS
-from protorkd.train.clustering import ClusteringSchedule, check_clustering_inputs, clustering_schedule
-from protorkd.train.experiment import ExperimentPaths, commit_resume, open_experiment, prepare_experiment, restore_state
+from protorkd.train.clustering import ClusteringPhase, check_clustering_inputs, clustering_schedule
+from protorkd.train.experiment import (
+    Experiment,
+    ExperimentPaths,
+    commit_resume,
+    open_experiment,
+    prepare_experiment,
+    restore_state,
+)
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import REST, VISUAL, GroupSchedule, build_optimizer, group_schedule
+from protorkd.train.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -80,24 +88,16 @@ class Run:
     state: DistState
     device: torch.device
     paths: ExperimentPaths
-    corpus: Corpus
-    teacher: TeacherSide
-    model: DualEncoder
-    train_model: torch.nn.Module  # the model as trained: DDP- and/or compile-wrapped
-    loss: torch.nn.Module
-    needs: LossNeeds
-    teachers: Teachers
+    task: Task  # what one batch becomes: model, teachers, loss, mixup, precision
     batches: TrainBatches
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     schedule: GroupSchedule  # step -> {role: lr}, a pure function of the global step
     steps_per_epoch: int
-    clustering: ClusteringSchedule | None
+    clustering: ClusteringPhase | None
     eval_plan: EvalPlan
     writer: MetricWriter
     start_epoch: int = 0
-    precision: str = "fp32"  # resolved --precision: fp32, amp, amp_bf16 or bf16
-    mixup: Mixup | None = None  # --mixup-alpha: how each batch's images are mixed
     eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
     log_handler: logging.Handler | None = None
 
@@ -227,44 +227,167 @@ def in_memory_image_size(d: DataConfig, corpus: Corpus, image_size: int, loads_i
     return image_size
 
 
-def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
-    """Validate, create the experiment folder, build model, teachers, loss, data, optimizer; resume if asked."""
-    seed_everything(cfg.optim.seed)  # the same initial weights on every rank
-    if not state.is_master:
-        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
-    # --- validate everything a user can get wrong before the experiment folder exists
-    d = cfg.data
+@dataclass
+class _Checked:
+    """What `build_run` opened and checked before the experiment folder exists."""
+
+    corpus: Corpus
+    corpus_seconds: float
+    experiment: Experiment
+    model: DualEncoder
+    eval_root: Path | None
+
+
+def _check_before_creating(cfg: Config, state: DistState) -> _Checked:
+    """Open the corpus, check a resume against its folder, build the model: everything a user can get wrong
+    before the experiment folder exists (nothing is created here)."""
     started = time.perf_counter()
-    corpus = open_run_corpus(d)
+    corpus = open_run_corpus(cfg.data)
     corpus_seconds = time.perf_counter() - started  # generating the demo corpus on first use included
-    check_batch_fits(corpus.rows, d.episode_size, state.world_size, cfg.optim.batch_size)
+    check_batch_fits(corpus.rows, cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
     experiment = prepare_experiment(cfg, state.world_size)  # checks a resume (flags, checkpoint); creates nothing
-    paths, name = experiment.paths, experiment.paths.root.name
-    teacher = cfg.model.teacher_side
     model = build_dual_encoder(cfg.model)
     loss_components(cfg.loss.loss, cfg.loss.loss_weights)  # bad names or weights fail here; built once widths are known
     auxiliary_needs = LossNeeds()
     for auxiliary in build_auxiliary_losses(cfg.loss).values():
-        auxiliary_needs = auxiliary_needs | needs_of(auxiliary)
-    check_auxiliary_inputs(auxiliary_needs, model, teacher)
+        auxiliary_needs = auxiliary_needs | auxiliary.needs
+    check_auxiliary_inputs(auxiliary_needs, model, cfg.model.teacher_side)
     eval_root = default_eval_root(cfg)
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
+    return _Checked(corpus, corpus_seconds, experiment, model, eval_root)
 
+
+def _build_task(cfg: Config, state: DistState, device: torch.device, checked: _Checked, precision: Precision) -> Task:
+    """The teachers' features (computed once, or read from the cache), the loss built with their widths, mixup."""
+    corpus, model, teacher = checked.corpus, checked.model, cfg.model.teacher_side
+    started = time.perf_counter()
+    teachers = _load_teachers(cfg, corpus, model, checked.experiment.paths, state, device)
+    if cfg.data.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
+        rows = corpus.images if isinstance(corpus, TsvCorpus) else []
+        teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
+    log.info("teacher features ready in %.1f s", time.perf_counter() - started)
+    loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
+    needs = loss.needs
+    if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
+        raise UsageError(
+            f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
+            "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
+        )
+    check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
+    images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
+    mixup = run_mixup(cfg.data.mixup_alpha, cfg.data.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
+                      loss_accepts=needs.accepts_mixup, images_trained=images_trained)  # fmt: skip
+    return Task(model, teachers, teacher, loss, precision, device, mixup, rank=state.rank)
+
+
+def _build_batches(cfg: Config, state: DistState, task: Task, corpus: Corpus, in_memory_size: int | None):
+    """The epoch's batches of this rank, and ProtoCLIP's clustering phase when the loss clusters."""
+    d, started = cfg.data, time.perf_counter()
+    batches = training_batches(
+        corpus,
+        transform=train_transform(task.model.image_preprocess, d.augmentation),
+        batch_size=cfg.optim.batch_size,
+        workers=0 if in_memory_size is not None else d.workers,
+        seed=cfg.optim.seed,
+        rank=state.rank,
+        world_size=state.world_size,
+        episode_size=d.episode_size,
+        load_images=task.teacher is not TeacherSide.IMAGE,
+        bad_rows=task.teachers.bad_rows,
+        views=2 if task.needs.image_view2 else 1,
+        pin_memory=task.device.type == "cuda",
+        max_pixels=d.max_image_pixels,
+        max_member_bytes=d.max_member_bytes,
+        in_memory_size=in_memory_size,
+    )
+    log.info("training batches ready in %.1f s", time.perf_counter() - started)
+    check_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)
+    check_schedule_epochs(cfg)
+    clustering_loss = task.clustering_loss
+    if clustering_loss is None:
+        return batches, None
+    schedule = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=cfg.optim.seed)
+    check_clustering_inputs(schedule, len(batches) * cfg.optim.batch_size * state.world_size, corpus.rows)
+    return batches, ClusteringPhase(schedule, clustering_loss, batches, cfg.optim.batch_size, state.is_master)
+
+
+def _optimizer(cfg: Config, task: Task) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
+    """The model and loss on the run's device and dtype, AdamW over them, and fp16's gradient scaler."""
+    model, device, o = task.model, task.device, cfg.optim
+    model.to(device)
+    task.loss.to(device)
+    if task.precision is Precision.BF16:
+        model.to(torch.bfloat16)
+    if model.image_tower is not None:  # faster convolutions on CUDA and on the CPU (oneDNN)
+        model.image_tower.to(memory_format=torch.channels_last)
+    roles = {VISUAL: [model.image_tower, model.image_head], REST: [model, task.loss]}  # ProtoCLIP's two schedules
+    optimizer = build_optimizer(
+        roles, lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
+    )
+    use_scaler = device.type == "cuda" and task.precision is Precision.AMP
+    return optimizer, torch.amp.GradScaler("cuda") if use_scaler else None
+
+
+def _wrap_for_training(cfg: Config, state: DistState, task: Task) -> None:
+    """DDP (every process) and torch.compile (--torchcompile) around the model, as `Task.train_model`."""
+    train_model: torch.nn.Module = task.model
+    if state.distributed:
+        device = task.device
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            task.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if cfg.optim.torchcompile:
+        train_model = torch.compile(train_model)
+    task.train_model = train_model
+
+
+def _schedules(cfg: Config, steps_per_epoch: int, eval_root: Path | None) -> tuple[GroupSchedule, EvalPlan]:
+    """The learning rates as a function of the step, and which evaluations run after which epoch."""
+    o, e = cfg.optim, cfg.eval
+    schedule = group_schedule(
+        lr=o.lr,
+        lr_text=o.lr_text,
+        warmup=o.warmup,
+        steps_per_epoch=steps_per_epoch,
+        epochs=o.epochs,
+        lit_start_epoch=cfg.loss.lit_start_epoch,
+        text_start_epoch=o.text_start_epoch,
+        text_end_epoch=o.text_end_epoch,
+    )
+    frequencies = {
+        "zeroshot": e.zeroshot_frequency,
+        "linear": e.linear_frequency,
+        "retrieval": e.retrieval_frequency,
+        "sts": e.nlp_eval_frequency,
+    }
+    return schedule, EvalPlan(eval_root, frequencies, o.epochs, max(o.batch_size, 256), cfg.data.workers)
+
+
+def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
+    """Validate, create the experiment folder, build the task (model, teachers, loss), the data, the optimizer;
+    resume if asked. The order is fixed: it is the order in which the run draws its random numbers."""
+    seed_everything(cfg.optim.seed)  # the same initial weights on every rank
+    if not state.is_master:
+        logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
+    # --- validate everything a user can get wrong before the experiment folder exists
+    checked = _check_before_creating(cfg, state)
+    corpus, experiment, paths = checked.corpus, checked.experiment, checked.experiment.paths
     precision = Precision.resolve(cfg.optim.precision, device)
     malloc = set_mmap_threshold(cfg.optim.malloc_mmap_threshold_mb) if device.type == "cpu" else "not a CPU run"
-    image_size = model.image_preprocess.image_size
-    in_memory_size = in_memory_image_size(d, corpus, image_size, loads_images=teacher is not TeacherSide.IMAGE)
+    loads_images = cfg.model.teacher_side is not TeacherSide.IMAGE
+    in_memory_size = in_memory_image_size(cfg.data, corpus, checked.model.image_preprocess.image_size, loads_images)
     resolved = {
-        "experiment": name,
+        "experiment": paths.root.name,
         "in_memory": in_memory_size is not None,
         "malloc_mmap_threshold": malloc,
-        "precision": precision,
-        "teacher_side": teacher.value,
+        "precision": precision.value,
+        "teacher_side": cfg.model.teacher_side.value,
         "version": __version__,
         "world_size": state.world_size,
     }
-    created = open_experiment(experiment, cfg, resolved, is_master=state.is_master)  # with params.txt
+    # --- create the experiment folder (with params.txt); from here on a failing check removes it again
+    created = open_experiment(experiment, cfg, resolved, is_master=state.is_master)
     distributed.barrier()
     handler = setup_file_logging(paths.log_file) if state.is_master else None
     try:
@@ -274,51 +397,11 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         if isinstance(corpus, ShardCorpus):
             log.info("corpus %s: webdataset shards, %d samples per epoch", corpus.source, corpus.rows)
         else:
-            log.info("corpus %s: %d rows (ready in %.1f s)", corpus.source, corpus.rows, corpus_seconds)
-        log.info("precision %s, images %s", precision, "decoded in memory" if in_memory_size else "read from files")
-        started = time.perf_counter()
-        teachers = _load_teachers(cfg, corpus, model, paths, state, device)
-        if d.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
-            rows = corpus.images if isinstance(corpus, TsvCorpus) else []
-            teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
-        log.info("teacher features ready in %.1f s", time.perf_counter() - started)
-        loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
-        needs = needs_of(loss)
-        if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
-            raise UsageError(
-                f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
-                "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
-            )
-        check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
-        images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
-        mixup = run_mixup(d.mixup_alpha, d.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
-                          loss_accepts=accepts_mixup(loss), images_trained=images_trained)  # fmt: skip
-        started = time.perf_counter()
-        batches = training_batches(
-            corpus,
-            transform=train_transform(model.image_preprocess, d.augmentation),
-            batch_size=cfg.optim.batch_size,
-            workers=0 if in_memory_size is not None else d.workers,
-            seed=cfg.optim.seed,
-            rank=state.rank,
-            world_size=state.world_size,
-            episode_size=d.episode_size,
-            load_images=teacher is not TeacherSide.IMAGE,
-            bad_rows=teachers.bad_rows,
-            views=2 if needs.image_view2 else 1,
-            pin_memory=device.type == "cuda",
-            max_pixels=d.max_image_pixels,
-            max_member_bytes=d.max_member_bytes,
-            in_memory_size=in_memory_size,
-        )
-        log.info("training batches ready in %.1f s", time.perf_counter() - started)
-        clustering = None
-        check_projection_heads(cfg.model.add_projection_head, needs.clustering, cfg.loss.loss)
-        check_schedule_epochs(cfg)
-        if needs.clustering:
-            clustering = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=cfg.optim.seed)
-            episode_rows = len(batches) * cfg.optim.batch_size * state.world_size
-            check_clustering_inputs(clustering, episode_rows, corpus.rows)
+            log.info("corpus %s: %d rows (ready in %.1f s)", corpus.source, corpus.rows, checked.corpus_seconds)
+        images = "decoded in memory" if in_memory_size else "read from files"
+        log.info("precision %s, images %s", precision.value, images)
+        task = _build_task(cfg, state, device, checked, precision)
+        batches, clustering = _build_batches(cfg, state, task, corpus, in_memory_size)
     except BaseException as error:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
@@ -326,73 +409,32 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         if isinstance(error, UsageError) and created and state.is_master:
             paths.remove()
         raise
-
-    # --- model, optimizer, resume
-    model.to(device)
-    loss.to(device)
-    if precision == "bf16":
-        model.to(torch.bfloat16)
-    if model.image_tower is not None:  # faster convolutions on CUDA and on the CPU (oneDNN)
-        model.image_tower.to(memory_format=torch.channels_last)
-    o = cfg.optim
-    roles = {VISUAL: [model.image_tower, model.image_head], REST: [model, loss]}  # ProtoCLIP's two schedules
-    optimizer = build_optimizer(
-        roles, lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
-    )
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "amp" else None
-    start_epoch = restore_state(experiment, model=model, loss=loss, optimizer=optimizer, scaler=scaler)
+    # --- optimizer, resume, wrappers
+    optimizer, scaler = _optimizer(cfg, task)
+    start_epoch = restore_state(experiment, model=task.model, loss=task.loss, optimizer=optimizer, scaler=scaler)
     commit_resume(experiment, cfg, resolved, is_master=state.is_master)  # only now may params.txt change
-    train_model: torch.nn.Module = model
-    if state.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if o.torchcompile:
-        train_model = torch.compile(train_model)
+    _wrap_for_training(cfg, state, task)
     writer = MetricWriter(
         paths.root,
         cfg.log.report_to if state.is_master else "",
         config=cfg.to_flat_dict(),
         wandb_project=cfg.log.wandb_project,
     )
-    steps_per_epoch = len(batches) // o.accum_freq
-    e = cfg.eval
-    frequencies = {
-        "zeroshot": e.zeroshot_frequency,
-        "linear": e.linear_frequency,
-        "retrieval": e.retrieval_frequency,
-        "sts": e.nlp_eval_frequency,
-    }
+    steps_per_epoch = len(batches) // cfg.optim.accum_freq
+    schedule, eval_plan = _schedules(cfg, steps_per_epoch, checked.eval_root)
     return Run(
         cfg=cfg,
         state=state,
         device=device,
         paths=paths,
-        corpus=corpus,
-        teacher=teacher,
-        model=model,
-        train_model=train_model,
-        loss=loss,
-        needs=needs,
-        teachers=teachers,
+        task=task,
         batches=batches,
         optimizer=optimizer,
         scaler=scaler,
-        precision=precision,
-        mixup=mixup,
-        schedule=group_schedule(
-            lr=o.lr,
-            lr_text=o.lr_text,
-            warmup=o.warmup,
-            steps_per_epoch=steps_per_epoch,
-            epochs=o.epochs,
-            lit_start_epoch=cfg.loss.lit_start_epoch,
-            text_start_epoch=o.text_start_epoch,
-            text_end_epoch=o.text_end_epoch,
-        ),
+        schedule=schedule,
         steps_per_epoch=steps_per_epoch,
         clustering=clustering,
-        eval_plan=EvalPlan(eval_root, frequencies, o.epochs, max(o.batch_size, 256), d.workers),
+        eval_plan=eval_plan,
         writer=writer,
         start_epoch=start_epoch,
         log_handler=handler,

@@ -1,4 +1,4 @@
-"""glibc's mmap threshold, fixed for CPU training runs (`protorkd.allocator`)."""
+"""glibc's mmap threshold, fixed for CPU training runs (`protorkd.glibc_malloc`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from protorkd.allocator import ENVIRONMENT_KEY, set_mmap_threshold
+from protorkd.glibc_malloc import ENVIRONMENT_KEY, set_mmap_threshold
 
 
 def _glibc_with_mallinfo2() -> bool:
@@ -21,7 +21,7 @@ def _glibc_with_mallinfo2() -> bool:
 
 PROBE = """
 import ctypes, sys
-from protorkd.allocator import set_mmap_threshold
+from protorkd.glibc_malloc import set_mmap_threshold
 
 libc = ctypes.CDLL("libc.so.6")
 FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")

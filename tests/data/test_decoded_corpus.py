@@ -10,7 +10,7 @@ from PIL import Image
 
 from protorkd.config import DataConfig
 from protorkd.data.corpus import ShardCorpus, open_corpus
-from protorkd.data.memory import DecodedCorpus, decode_images, decoded_bytes
+from protorkd.data.decoded_corpus import DecodedCorpus, decode_images, decoded_bytes
 from protorkd.data.transforms import image_transform
 from protorkd.data.tsv import CsvCorpus
 from protorkd.errors import UsageError
@@ -90,7 +90,7 @@ def test_images_of_another_size_are_resized_on_the_shorter_side_and_centre_cropp
 
 
 def test_a_path_listed_in_several_rows_is_decoded_once_and_copied_to_each(tmp_path, monkeypatch):
-    import protorkd.data.memory as memory
+    import protorkd.data.decoded_corpus as memory
 
     red, blue, corrupt = tmp_path / "red.png", tmp_path / "blue.png", tmp_path / "corrupt.png"
     Image.new("RGB", (8, 8), (255, 0, 0)).save(red)

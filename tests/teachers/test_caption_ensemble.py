@@ -12,7 +12,7 @@ import torch
 from protorkd.errors import UsageError
 from protorkd.models.options import TeacherSide
 from protorkd.teachers.cache import TeacherFeatures
-from protorkd.teachers.ensemble import caption_ensemble
+from protorkd.teachers.caption_ensemble import caption_ensemble
 
 
 def cached(features: list[list[float]], rows: list[int]) -> TeacherFeatures:

@@ -1,0 +1,157 @@
+"""`Task`: the one owner of what a training batch becomes, from its rows to the loss terms.
+
+The path of one batch (`Task.forward`):
+
+1. `inputs`: the model's forward arguments. A locked tower whose features are cached is not run: its cached
+   backbone features go in instead (`Teachers.tower`); otherwise tokens and images move to the device
+   (channels_last images, bf16 under `--precision bf16`), plus the second image view (BYOL) and the second
+   text dropout pass (SimCSE) when the loss needs them.
+2. mixup (`--mixup-alpha`): this batch's lam, a function of (seed, batch number, rank), mixes the images.
+3. under the run's `Precision.autocast`: the dual encoder's forward -> `Features`; the separate locked
+   teachers' features of the batch's rows (cached, or an online teacher on the student's own images);
+   `LossInputs` (the joint features in fp32); the loss's flat dict of weighted terms and their sum.
+
+`encode` is the same forward for ProtoCLIP's extraction pass: the model in eval mode, no gradients.
+A batch may have no rows on this rank (all its samples were unreadable). Under DDP such a rank still runs
+the step with zero rows, so that it takes part in every collective (the loss's gathers, DDP's gradient
+all-reduce); `global_rows` tells every rank whether any rank has rows at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from protorkd import distributed
+from protorkd.data.mixup import Mixup, mix_images
+from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
+from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.features import Features
+from protorkd.models.options import TeacherSide
+from protorkd.precision import Precision
+from protorkd.teachers.features import Teachers
+
+
+@dataclass
+class StepOutput:
+    """One batch's forward: its features, the loss's weighted terms, and their sum (what backward runs on)."""
+
+    features: Features
+    terms: dict[str, torch.Tensor]
+    total: torch.Tensor
+
+
+@dataclass
+class Task:
+    """The model, its teachers, the loss, mixup and the precision of a run (not the optimizer: `Run` holds it).
+
+    `train_model` is `model` as trained (DDP- and/or compile-wrapped); the extraction pass uses `model` itself.
+    """
+
+    model: DualEncoder
+    teachers: Teachers
+    teacher: TeacherSide
+    loss: LossModule
+    precision: Precision
+    device: torch.device
+    mixup: Mixup | None = None
+    rank: int = 0
+    train_model: torch.nn.Module | None = None
+
+    @property
+    def needs(self) -> LossNeeds:
+        return self.loss.needs
+
+    @property
+    def clustering_loss(self) -> ClusteringLoss | None:
+        return self.loss.clustering()
+
+    def inputs(self, batch: dict, *, extra_views: bool = True) -> dict:
+        """The model's forward arguments for one batch: raw inputs, or a locked teacher tower's cached features;
+        with `extra_views`, the extra passes the loss needs (a second image view, a second text dropout pass)."""
+        inputs: dict = {}
+        teachers, device, needs = self.teachers, self.device, self.needs
+        if self.teacher is TeacherSide.TEXT and teachers.tower is not None:
+            inputs["text_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
+        else:
+            inputs["tokens"] = {k: v.to(device) for k, v in _tokens(self.model, batch["captions"]).items()}
+            if extra_views and needs.text_dropout_view:
+                inputs["text_views"] = 2
+        if self.teacher is TeacherSide.IMAGE and teachers.tower is not None:
+            inputs["image_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
+        else:
+            keys = ("images", "images_view2") if extra_views and needs.image_view2 else ("images",)
+            for key in keys:
+                images = batch[key] if key in batch else _no_images(self.model)
+                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                inputs[key] = images.to(torch.bfloat16) if self.precision is Precision.BF16 else images
+        return inputs
+
+    def forward(self, batch: dict, *, epoch: int, batch_number: int) -> StepOutput:
+        """The forward of one training batch and its loss. `batch_number` (the batch's index in the whole run)
+        seeds its mixup."""
+        inputs = self.inputs(batch)
+        mixup_lams = None
+        if self.mixup is not None:  # every rank passes lams (1 = unmixed), as the loss's gathers need
+            lam = self.mixup.draw(batch_number, self.rank)
+            inputs["images"] = mix_images(inputs["images"], lam)
+            mixup_lams = torch.full((len(batch["indices"]),), lam, device=self.device)
+        with self.precision.autocast(self.device):
+            features: Features = (self.train_model or self.model)(**inputs)
+            separate_teachers = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
+            loss_inputs = LossInputs(  # losses see fp32 joint features whatever the towers computed in
+                image_features=features.image.float(),
+                text_features=features.text.float(),
+                teacher=self.teacher,
+                indices=batch["indices"].to(self.device),
+                epoch=epoch,
+                positions=batch["positions"].to(self.device) if "positions" in batch else None,
+                image_features_view2=features.image_view2,
+                text_features_dropout=features.text_dropout,
+                image_proto_features=features.image_proto,
+                text_proto_features=features.text_proto,
+                separate_teachers=separate_teachers,
+                mixup_lams=mixup_lams,
+            )
+            terms = self.loss(loss_inputs)
+            total = sum(terms.values())
+        return StepOutput(features, terms, total)
+
+    @torch.inference_mode()
+    def encode(self, batch: dict, *, precision: Precision | None = None) -> Features:
+        """One batch through `model` in eval mode without gradients (ProtoCLIP's extraction pass): BatchNorm's
+        running statistics and no dropout, nothing trained. By default in the fastest inference precision
+        (`Precision.fastest_inference`: only a coarse accuracy is needed before k-means)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            inputs = self.inputs(batch, extra_views=False)
+            with (precision or Precision.fastest_inference(self.device)).autocast(self.device):
+                return self.model(**inputs)
+        finally:
+            self.model.train(was_training)
+
+
+def _tokens(model: DualEncoder, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The text tower's tokens; zero rows for an empty batch (not every tokenizer accepts an empty list)."""
+    if captions:
+        return model.tokenize(captions)
+    return {key: value[:0] for key, value in model.tokenize([""]).items()}
+
+
+def _no_images(model: DualEncoder) -> torch.Tensor:
+    """[0, 3, S, S]: the images of a batch whose samples were all unreadable."""
+    size = model.image_preprocess.image_size
+    return torch.zeros(0, 3, size, size)
+
+
+def global_rows(batch: dict, device: torch.device) -> int:
+    """Rows of this batch summed over every rank (one small all-reduce under DDP; the local count otherwise)."""
+    local = len(batch["indices"])
+    if not distributed.is_initialized():
+        return local
+    return int(distributed.all_reduce_sum(torch.tensor(local, device=device)))
+
+
+__all__ = ["StepOutput", "Task", "global_rows"]
