@@ -14,7 +14,7 @@ from protorkd.data.decoded_corpus import DecodedCorpus, decode_images, decoded_b
 from protorkd.data.transforms import image_transform
 from protorkd.data.tsv import CsvCorpus
 from protorkd.errors import UsageError
-from protorkd.train.run import in_memory_image_size
+from protorkd.train.data import in_memory_image_size
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 

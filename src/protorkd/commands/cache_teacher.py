@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.errors import UsageError
     from protorkd.teachers.cache import export_rows, pca_projection, save_pca
     from protorkd.teachers.features import cached_teacher_features, teacher_definitions
-    from protorkd.train.run import open_run_corpus
+    from protorkd.train.data import open_run_corpus
 
     cfg = config_from_namespace(args)
     validate_config(cfg)

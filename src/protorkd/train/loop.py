@@ -103,14 +103,16 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
     window_start, window_samples = time.time(), 0
     run.optimizer.zero_grad(set_to_none=True)
     for batch_index, batch in enumerate(run.batches):
-        bad.update(len(batch["indices"]) + len(batch["bad"]), batch["bad"])
-        if batch_index // accum >= steps:
+        bad.update(len(batch["indices"]) + len(batch["bad"]), batch["bad"])  # counted before any skip
+        if batch_index // accum >= steps:  # the last batches that cannot fill an --accum-freq group are dropped
             break
         step = epoch * steps + batch_index // accum
         # --- schedule
         lr = run.schedule(step)
         set_lr(run.optimizer, lr)
-        if global_rows(batch, run.device) == 0:  # a rank with no rows still steps while any other rank has some
+        # no rank has a readable row: every rank skips the batch together (a rank with no rows of its own still
+        # steps while any other rank has some, so that it joins the step's collectives)
+        if global_rows(batch, run.device) == 0:
             continue
         # --- forward, backward (and an optimizer step every `accum` batches)
         values = train_step(
@@ -120,13 +122,13 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
             step,
             collected,
             optimizer_step=(batch_index + 1) % accum == 0,
-            batch_number=epoch * steps * accum + batch_index,
+            batch_number=epoch * steps * accum + batch_index,  # the same on a resume: mixup draws from it
         )
         if values is None:
             continue
         failpoint("train-step")
         # --- log
-        window_samples += len(batch["indices"]) * accum * run.state.world_size
+        window_samples += len(batch["indices"]) * accum * run.state.world_size  # an estimate: ranks differ slightly
         bar.update(1)
         values.update({"train/lr": lr[VISUAL], "train/lr_rest": lr[REST]})
         bar.set_postfix(loss=f"{values['train/loss']:.4f}", lr=f"{lr[VISUAL]:.2e}")

@@ -21,24 +21,23 @@ import numpy as np
 import torch
 
 from protorkd import __version__, distributed
-from protorkd.config import Config, DataConfig, default_eval_root
-from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches, TsvCorpus, open_corpus, training_batches
-from protorkd.data.decoded_corpus import decoded_bytes
-from protorkd.data.mixup import run_mixup
-from protorkd.data.transforms import train_transform
+from protorkd.config import Config, default_eval_root
+from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.features import FeatureCache
 from protorkd.glibc_malloc import set_mmap_threshold
-from protorkd.losses import LossNeeds, build_auxiliary_losses, build_loss, loss_components, main_loss
+from protorkd.losses import LossNeeds, build_auxiliary_losses, loss_components, main_loss
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
-from protorkd.teachers.caption_ensemble import caption_ensemble
-from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
-from protorkd.teachers.keys import TEACHER_FLAGS
-from protorkd.train.clustering import ClusteringPhase, check_clustering_inputs, clustering_schedule
+from protorkd.train.checks import (
+    check_auxiliary_inputs,
+    check_batch_fits,
+)
+from protorkd.train.clustering import ClusteringPhase
+from protorkd.train.data import build_batches, in_memory_image_size, open_run_corpus
 from protorkd.train.experiment import (
     Experiment,
     ExperimentPaths,
@@ -49,7 +48,7 @@ from protorkd.train.experiment import (
 )
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import REST, VISUAL, GroupSchedule, build_optimizer, group_schedule
-from protorkd.train.task import Task
+from protorkd.train.task import Task, build_task
 
 log = logging.getLogger(__name__)
 
@@ -108,125 +107,6 @@ class Run:
             self.log_handler.close()
 
 
-def check_batch_fits(rows: int, episode_size: int, world_size: int, batch_size: int) -> None:
-    per_process = -(-(episode_size if episode_size > 0 else rows) // world_size)
-    if per_process < batch_size:
-        raise UsageError(
-            f"an epoch has {per_process} samples per process, fewer than --batch-size {batch_size}; "
-            "lower --batch-size or use more data"
-        )
-
-
-def check_auxiliary_inputs(needs: LossNeeds, model: DualEncoder, teacher: TeacherSide) -> None:
-    """SimCSE needs a second dropout pass of an online text tower; BYOL a second view through the image tower."""
-    if needs.text_dropout_view and model.lock_text:
-        raise UsageError(
-            "--w-simcse needs an online, trainable text tower, but the text tower is locked "
-            "(--teacher text or --lock-text-model) and its features may come from the cache; "
-            "use --teacher image or --teacher none"
-        )
-    if needs.image_view2 and teacher is TeacherSide.IMAGE:
-        raise UsageError(
-            "--byol needs the image tower to run on a second view, but --teacher image caches its features"
-        )
-
-
-def check_projection_heads(add_projection_head: bool, clustering: bool, loss_name: str) -> None:
-    """ProtoCLIP's projection heads serve only a loss that clusters; without them ProtoCLIP clusters the joint space."""
-    if add_projection_head and not clustering:
-        raise UsageError(
-            f"--add-projection-head: --loss {loss_name} does not use projection heads (only a loss that clusters, "
-            "ProtoCLIP, does); drop the flag"
-        )
-    if clustering and not add_projection_head:
-        log.warning(
-            "--loss %s without --add-projection-head clusters the joint (evaluation) space; ProtoCLIP's method "
-            "clusters the space of its projection heads (--add-projection-head)",
-            loss_name,
-        )
-
-
-def check_schedule_epochs(cfg: Config) -> None:
-    """--lit-start-epoch, --text-start-epoch and --text-end-epoch must lie within the run's epochs."""
-    o, lit = cfg.optim, cfg.loss.lit_start_epoch
-    text_end = o.epochs if o.text_end_epoch < 0 else o.text_end_epoch
-    if lit > o.epochs:
-        raise UsageError(f"--lit-start-epoch {lit}: the run has only {o.epochs} epochs (-1 = no LiT phase)")
-    if not 0 <= o.text_start_epoch < text_end <= o.epochs:
-        raise UsageError(
-            f"--text-start-epoch {o.text_start_epoch} / --text-end-epoch {o.text_end_epoch}: need 0 <= start < end "
-            f"<= --epochs {o.epochs} (-1 = the last epoch)"
-        )
-
-
-def check_teacher_inputs(needs: LossNeeds, provided: set[str], loss_name: str) -> None:
-    """The separate teachers' features the loss reads must be provided, and none provided may go unused."""
-    missing = sorted(needs.teacher_features - provided)
-    if missing:
-        flags = sorted({TEACHER_FLAGS.get(key, key) for key in missing})
-        raise UsageError(
-            f"--loss {loss_name} distils from locked teacher features ({', '.join(missing)}); give {' / '.join(flags)} "
-            "(e.g. --clip-teacher-model ViT-B-32 --clip-teacher-tag openai, or --extra-text-teacher all-MiniLM-L6-v2)"
-        )
-    unused = sorted({TEACHER_FLAGS[key] for key in provided - needs.teacher_features})
-    if unused:
-        raise UsageError(f"{', '.join(unused)}: --loss {loss_name} does not use these teachers (CLIP-KD does)")
-
-
-def _load_teachers(
-    cfg: Config, corpus: Corpus, model: DualEncoder, paths: ExperimentPaths, state: DistState, device: torch.device
-) -> Teachers:
-    """Every locked teacher's features, computed once (the master first, then the others read its cache)."""
-    definitions = teacher_definitions(cfg.model)
-    if isinstance(corpus, ShardCorpus):  # streamed samples have no rows to key a cache by: teachers run online
-        if any(key is not None for _, key in definitions):
-            raise UsageError(
-                f"--loss {cfg.loss.loss} with separate teachers needs a TSV corpus (cached features are keyed by "
-                "row); use --dataset-type csv"
-            )
-        return Teachers()
-    if not definitions:
-        return Teachers()
-    cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
-    teachers = Teachers()
-    if state.is_master:
-        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=True)
-    distributed.barrier()
-    if not state.is_master:
-        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False)
-    return teachers
-
-
-def open_run_corpus(d: DataConfig) -> Corpus:
-    """The corpus the data flags name (the built-in demo corpus without --train-data)."""
-    return open_corpus(
-        d.train_data,
-        dataset_type=d.dataset_type,
-        samples_per_epoch=d.train_num_samples,
-        img_key=d.csv_img_key,
-        caption_key=d.csv_caption_key,
-        separator=d.csv_separator,
-        dataset_size=d.dataset_size,
-        demo_size=d.demo_size,
-        demo_seed=d.demo_seed,
-        max_bad_fraction=d.max_bad_fraction,
-        quoting=d.csv_quoting,
-    )
-
-
-def in_memory_image_size(d: DataConfig, corpus: Corpus, image_size: int, loads_images: bool) -> int | None:
-    """The side at which the training images are kept decoded in memory (`--in-memory`), or None to read files."""
-    if d.in_memory == "off" or not loads_images or not isinstance(corpus, TsvCorpus):
-        if d.in_memory == "on" and isinstance(corpus, ShardCorpus):
-            raise UsageError("--in-memory on needs a TSV corpus; webdataset shards are streamed")
-        return None
-    megabytes = decoded_bytes(corpus.rows, image_size) / 2**20
-    if d.in_memory == "auto" and megabytes > d.in_memory_budget_mb:
-        log.info("corpus read from files: decoded it would take %.0f MB > --in-memory-budget-mb", megabytes)
-        return None
-    return image_size
-
-
 @dataclass
 class _Checked:
     """What `build_run` opened and checked before the experiment folder exists."""
@@ -256,60 +136,6 @@ def _check_before_creating(cfg: Config, state: DistState) -> _Checked:
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
     return _Checked(corpus, corpus_seconds, experiment, model, eval_root)
-
-
-def _build_task(cfg: Config, state: DistState, device: torch.device, checked: _Checked, precision: Precision) -> Task:
-    """The teachers' features (computed once, or read from the cache), the loss built with their widths, mixup."""
-    corpus, model, teacher = checked.corpus, checked.model, cfg.model.teacher_side
-    started = time.perf_counter()
-    teachers = _load_teachers(cfg, corpus, model, checked.experiment.paths, state, device)
-    if cfg.data.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
-        rows = corpus.images if isinstance(corpus, TsvCorpus) else []
-        teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
-    log.info("teacher features ready in %.1f s", time.perf_counter() - started)
-    loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
-    needs = loss.needs
-    if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
-        raise UsageError(
-            f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
-            "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
-        )
-    check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
-    images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
-    mixup = run_mixup(cfg.data.mixup_alpha, cfg.data.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
-                      loss_accepts=needs.accepts_mixup, images_trained=images_trained)  # fmt: skip
-    return Task(model, teachers, teacher, loss, precision, device, mixup, rank=state.rank)
-
-
-def _build_batches(cfg: Config, state: DistState, task: Task, corpus: Corpus, in_memory_size: int | None):
-    """The epoch's batches of this rank, and ProtoCLIP's clustering phase when the loss clusters."""
-    d, started = cfg.data, time.perf_counter()
-    batches = training_batches(
-        corpus,
-        transform=train_transform(task.model.image_preprocess, d.augmentation),
-        batch_size=cfg.optim.batch_size,
-        workers=0 if in_memory_size is not None else d.workers,
-        seed=cfg.optim.seed,
-        rank=state.rank,
-        world_size=state.world_size,
-        episode_size=d.episode_size,
-        load_images=task.teacher is not TeacherSide.IMAGE,
-        bad_rows=task.teachers.bad_rows,
-        views=2 if task.needs.image_view2 else 1,
-        pin_memory=task.device.type == "cuda",
-        max_pixels=d.max_image_pixels,
-        max_member_bytes=d.max_member_bytes,
-        in_memory_size=in_memory_size,
-    )
-    log.info("training batches ready in %.1f s", time.perf_counter() - started)
-    check_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)
-    check_schedule_epochs(cfg)
-    clustering_loss = task.clustering_loss
-    if clustering_loss is None:
-        return batches, None
-    schedule = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=cfg.optim.seed)
-    check_clustering_inputs(schedule, len(batches) * cfg.optim.batch_size * state.world_size, corpus.rows)
-    return batches, ClusteringPhase(schedule, clustering_loss, batches, cfg.optim.batch_size, state.is_master)
 
 
 def _optimizer(cfg: Config, task: Task) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler | None]:
@@ -400,8 +226,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
             log.info("corpus %s: %d rows (ready in %.1f s)", corpus.source, corpus.rows, checked.corpus_seconds)
         images = "decoded in memory" if in_memory_size else "read from files"
         log.info("precision %s, images %s", precision.value, images)
-        task = _build_task(cfg, state, device, checked, precision)
-        batches, clustering = _build_batches(cfg, state, task, corpus, in_memory_size)
+        cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
+        task = build_task(cfg, state, device, corpus, checked.model, cache_root, precision)
+        batches, clustering = build_batches(cfg, state, task, corpus, in_memory_size)
     except BaseException as error:
         if handler is not None:
             logging.getLogger().removeHandler(handler)

@@ -19,18 +19,30 @@ all-reduce); `global_rows` tells every rank whether any rank has rows at all.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from protorkd import distributed
-from protorkd.data.mixup import Mixup, mix_images
+from protorkd.config import Config
+from protorkd.data.corpus import Corpus, ShardCorpus, TsvCorpus
+from protorkd.data.mixup import Mixup, mix_images, run_mixup
+from protorkd.distributed import DistState
+from protorkd.errors import UsageError
+from protorkd.losses import build_loss
 from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.features import Features
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
-from protorkd.teachers.features import Teachers
+from protorkd.teachers.caption_ensemble import caption_ensemble
+from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
+from protorkd.train.checks import check_teacher_inputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,6 +145,60 @@ class Task:
             self.model.train(was_training)
 
 
+def build_task(
+    cfg: Config,
+    state: DistState,
+    device: torch.device,
+    corpus: Corpus,
+    model: DualEncoder,
+    cache_root: Path,
+    precision: Precision,
+) -> Task:
+    """The teachers' features (computed once, or read from the cache), the loss built with their widths, mixup."""
+    teacher = cfg.model.teacher_side
+    started = time.perf_counter()
+    teachers = _load_teachers(cfg, corpus, model, cache_root, state, device)
+    if cfg.data.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
+        rows = corpus.images if isinstance(corpus, TsvCorpus) else []
+        teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
+    log.info("teacher features ready in %.1f s", time.perf_counter() - started)
+    loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
+    needs = loss.needs
+    if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
+        raise UsageError(
+            f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
+            "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
+        )
+    check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
+    images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
+    mixup = run_mixup(cfg.data.mixup_alpha, cfg.data.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
+                      loss_accepts=needs.accepts_mixup, images_trained=images_trained)  # fmt: skip
+    return Task(model, teachers, teacher, loss, precision, device, mixup, rank=state.rank)
+
+
+def _load_teachers(
+    cfg: Config, corpus: Corpus, model: DualEncoder, cache_root: Path, state: DistState, device: torch.device
+) -> Teachers:
+    """Every locked teacher's features, computed once (the master first, then the others read its cache)."""
+    definitions = teacher_definitions(cfg.model)
+    if isinstance(corpus, ShardCorpus):  # streamed samples have no rows to key a cache by: teachers run online
+        if any(key is not None for _, key in definitions):
+            raise UsageError(
+                f"--loss {cfg.loss.loss} with separate teachers needs a TSV corpus (cached features are keyed by "
+                "row); use --dataset-type csv"
+            )
+        return Teachers()
+    if not definitions:
+        return Teachers()
+    teachers = Teachers()
+    if state.is_master:
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=True)
+    distributed.barrier()
+    if not state.is_master:
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False)
+    return teachers
+
+
 def _tokens(model: DualEncoder, captions: list[str]) -> dict[str, torch.Tensor]:
     """The text tower's tokens; zero rows for an empty batch (not every tokenizer accepts an empty list)."""
     if captions:
@@ -154,4 +220,4 @@ def global_rows(batch: dict, device: torch.device) -> int:
     return int(distributed.all_reduce_sum(torch.tensor(local, device=device)))
 
 
-__all__ = ["StepOutput", "Task", "global_rows"]
+__all__ = ["StepOutput", "Task", "build_task", "global_rows"]
