@@ -13,7 +13,7 @@ import logging
 import sys
 
 from protorkd import __version__
-from protorkd.errors import UsageError
+from protorkd.errors import TrainingDiverged, UsageError
 
 # command name -> module exposing add_parser(subparsers); imported lazily so `--help` stays fast.
 COMMANDS = {
@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"protorkd {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingDiverged as error:
+        print(f"protorkd {args.command}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"protorkd {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,4 +1,4 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+"""Errors the CLI prints as one line: what a user can fix (exit code 2), and a run that diverged (exit code 1)."""
 
 
 class UsageError(Exception):
@@ -7,3 +7,8 @@ class UsageError(Exception):
 
 class BadDataError(UsageError):
     """Too many unreadable samples in an epoch; the message names the first offending rows."""
+
+
+class TrainingDiverged(Exception):
+    """A run stopped because its loss or gradients stopped being numbers; the message names the term, the step
+    and the checkpoint to resume from (`train.guard`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,11 @@ class Features:
     text_dropout: torch.Tensor | None = None
     image_proto: torch.Tensor | None = None
     text_proto: torch.Tensor | None = None
+
+    def float(self) -> Features:
+        """Every field in float32 (what the losses compute in, whatever precision the towers ran in)."""
+        values = (getattr(self, field.name) for field in dataclasses.fields(self))  # astuple would deep-copy
+        return Features(*(None if value is None else value.float() for value in values))
 
     def clustering_space(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text) as ProtoCLIP clusters them: the projection heads' outputs when the model has them, else

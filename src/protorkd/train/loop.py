@@ -22,6 +22,7 @@ from protorkd.failpoints import failpoint
 from protorkd.losses import clamp_logit_scales
 from protorkd.train.clustering import EpisodeFeatures
 from protorkd.train.experiment import evaluated_epochs
+from protorkd.train.guard import GRAD_NORM
 from protorkd.train.optim import REST, VISUAL, set_lr
 from protorkd.train.run import Run, build_run, seed_everything
 from protorkd.train.task import global_rows
@@ -163,22 +164,22 @@ def train_step(
     out = run.task.forward(batch, epoch=epoch, batch_number=batch_number)
     if collected is not None:  # kept for the next epoch's clustering (--cluster-features previous-epoch)
         collected.add_batch(run.clustering.schedule, batch, out.features)
-    if not torch.isfinite(out.total):
-        terms = ", ".join(f"{k}={v.item():.4g}" for k, v in out.terms.items())
-        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1} step {step}: {terms}")
+    run.guard.check_loss(out.terms, out.total, epoch=epoch, step=step)  # stops on a non-finite term
     # the micro-batches' gradients add up: each is scaled so that the sum averages them
     scaled = out.total / run.cfg.optim.accum_freq
     (run.scaler.scale(scaled) if run.scaler else scaled).backward()
     if not optimizer_step:
         return None
-    grad_norm = _optimizer_step(run)
-    values = {f"train/{k}": v.item() for k, v in out.terms.items()}
-    values.update({"train/loss": out.total.item(), "train/grad_norm": float(grad_norm)})
+    grad_norm = _optimizer_step(run, epoch, step)
+    watched = {**{k: v.item() for k, v in out.terms.items()}, GRAD_NORM: float(grad_norm)}
+    run.guard.observe(watched, step)  # a term or the gradient norm 100x its running median: one WARNING
+    values = {f"train/{k}": v for k, v in watched.items()}
+    values["train/loss"] = out.total.item()
     values.update({f"train/{k}": v for k, v in run.task.loss.log_values().items()})
     return values
 
 
-def _optimizer_step(run: Run) -> torch.Tensor:
+def _optimizer_step(run: Run, epoch: int, step: int) -> torch.Tensor:
     """Unscale (fp16), average the loss's own gradients across ranks, clip, step, clamp; returns the gradient norm."""
     scaler, optimizer, loss = run.scaler, run.optimizer, run.task.loss
     if scaler:
@@ -188,6 +189,7 @@ def _optimizer_step(run: Run) -> torch.Tensor:
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     max_norm = run.cfg.optim.max_grad_norm if run.cfg.optim.max_grad_norm > 0 else math.inf
     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # the norm is logged even without clipping
+    run.guard.check_grad_norm(grad_norm, scaled=scaler is not None, epoch=epoch, step=step)  # before stepping on it
     if scaler:
         scaler.step(optimizer)  # skips the step when fp16 overflowed
         scaler.update()

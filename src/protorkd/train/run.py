@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from protorkd import __version__, distributed
+from protorkd.checkpoint import LATEST
 from protorkd.config import Config, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches
 from protorkd.distributed import DistState
@@ -46,6 +47,7 @@ from protorkd.train.experiment import (
     prepare_experiment,
     restore_state,
 )
+from protorkd.train.guard import DivergenceGuard
 from protorkd.train.logs import MetricWriter, setup_file_logging
 from protorkd.train.optim import REST, VISUAL, GroupSchedule, build_optimizer, group_schedule
 from protorkd.train.task import Task, build_task
@@ -96,6 +98,7 @@ class Run:
     clustering: ClusteringPhase | None
     eval_plan: EvalPlan
     writer: MetricWriter
+    guard: DivergenceGuard  # stops on a non-finite loss, warns on a jump
     start_epoch: int = 0
     eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
     log_handler: logging.Handler | None = None
@@ -263,6 +266,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         clustering=clustering,
         eval_plan=eval_plan,
         writer=writer,
+        guard=DivergenceGuard(paths.checkpoints / LATEST),
         start_epoch=start_epoch,
         log_handler=handler,
     )

@@ -109,26 +109,39 @@ class Task:
             lam = self.mixup.draw(batch_number, self.rank)
             inputs["images"] = mix_images(inputs["images"], lam)
             mixup_lams = torch.full((len(batch["indices"]),), lam, device=self.device)
-        with self.precision.autocast(self.device):
+        with self.precision.autocast(self.device):  # the towers (and an online teacher) in the run's precision
             features: Features = (self.train_model or self.model)(**inputs)
             separate_teachers = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
-            loss_inputs = LossInputs(  # losses see fp32 joint features whatever the towers computed in
-                image_features=features.image.float(),
-                text_features=features.text.float(),
-                teacher=self.teacher,
-                indices=batch["indices"].to(self.device),
-                epoch=epoch,
-                positions=batch["positions"].to(self.device) if "positions" in batch else None,
-                image_features_view2=features.image_view2,
-                text_features_dropout=features.text_dropout,
-                image_proto_features=features.image_proto,
-                text_proto_features=features.text_proto,
-                separate_teachers=separate_teachers,
-                mixup_lams=mixup_lams,
-            )
-            terms = self.loss(loss_inputs)
-            total = sum(terms.values())
+        # The loss in fp32, autocast off: bf16 logits at scale 100 carry errors up to 0.3, SEED's teacher
+        # temperature is 1e-4, and RKD's angles cancel badly in low precision.
+        loss_inputs = self._loss_inputs(batch, features.float(), separate_teachers, epoch, mixup_lams)
+        terms = self.loss(loss_inputs)
+        total = sum(terms.values())
         return StepOutput(features, terms, total)
+
+    def _loss_inputs(
+        self,
+        batch: dict,
+        features: Features,
+        separate_teachers: dict[str, torch.Tensor],
+        epoch: int,
+        mixup_lams: torch.Tensor | None,
+    ) -> LossInputs:
+        """What the loss sees of one batch: fp32 features, the rows' ids, the separate teachers' features."""
+        return LossInputs(
+            image_features=features.image,
+            text_features=features.text,
+            teacher=self.teacher,
+            indices=batch["indices"].to(self.device),
+            epoch=epoch,
+            positions=batch["positions"].to(self.device) if "positions" in batch else None,
+            image_features_view2=features.image_view2,
+            text_features_dropout=features.text_dropout,
+            image_proto_features=features.image_proto,
+            text_proto_features=features.text_proto,
+            separate_teachers={key: value.float() for key, value in separate_teachers.items()},
+            mixup_lams=mixup_lams,
+        )
 
     @torch.inference_mode()
     def encode(self, batch: dict, *, precision: Precision | None = None) -> Features:
