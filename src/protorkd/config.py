@@ -141,7 +141,13 @@ class OptimConfig:
         "their cosine schedule ends at this epoch, 0 after (-1 = --epochs; ProtoCLIP)",
         rule=Rule("-1 (--epochs) or at least 1", lambda value: value == -1 or value >= 1),
     )
-    accum_freq: int = flag(1, "accumulate gradients over this many batches per optimizer step", minimum=1)
+    accum_freq: int = flag(
+        1,
+        "one optimizer step per this many batches, as open_clip: every batch is encoded once without gradients, "
+        "then the loss of all of them together is backpropagated batch by batch, so the contrastive negatives and "
+        "the gradient are those of one batch this many times larger (docs/training.md)",
+        minimum=1,
+    )
     max_grad_norm: float = flag(
         0.0, "clip the gradient norm to this value (0 = no clipping; the norm is logged)", minimum=0.0
     )

@@ -36,6 +36,11 @@ class LossInputs:
         `teachers.keys`; a loss lists the keys it reads in `LossNeeds.teacher_features`.
     mixup_lams: [B] when the run mixes images (`protorkd.data.mixup`; 1 = this batch unmixed): image i is
         lam x_i + (1 - lam) x_{B-1-i}. Only losses whose `needs.accepts_mixup` are given mixed images.
+    mixup_groups: the sizes of the consecutive slices of the B rows that were mixed separately (each reversed
+        within itself): the micro-batches of an --accum-freq group; None = one slice of B.
+    update_state: whether this call may update the loss's running state (queues, centres, priors, counters).
+        Under --accum-freq the loss of the whole accumulated batch is computed once per micro-batch; only the
+        last of those calls updates the state, so that it moves once per optimizer step, as one big batch's.
     """
 
     image_features: torch.Tensor
@@ -50,6 +55,8 @@ class LossInputs:
     text_proto_features: torch.Tensor | None = None
     separate_teachers: dict[str, torch.Tensor] = field(default_factory=dict)
     mixup_lams: torch.Tensor | None = None
+    mixup_groups: list[int] | None = None
+    update_state: bool = True
 
     def __post_init__(self) -> None:
         self.teacher = TeacherSide(self.teacher)  # "text" / "image" / "none" are accepted too

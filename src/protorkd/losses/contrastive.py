@@ -23,6 +23,7 @@ def clip_loss(
     gather_with_grad: bool = False,
     local_loss: bool = False,
     mixup_lams: torch.Tensor | None = None,
+    mixup_groups: list[int] | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over the global batch: 1/2 [CE(s I T^T, y) + CE(s T I^T, y)].
 
@@ -36,13 +37,18 @@ def clip_loss(
 
     mixup_lams: [B] when the images were mixed (`protorkd.data.mixup`): y becomes the soft targets of
     `mixed_pair_targets` (each image's own caption weighted lam, its partner's 1 - lam; the transpose for
-    the caption rows). Every rank must pass them or none.
+    the caption rows). Every rank must pass them or none. `mixup_groups`: the sizes of the local slices that
+    were mixed separately (the micro-batches of an --accum-freq group; None: the B local rows are one slice);
+    every rank has the same number of slices.
     """
     world = distributed.world_size()
     all_image = distributed.all_gather_cat(image_features, with_grad=gather_with_grad)
     all_text = distributed.all_gather_cat(text_features, with_grad=gather_with_grad)
     if mixup_lams is not None:
-        return _mixed_clip_loss(image_features, text_features, all_image, all_text, logit_scale, mixup_lams, local_loss)
+        groups = mixup_groups or [image_features.shape[0]]
+        return _mixed_clip_loss(
+            image_features, text_features, all_image, all_text, logit_scale, mixup_lams, groups, local_loss
+        )
     if not (local_loss and world > 1):
         return symmetric_infonce(all_image, all_text, logit_scale)
     batch, total = image_features.shape[0], all_image.shape[0]
@@ -63,13 +69,15 @@ def _mixed_clip_loss(
     all_text: torch.Tensor,
     logit_scale: torch.Tensor,
     lams: torch.Tensor,
+    groups: list[int],
     local_loss: bool,
 ) -> torch.Tensor:
     """`clip_loss` with mixup's soft targets (the same reductions as the hard-label form)."""
     world, batch, total = distributed.world_size(), image_features.shape[0], all_image.shape[0]
     device = image_features.device
-    sizes = [int(size) for size in distributed.all_gather_cat(torch.tensor([batch], device=device))]
-    targets = mixed_pair_targets(distributed.all_gather_cat(lams.to(device, image_features.dtype)), sizes)
+    slices = [int(size) for size in distributed.all_gather_cat(torch.tensor(groups, device=device))]
+    sizes = [sum(slices[r * len(groups) : (r + 1) * len(groups)]) for r in range(world)]  # rows of each rank
+    targets = mixed_pair_targets(distributed.all_gather_cat(lams.to(device, image_features.dtype)), slices)
     if not (local_loss and world > 1):
         logits_per_image = logit_scale * all_image @ all_text.T
         return 0.5 * (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_image.T, targets.T))
@@ -130,6 +138,7 @@ class InfoNCE(LossModule):
             gather_with_grad=self.gather_with_grad,
             local_loss=self.local_loss,
             mixup_lams=inputs.mixup_lams,
+            mixup_groups=inputs.mixup_groups,
         )
         return {"infonce_loss": self.weight * loss}
 

@@ -139,9 +139,10 @@ class ProtoCLIP(LossModule):
             what = "positions (episode positions)" if bool(self.keyed_by_position) else "indices (corpus rows)"
             raise ValueError(f"ProtoCLIP's clusters are keyed by inputs.{what}, which this batch lacks")
         keys = gather_frozen(keys.to(image.device)).long()
-        labelled = _lookup(self.image_labels, keys) >= 0
-        self._labelled = self._labelled.to(keys.device) + labelled.sum()
-        self._looked_up = self._looked_up.to(keys.device) + labelled.numel()
+        if inputs.update_state:
+            labelled = _lookup(self.image_labels, keys) >= 0
+            self._labelled = self._labelled.to(keys.device) + labelled.sum()
+            self._looked_up = self._looked_up.to(keys.device) + labelled.numel()
 
         if self.w_proto:
             text_labels = _lookup(self.text_labels, keys)

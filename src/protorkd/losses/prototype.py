@@ -104,7 +104,8 @@ class DINO(_SharedPrototypeLoss):
         teacher_probs = torch.softmax((teacher_logits - self.center) / self.teacher_temperature, dim=1)
         loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
         with torch.no_grad():
-            self.center.mul_(self.momentum).add_(teacher_logits.mean(dim=0, keepdim=True), alpha=1 - self.momentum)
+            if inputs.update_state:
+                self.center.mul_(self.momentum).add_(teacher_logits.mean(dim=0, keepdim=True), alpha=1 - self.momentum)
             self._diagnostics = self._diagnose(teacher_probs, student_logits)
         return {"distill_loss": self.weight * loss}
 
@@ -140,7 +141,8 @@ class ProtoCPC(_SharedPrototypeLoss):
         log_prior = self.prior.clamp(min=1e-30).log()
         loss = (-(teacher_probs * scaled).sum(dim=1) + torch.logsumexp(scaled + log_prior, dim=1)).mean()
         with torch.no_grad():
-            self.prior.mul_(self.momentum).add_(teacher_probs.mean(dim=0), alpha=1 - self.momentum)
+            if inputs.update_state:
+                self.prior.mul_(self.momentum).add_(teacher_probs.mean(dim=0), alpha=1 - self.momentum)
             self._diagnostics = {"protocpc/teacher_entropy": entropy(teacher_probs)}
         return {"distill_loss": self.weight * loss}
 

@@ -70,9 +70,10 @@ class CompRess(LossModule):
             teacher_logits = teacher @ teacher_memory.T / self.temperature
             student_logits = student @ student_memory.T / self.temperature
             loss = kl_divergence(teacher_logits, student_logits)
-        self.teacher_queue.push(teacher)
-        if self.student_queue is not None:
-            self.student_queue.push(student)
+        if inputs.update_state:
+            self.teacher_queue.push(teacher)
+            if self.student_queue is not None:
+                self.student_queue.push(student)
         return {"distill_loss": self.weight * loss}
 
 
@@ -104,5 +105,6 @@ class SEED(LossModule):
         teacher_logits = torch.cat([(teacher * teacher).sum(1, keepdim=True), teacher @ memory.T], dim=1)
         teacher_probs = torch.softmax(teacher_logits / self.teacher_temperature, dim=1)
         loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
-        self.queue.push(teacher)
+        if inputs.update_state:
+            self.queue.push(teacher)
         return {"distill_loss": self.weight * loss}

@@ -25,7 +25,7 @@ from protorkd.train.experiment import evaluated_epochs
 from protorkd.train.guard import GRAD_NORM
 from protorkd.train.optim import REST, VISUAL, set_lr
 from protorkd.train.run import Run, build_run, seed_everything
-from protorkd.train.task import global_rows
+from protorkd.train.task import MicroBatch, StepOutput, global_rows
 
 log = logging.getLogger(__name__)
 
@@ -103,28 +103,28 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
     bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{epochs}", disable=disable, leave=False, dynamic_ncols=True)
     window_start, window_samples = time.time(), 0
     run.optimizer.zero_grad(set_to_none=True)
+    group: list[MicroBatch] = []  # --accum-freq > 1: the micro-batches encoded so far
     for batch_index, batch in enumerate(run.batches):
         bad.update(len(batch["indices"]) + len(batch["bad"]), batch["bad"])  # counted before any skip
         if batch_index // accum >= steps:  # the last batches that cannot fill an --accum-freq group are dropped
             break
         step = epoch * steps + batch_index // accum
+        batch_number = epoch * steps * accum + batch_index  # the same on a resume: mixup draws from it
         # --- schedule
         lr = run.schedule(step)
         set_lr(run.optimizer, lr)
         # no rank has a readable row: every rank skips the batch together (a rank with no rows of its own still
         # steps while any other rank has some, so that it joins the step's collectives)
-        if global_rows(batch, run.device) == 0:
-            continue
-        # --- forward, backward (and an optimizer step every `accum` batches)
-        values = train_step(
-            run,
-            batch,
-            epoch,
-            step,
-            collected,
-            optimizer_step=(batch_index + 1) % accum == 0,
-            batch_number=epoch * steps * accum + batch_index,  # the same on a resume: mixup draws from it
-        )
+        has_rows = global_rows(batch, run.device) > 0
+        # --- forward, backward, optimizer step (--accum-freq > 1: at the group's last micro-batch)
+        values = None
+        if accum == 1 and has_rows:
+            values = train_step(run, batch, epoch, step, collected, batch_number=batch_number)
+        elif accum > 1:
+            if has_rows:
+                group.append(run.task.encode_micro_batch(batch, batch_number=batch_number))
+            if (batch_index + 1) % accum == 0 and group:
+                values, group = accumulated_step(run, group, epoch, step, collected), []
         if values is None:
             continue
         failpoint("train-step")
@@ -149,27 +149,41 @@ def _train_epoch(run: Run, epoch: int, bad: BadSampleCounter, collected: Episode
 
 
 def train_step(
-    run: Run,
-    batch: dict,
-    epoch: int,
-    step: int,
-    collected: EpisodeFeatures | None,
-    *,
-    optimizer_step: bool,
-    batch_number: int,
-) -> dict[str, float] | None:
-    """Forward and backward one batch; with `optimizer_step`, clip, step and return the logged values.
+    run: Run, batch: dict, epoch: int, step: int, collected: EpisodeFeatures | None, *, batch_number: int
+) -> dict[str, float]:
+    """Forward, backward and optimizer step of one batch; returns the logged values.
 
     `batch_number` (the batch's index in the whole run) seeds its mixup (--mixup-alpha)."""
     out = run.task.forward(batch, epoch=epoch, batch_number=batch_number)
     if collected is not None:  # kept for the next epoch's clustering (--cluster-features previous-epoch)
         collected.add_batch(run.clustering.schedule, batch, out.features)
     run.guard.check_loss(out.terms, out.total, epoch=epoch, step=step)  # stops on a non-finite term
-    # the micro-batches' gradients add up: each is scaled so that the sum averages them
-    scaled = out.total / run.cfg.optim.accum_freq
-    (run.scaler.scale(scaled) if run.scaler else scaled).backward()
-    if not optimizer_step:
-        return None
+    (run.scaler.scale(out.total) if run.scaler else out.total).backward()
+    return _step_and_log_values(run, out, epoch, step)
+
+
+def accumulated_step(
+    run: Run, group: list[MicroBatch], epoch: int, step: int, collected: EpisodeFeatures | None
+) -> dict[str, float]:
+    """--accum-freq > 1, as open_clip: the loss of the whole group once per micro-batch, that micro-batch with
+    gradients (`Task.forward_accumulated`), each backpropagated; then one optimizer step. The model's gradient is
+    one big batch's; the loss's own parameters got it from every micro-batch, so theirs is averaged."""
+    if collected is not None:  # the group's features without gradients, in train mode, as training computed them
+        for micro in group:
+            collected.add_batch(run.clustering.schedule, micro.batch, micro.features)
+    for index in range(len(group)):
+        out = run.task.forward_accumulated(group, index, epoch=epoch)
+        if index == 0:  # every call computes the same loss: checking the first is checking all
+            run.guard.check_loss(out.terms, out.total, epoch=epoch, step=step)
+        (run.scaler.scale(out.total) if run.scaler else out.total).backward()
+    for parameter in run.task.loss.parameters():
+        if parameter.grad is not None:
+            parameter.grad.div_(len(group))
+    return _step_and_log_values(run, out, epoch, step)
+
+
+def _step_and_log_values(run: Run, out: StepOutput, epoch: int, step: int) -> dict[str, float]:
+    """The optimizer step, then the values to log: the loss terms, the gradient norm, the loss's own scalars."""
     grad_norm = _optimizer_step(run, epoch, step)
     watched = {**{k: v.item() for k, v in out.terms.items()}, GRAD_NORM: float(grad_norm)}
     run.guard.observe(watched, step)  # a term or the gradient norm 100x its running median: one WARNING

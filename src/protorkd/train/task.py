@@ -19,6 +19,7 @@ all-reduce); `global_rows` tells every rank whether any rank has rows at all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -52,6 +53,18 @@ class StepOutput:
     features: Features
     terms: dict[str, torch.Tensor]
     total: torch.Tensor
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of an --accum-freq group: the batch, the model's inputs (images already mixed), and its
+    features and separate teachers' features (fp32) from a forward without gradients."""
+
+    batch: dict
+    inputs: dict
+    features: Features
+    separate_teachers: dict[str, torch.Tensor]
+    mixup_lams: torch.Tensor | None
 
 
 @dataclass
@@ -100,15 +113,19 @@ class Task:
                 inputs[key] = images.to(torch.bfloat16) if self.precision is Precision.BF16 else images
         return inputs
 
+    def _mix(self, inputs: dict, batch: dict, batch_number: int) -> torch.Tensor | None:
+        """Mix this batch's images in place in `inputs` (--mixup-alpha); the [B] lams, or None without mixup."""
+        if self.mixup is None:
+            return None
+        lam = self.mixup.draw(batch_number, self.rank)  # every rank passes lams (1 = unmixed), as the gathers need
+        inputs["images"] = mix_images(inputs["images"], lam)
+        return torch.full((len(batch["indices"]),), lam, device=self.device)
+
     def forward(self, batch: dict, *, epoch: int, batch_number: int) -> StepOutput:
         """The forward of one training batch and its loss. `batch_number` (the batch's index in the whole run)
         seeds its mixup."""
         inputs = self.inputs(batch)
-        mixup_lams = None
-        if self.mixup is not None:  # every rank passes lams (1 = unmixed), as the loss's gathers need
-            lam = self.mixup.draw(batch_number, self.rank)
-            inputs["images"] = mix_images(inputs["images"], lam)
-            mixup_lams = torch.full((len(batch["indices"]),), lam, device=self.device)
+        mixup_lams = self._mix(inputs, batch, batch_number)
         with self.precision.autocast(self.device):  # the towers (and an online teacher) in the run's precision
             features: Features = (self.train_model or self.model)(**inputs)
             separate_teachers = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
@@ -118,6 +135,39 @@ class Task:
         terms = self.loss(loss_inputs)
         total = sum(terms.values())
         return StepOutput(features, terms, total)
+
+    # --- --accum-freq > 1, as open_clip: every micro-batch is encoded once without gradients; at the group's
+    # last micro-batch the loss of the whole accumulated batch is computed once per micro-batch, that micro-batch
+    # re-encoded with gradients and the others' cached features standing in, and each is backpropagated.
+    def encode_micro_batch(self, batch: dict, *, batch_number: int) -> MicroBatch:
+        """One micro-batch of an accumulation group through the model without gradients (train mode)."""
+        inputs = self.inputs(batch)
+        mixup_lams = self._mix(inputs, batch, batch_number)
+        with torch.no_grad(), self.precision.autocast(self.device):
+            features: Features = (self.train_model or self.model)(**inputs)
+            separate = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
+        return MicroBatch(batch, inputs, features.float(), {k: v.float() for k, v in separate.items()}, mixup_lams)
+
+    def forward_accumulated(self, group: list[MicroBatch], index: int, *, epoch: int) -> StepOutput:
+        """The loss of the whole group, micro-batch `index` re-encoded with gradients and the others' cached
+        features in their places. Summed over every `index`, the gradients are those of one big batch on the model;
+        the loss's own parameters get the whole gradient from every call (the caller divides by the group size).
+        Only the last call updates the loss's state (`LossInputs.update_state`)."""
+        with self.precision.autocast(self.device):
+            fresh: Features = (self.train_model or self.model)(**group[index].inputs)
+        parts = [micro.features for micro in group]
+        parts[index] = fresh.float()
+        rows = {key: torch.cat([micro.batch[key] for micro in group]) for key in ("indices", "positions")
+                if key in group[0].batch}  # fmt: skip
+        separate = {
+            key: torch.cat([micro.separate_teachers[key] for micro in group]) for key in group[0].separate_teachers
+        }
+        lams = None if group[0].mixup_lams is None else torch.cat([micro.mixup_lams for micro in group])
+        loss_inputs = self._loss_inputs(rows, _concatenated(parts), separate, epoch, lams)
+        loss_inputs.mixup_groups = [len(micro.batch["indices"]) for micro in group]
+        loss_inputs.update_state = index == len(group) - 1
+        terms = self.loss(loss_inputs)
+        return StepOutput(fresh, terms, sum(terms.values()))
 
     def _loss_inputs(
         self,
@@ -212,6 +262,18 @@ def _load_teachers(
     return teachers
 
 
+def _concatenated(parts: list[Features]) -> Features:
+    """The micro-batches' features one after the other, field by field ([sum B_j, D]; None stays None)."""
+    fields = [field.name for field in dataclasses.fields(Features)]
+    values = {name: [getattr(part, name) for part in parts] for name in fields}
+    return Features(**{name: None if tensors[0] is None else torch.cat(tensors) for name, tensors in values.items()})
+
+
+def _cat_rows(values: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row values one after the other; a per-run scalar (0-d, a teacher's logit scale) once."""
+    return values[0] if values[0].dim() == 0 else torch.cat(values)
+
+
 def _tokens(model: DualEncoder, captions: list[str]) -> dict[str, torch.Tensor]:
     """The text tower's tokens; zero rows for an empty batch (not every tokenizer accepts an empty list)."""
     if captions:
@@ -233,4 +295,4 @@ def global_rows(batch: dict, device: torch.device) -> int:
     return int(distributed.all_reduce_sum(torch.tensor(local, device=device)))
 
 
-__all__ = ["StepOutput", "Task", "build_task", "global_rows"]
+__all__ = ["MicroBatch", "StepOutput", "Task", "build_task", "global_rows"]
