@@ -111,10 +111,18 @@ class PadCropFlip:
         self.fit = fit  # to a [C, size, size] uint8 tensor (a decoded tensor of that size skips it)
 
     def __call__(self, image: Image.Image | torch.Tensor) -> torch.Tensor:
+        return self.apply(image, self.draw())
+
+    def draw(self) -> int:
+        """One draw from torch's default generator: (dx, dy, flip) uniform, as one integer."""
+        offsets = 2 * self.pad + 1
+        return int(torch.randint(0, 2 * offsets * offsets, ()))
+
+    def apply(self, image: Image.Image | torch.Tensor, draw: int) -> torch.Tensor:
+        """The translation and flip that `draw` encodes."""
         if not (isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) == (self.size, self.size)):
             image = self.fit(image)
         pad, offsets = self.pad, 2 * self.pad + 1
-        draw = int(torch.randint(0, 2 * offsets * offsets, ()))  # one draw: (dx, dy, flip) uniform
         flip, dx, dy = draw % 2, draw // 2 % offsets, draw // 2 // offsets
         shift_x, shift_y = dx - pad, dy - pad  # out[y, x] = image[y + shift_y, x + shift_x], zero outside
         _, height, width = image.shape
