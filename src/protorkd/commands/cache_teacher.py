@@ -45,6 +45,13 @@ def add_parser(subparsers) -> None:
         "(default: the first one of the run)",
     )
     group.add_argument("--cache-batch-size", type=int, default=256, help="teacher batch size (default: 256)")
+    group.add_argument(
+        "--views",
+        type=int,
+        default=None,
+        help="fill a reinforced cache of this many stored augmented views per image for the run's image teacher "
+        "(the same as --teacher-views; train with --teacher-views K)",
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -56,10 +63,16 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.data.corpus import ShardCorpus
     from protorkd.distributed import resolve_device
     from protorkd.errors import UsageError
+    from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import TeacherSide
     from protorkd.teachers.cache import export_rows, pca_projection, save_pca
-    from protorkd.teachers.features import cached_teacher_features, teacher_definitions
-    from protorkd.train.data import open_run_corpus
+    from protorkd.teachers.features import cached_teacher_features, reinforced_teacher_features, teacher_definitions
+    from protorkd.train.checks import check_teacher_views
+    from protorkd.train.data import in_memory_image_size, open_run_corpus
+    from protorkd.train.task import view_recipe
 
+    if args.views is not None:  # --views K is --teacher-views K
+        args.teacher_views = args.views
     cfg = config_from_namespace(args)
     validate_config(cfg)
     if args.cache_batch_size < 1:
@@ -83,22 +96,27 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("cache-teacher needs a TSV corpus: teacher features are cached per row, shards have no rows")
     device = resolve_device(cfg.optim.device)
     root = Path(cfg.log.teacher_cache)
+    recipe, student = None, None
+    if cfg.model.teacher_views:  # a reinforced cache for the image teacher: views drawn as training draws them
+        model = build_dual_encoder(cfg.model)
+        check_teacher_views(cfg, model, streamed=False)
+        loads_images = cfg.model.teacher_side is not TeacherSide.IMAGE
+        size = in_memory_image_size(cfg.data, corpus, model.image_preprocess.image_size, loads_images)
+        recipe, student = view_recipe(cfg, model, size), model.image_preprocess
     caches = {}
     for definition, _ in definitions:
-        cache = cached_teacher_features(
-            definition,
-            corpus,
-            root,
-            device,
-            needed=len(definitions),
-            progress=True,
-            batch_size=args.cache_batch_size,
-        )
+        options = dict(needed=len(definitions), progress=True, batch_size=args.cache_batch_size)
+        if recipe is not None and definition.modality == "image":
+            cache = reinforced_teacher_features(definition, corpus, root, device, recipe, student, **options)
+        else:
+            cache = cached_teacher_features(definition, corpus, root, device, **options)
         caches[definition.name] = cache
-        unique = cache.features.shape[0]
-        print(f"{definition.name}: {cache.folder} ({len(cache.rows)} rows, {unique} unique x {cache.dim})")
+        shape = " x ".join(str(size) for size in cache.features.shape)
+        print(f"{definition.name}: {cache.folder} ({len(cache.rows)} rows, features {shape})")
 
     cache = caches[export_name]
+    if (args.pca_dim or args.export_npy) and cache.features.ndim != 2:
+        raise UsageError(f"--pca-dim / --export-npy: {export_name}'s cache holds views, not one feature per row")
     pca = None
     if args.pca_dim:
         pca = pca_projection(cache.features, args.pca_dim, seed=cfg.optim.seed)

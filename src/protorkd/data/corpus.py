@@ -23,6 +23,7 @@ from protorkd.data.demo import ensure_demo_corpus
 from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
 from protorkd.data.sampling import EpisodeSampler
 from protorkd.data.tsv import CsvCorpus, collate, read_corpus_table
+from protorkd.data.views import ViewReplay
 from protorkd.errors import UsageError
 
 Transform = Callable[[Image.Image], torch.Tensor]
@@ -136,6 +137,7 @@ def training_batches(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     in_memory_size: int | None = None,
+    view_replay: ViewReplay | None = None,
 ) -> TrainBatches:
     """The one place that turns a corpus into training batches.
 
@@ -145,6 +147,8 @@ def training_batches(
     Batches are `collate`'s dicts: indices [b], captions, images [b, 3, H, W] unless `load_images` is
     False, images_view2 (a second augmented view) when `views` is 2, and bad [(row or source, reason)].
     An image over `max_pixels` pixels, or a shard member over `max_member_bytes` bytes, is a bad sample.
+    With `view_replay` (a reinforced teacher cache) every image is the stored view its (epoch, row) picks, and
+    batches carry views [b].
     """
     if isinstance(corpus, ShardCorpus):
         from protorkd.data.webdataset_corpus import webdataset_loader
@@ -173,6 +177,7 @@ def training_batches(
         lines=corpus.lines,
         max_pixels=max_pixels,
         seed=seed,
+        view_replay=view_replay,
     )
     if in_memory_size is not None and load_images:
         from protorkd.data.decoded_corpus import DecodedCorpus, decode_images

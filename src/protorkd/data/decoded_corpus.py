@@ -101,6 +101,6 @@ class DecodedCorpus(CsvCorpus):
         if index in self.failed:
             sample["bad"] = self.failed[index]
             return
-        sample["image"] = self.transform(self.decoded[index])
+        sample["image"] = self.augment(self.decoded[index], sample)
         if self.views == 2:
             sample["image_view2"] = self.transform(self.decoded[index])

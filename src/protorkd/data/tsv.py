@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -21,6 +22,9 @@ from torch.utils.data import Dataset
 
 from protorkd.data.images import DEFAULT_MAX_PIXELS, TooManyPixels, read_image
 from protorkd.errors import BadDataError, UsageError
+
+if TYPE_CHECKING:
+    from protorkd.data.views import ViewReplay
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,9 @@ class CsvCorpus(Dataset):
     """Row i -> {"index", "image" ([3, H, W] or None), "caption", "bad" (reason or None), "source"}.
 
     `load_images=False` skips image decoding (when a cached image teacher replaces the image tower).
-    `views=2` returns a second independently augmented view as "image_view2" (BYOL). `problems` are rows
+    `views=2` returns a second independently augmented view as "image_view2" (BYOL). With `view_replay` (a
+    reinforced teacher cache, `--teacher-views`) a sample keyed (epoch, position, row) is the stored view that
+    (epoch, row) picks, replayed exactly (`data.views`), and "view" says which. `problems` are rows
     the table reader could not parse, `bad_rows` rows whose image the teacher cache could not read; an image
     with more than `max_pixels` pixels is refused before it is decoded.
     """
@@ -176,6 +182,7 @@ class CsvCorpus(Dataset):
         lines: list[int] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
+        view_replay: ViewReplay | None = None,
     ) -> None:
         self.images = images
         self.captions = captions
@@ -188,6 +195,7 @@ class CsvCorpus(Dataset):
         self.lines = lines
         self.max_pixels = max_pixels
         self.seed = seed
+        self.view_replay = view_replay
 
     def __len__(self) -> int:
         return len(self.images)
@@ -207,7 +215,10 @@ class CsvCorpus(Dataset):
             torch.random.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + position)
         else:
             index = position = key
+            epoch = 0
         sample = {"index": index, "position": position, "caption": self.captions[index], "image": None, "bad": None}
+        if self.view_replay is not None:
+            sample["view"], sample["view_params"] = self.view_replay.pick(epoch, index)
         if index in self.problems:
             sample["bad"] = self.problems[index]
             return sample
@@ -226,7 +237,7 @@ class CsvCorpus(Dataset):
         """Set sample["image"] (and "image_view2") from row `index`'s file, or sample["bad"] with the reason."""
 
         def transform(image: Image.Image) -> None:
-            sample["image"] = self.transform(image)
+            sample["image"] = self.augment(image, sample)
             if self.views == 2:
                 sample["image_view2"] = self.transform(image)
 
@@ -238,6 +249,14 @@ class CsvCorpus(Dataset):
             sample["bad"] = "missing image"
         except Exception as error:  # PIL raises many types for corrupt / truncated files
             sample["bad"] = f"unreadable image ({type(error).__name__}: {error})"
+
+    def augment(self, image: Image.Image | torch.Tensor, sample: dict) -> torch.Tensor:
+        """The training transform of `image`: a new draw, or the stored view the sample was given."""
+        if "view_params" in sample:
+            from protorkd.data.views import apply_view  # torchvision: imported by the runs that replay views
+
+            return apply_view(self.transform, image, sample["view_params"])
+        return self.transform(image)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -254,6 +273,8 @@ def collate(samples: list[dict]) -> dict:
         batch["images"] = torch.stack([s["image"] for s in good])
     if good and "image_view2" in good[0]:
         batch["images_view2"] = torch.stack([s["image_view2"] for s in good])
+    if samples and "view" in samples[0]:  # a reinforced teacher cache's view of each row
+        batch["views"] = torch.tensor([s["view"] for s in good], dtype=torch.long)
     return batch
 
 

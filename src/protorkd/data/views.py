@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -155,6 +156,21 @@ def apply_view(transform: Callable, image: Image_, params: np.ndarray) -> torch.
     return image
 
 
+@dataclass(frozen=True)
+class ViewReplay:
+    """The stored views a run's images replay: `params(row, view)` -> [P] float32, `views` per image, and the
+    run's seed, which with (epoch, row) picks the view (`view_of_row`)."""
+
+    params: Callable[[int, int], np.ndarray]
+    views: int
+    seed: int
+
+    def pick(self, epoch: int, row: int) -> tuple[int, np.ndarray]:
+        """(the view row `row` trains on in `epoch`, its parameters)."""
+        view = view_of_row(self.seed, epoch, row, self.views)
+        return view, self.params(row, view)
+
+
 def view_seed(seed: int, item: int, view: int) -> int:
     """The generator seed of view `view` of image `item` (within 64 bits, apart from every other seeding)."""
     return int(np.random.SeedSequence([seed, item, view, 0x76696577]).generate_state(1, dtype=np.uint64)[0] >> 1)
@@ -166,4 +182,4 @@ def view_of_row(seed: int, epoch: int, row: int, views: int) -> int:
     return int(np.random.default_rng([seed, epoch, row, 0x726F77]).integers(views))
 
 
-__all__ = ["apply_view", "draw_view", "view_of_row", "view_seed", "view_width"]
+__all__ = ["ViewReplay", "apply_view", "draw_view", "view_of_row", "view_seed", "view_width"]

@@ -75,6 +75,15 @@ class ModelOptions:
         "view); cached = its features of centre crops, computed once (exact only for a deterministic transform)",
         ("online", "cached"),
     )
+    teacher_views: int = flag(
+        0,
+        "an image teacher (a --clip-teacher-model's image tower, or the tower of --teacher image) read from a "
+        "reinforced cache: its features of this many stored augmented views of every image, drawn once from the "
+        "training transform; each epoch the student replays one of them exactly (MobileCLIP's dataset "
+        "reinforcement; docs/training.md). 0 = off",
+        minimum=0,
+        maximum=1000,
+    )
     extra_text_teacher: str = flag(
         "", "CLIP-KD: a locked text-only teacher distilled alongside (e.g. all-MiniLM-L6-v2; '' = none)"
     )

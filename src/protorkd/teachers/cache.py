@@ -51,8 +51,8 @@ class TeacherFeatures:
     def dim(self) -> int:
         return int(self.features.shape[1])
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """[B] corpus rows -> [B, D] float32 teacher features."""
+    def lookup(self, indices: torch.Tensor, views: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] corpus rows -> [B, D] float32 teacher features (one per row: `views` does not apply)."""
         rows = self.rows[indices.cpu().numpy()]
         return torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
 

@@ -7,20 +7,26 @@ computes each teacher's features once per corpus (or reads them from the cache) 
 
 A CLIP teacher's image tower can instead run online (`--clip-teacher-images online`, CLIP-KD's way):
 every step it encodes the student's own augmented batch (`OnlineImageTeacher`), so teacher and student
-see the same view; its caption features stay cached (captions are not augmented).
+see the same view; its caption features stay cached (captions are not augmented). With `--teacher-views K`
+an image teacher (a CLIP teacher's image tower, or the locked image tower of `--teacher image`) reads a
+reinforced cache instead (`teachers.reinforced`): its features of K stored views of every image, and the
+student replays the view it is given (`ViewRecipe`, `Teachers.view_replay`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from protorkd.data.corpus import TsvCorpus
 from protorkd.data.transforms import PreprocessSpec, eval_transform
+from protorkd.data.views import ViewReplay
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import ModelOptions, TeacherSide
 from protorkd.precision import Precision
@@ -33,6 +39,7 @@ from protorkd.teachers.cache import (
 )
 from protorkd.teachers.definitions import TeacherDef, build_teacher_tower, tower_info
 from protorkd.teachers.keys import CLIP_IMAGE_KEY, CLIP_LOGIT_SCALE_KEY, CLIP_TEXT_KEY, TEXT_TEACHER_KEY
+from protorkd.teachers.reinforced import ReinforcedFeatures, build_reinforced_cache
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,8 @@ class Teachers:
     scalars: per-run constants for the loss, e.g. a CLIP teacher's "teacher_logit_scale".
     """
 
-    tower: TeacherFeatures | None = None
-    extra: dict[str, TeacherFeatures] = field(default_factory=dict)
+    tower: TeacherFeatures | ReinforcedFeatures | None = None
+    extra: dict[str, TeacherFeatures | ReinforcedFeatures] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
     online: dict[str, OnlineImageTeacher] = field(default_factory=dict)
 
@@ -60,6 +67,15 @@ class Teachers:
             if features is not None:
                 rows |= features.bad_rows
         return rows
+
+    @property
+    def view_replay(self) -> ViewReplay | None:
+        """The stored views the student's images replay (`--teacher-views`), None without a reinforced cache.
+        Several reinforced caches of one run draw the same views (same seed, transform and images)."""
+        for features in (self.tower, *self.extra.values()):
+            if isinstance(features, ReinforcedFeatures):
+                return features.replay()
+        return None
 
     @property
     def keys(self) -> set[str]:
@@ -74,11 +90,18 @@ class Teachers:
         return dims
 
     def extra_inputs(
-        self, indices: torch.Tensor, device: torch.device, images: torch.Tensor | None = None
+        self,
+        indices: torch.Tensor,
+        device: torch.device,
+        images: torch.Tensor | None = None,
+        views: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """{key: [B, D_key] features of corpus rows `indices`} plus the scalars as 0-d tensors; online teachers
-        encode `images` ([B, 3, H, W], the student's augmented batch, normalised for the student)."""
-        inputs = {key: features.lookup(indices).to(device, non_blocking=True) for key, features in self.extra.items()}
+        encode `images` ([B, 3, H, W], the student's augmented batch, normalised for the student); a reinforced
+        cache reads the features of each row's stored view `views` ([B])."""
+        inputs = {
+            key: features.lookup(indices, views).to(device, non_blocking=True) for key, features in self.extra.items()
+        }
         inputs.update({key: torch.tensor(value, device=device) for key, value in self.scalars.items()})
         for key, teacher in self.online.items():
             if images is None:
@@ -115,7 +138,7 @@ def teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str | N
         definitions.append((image, None))
     if options.clip_teacher_model:
         model, tag = options.clip_teacher_model, options.clip_teacher_tag
-        if options.clip_teacher_images == "cached":
+        if options.clip_teacher_images == "cached" or options.teacher_views > 0:  # centre crops, or stored views
             definitions.append((TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY))
         definitions.append((TeacherDef("clip-text", "text", "open_clip", model, tag), CLIP_TEXT_KEY))
     if options.extra_text_teacher:
@@ -126,7 +149,7 @@ def teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str | N
 
 def online_teacher_definitions(options: ModelOptions) -> list[tuple[TeacherDef, str]]:
     """Teachers that run on every training batch instead of being cached, with their `extra` key."""
-    if options.clip_teacher_model and options.clip_teacher_images == "online":
+    if options.clip_teacher_model and options.clip_teacher_images == "online" and options.teacher_views == 0:
         model, tag = options.clip_teacher_model, options.clip_teacher_tag
         return [(TeacherDef("clip-image", "image", "open_clip", model, tag), CLIP_IMAGE_KEY)]
     return []
@@ -177,6 +200,19 @@ class OnlineImageTeacher:
             with Precision.AMP_BF16.autocast(self.device):
                 return self.tower(view.contiguous(memory_format=torch.channels_last)).float()
         return self.tower(view.float()).float()
+
+
+@dataclass(frozen=True)
+class ViewRecipe:
+    """How a reinforced cache draws its views (`--teacher-views`): K views per image, the run's seed, the student's
+    training transform (`spec` names it and the source geometry, for the manifest), and `load`: path -> the source
+    image that transform gets in training (the file's PIL image, or the in-memory corpus' decoded square)."""
+
+    views: int
+    seed: int
+    transform: Callable
+    spec: dict[str, Any]
+    load: Callable[[str], Any]
 
 
 class _LazyTower:
@@ -247,6 +283,49 @@ def cached_teacher_features(
     )
 
 
+@torch.no_grad()
+def reinforced_teacher_features(
+    definition: TeacherDef,
+    corpus: TsvCorpus,
+    cache_root: Path,
+    device: torch.device,
+    recipe: ViewRecipe,
+    student: PreprocessSpec,
+    *,
+    tower: torch.nn.Module | None = None,
+    needed: int = 1,
+    progress: bool = False,
+    batch_size: int = 256,
+) -> ReinforcedFeatures:
+    """An image teacher's features of `recipe.views` stored views of every image: reused, resumed or computed.
+    The teacher sees each view as the student will, prepared as an online teacher prepares the student's batch."""
+    lazy = _LazyTower(definition, tower, device)
+    spec = {**definition.spec(lazy.get() if definition.needs_tower_for_spec else None), "views": recipe.spec}
+    folder = resolve_cache_folder(cache_root, "image-views", spec, corpus_hash(corpus.images), needed=needed)
+    online: list[OnlineImageTeacher] = []
+
+    def encode(images: torch.Tensor) -> torch.Tensor:
+        if not online:
+            online.append(OnlineImageTeacher(lazy.get(), student, device))
+        return online[0](images)
+
+    return build_reinforced_cache(
+        folder,
+        keys=corpus.images,
+        spec=spec,
+        views=recipe.views,
+        seed=recipe.seed,
+        transform=recipe.transform,
+        load=recipe.load,
+        teacher_input=lambda images: images,  # `OnlineImageTeacher` prepares them for the teacher
+        encode=encode,
+        dim=lambda: lazy.get().output_dim,
+        batch_size=batch_size,
+        progress=progress,
+        info=lambda: tower_info(lazy.get()),
+    )
+
+
 def load_teachers(
     model: DualEncoder,
     corpus: TsvCorpus,
@@ -255,23 +334,52 @@ def load_teachers(
     device: torch.device,
     *,
     progress: bool,
+    views: ViewRecipe | None = None,
 ) -> Teachers:
-    """Every teacher's features for the run (computed once per corpus and teacher, then read from the cache)."""
+    """Every teacher's features for the run (computed once per corpus and teacher, then read from the cache);
+    with `views`, an image teacher's features of stored views (`--teacher-views`).
+
+    The run's random streams are left as they were: building a teacher tower initialises weights at random before
+    loading its own, and a run whose caches are complete builds none, so without this a resumed or pre-cached run
+    would draw other numbers afterwards than the run that filled its caches."""
+    devices = (
+        [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    )
+    with torch.random.fork_rng(devices=devices):
+        return _load_teachers(model, corpus, options, cache_root, device, progress=progress, views=views)
+
+
+def _load_teachers(
+    model: DualEncoder,
+    corpus: TsvCorpus,
+    options: ModelOptions,
+    cache_root: Path,
+    device: torch.device,
+    *,
+    progress: bool,
+    views: ViewRecipe | None,
+) -> Teachers:
     definitions = teacher_definitions(options)
     teachers = Teachers()
     for definition, key in definitions:
         own_tower = None
         if key is None:
             own_tower = model.text_tower if definition.modality == "text" else model.image_tower
-        features = cached_teacher_features(
-            definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
-        )
+        if views is not None and definition.modality == "image":
+            features = reinforced_teacher_features(
+                definition, corpus, cache_root, device, views, model.image_preprocess, tower=own_tower,
+                needed=len(definitions), progress=progress,
+            )  # fmt: skip
+        else:
+            features = cached_teacher_features(
+                definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
+            )
         log.info(
-            "teacher %s features: %s (%d unique x %d)",
+            "teacher %s features: %s (%d unique x %s)",
             definition.name,
             features.folder,
             features.features.shape[0],
-            features.dim,
+            " x ".join(str(size) for size in features.features.shape[1:]),
         )
         if key is None:
             teachers.tower = features

@@ -78,3 +78,31 @@ def check_teacher_inputs(needs: LossNeeds, provided: set[str], loss_name: str) -
     unused = sorted({TEACHER_FLAGS[key] for key in provided - needs.teacher_features})
     if unused:
         raise UsageError(f"{', '.join(unused)}: --loss {loss_name} does not use these teachers (CLIP-KD does)")
+
+
+def check_teacher_views(cfg: Config, model: DualEncoder, streamed: bool) -> None:
+    """--teacher-views needs an image teacher, rows to store views by, and a training transform whose draws can be
+    stored; it replaces --clip-teacher-images (online or cached)."""
+    if cfg.model.teacher_views == 0:
+        return
+    if cfg.model.teacher_side is not TeacherSide.IMAGE and not cfg.model.clip_teacher_model:
+        raise UsageError(
+            "--teacher-views: this run has no image teacher; give --teacher image or a --clip-teacher-model "
+            "(a text teacher keeps its one cached feature per caption)"
+        )
+    if cfg.model.clip_teacher_model and cfg.model.clip_teacher_images == "cached":
+        raise UsageError(
+            "--teacher-views with --clip-teacher-images cached: choose one (stored views replace both the online "
+            "teacher and its centre-crop cache)"
+        )
+    if streamed:
+        raise UsageError(
+            "--teacher-views needs a TSV corpus: views are stored per image; webdataset shards are streamed"
+        )
+    from protorkd.data.transforms import train_transform
+    from protorkd.data.views import view_width
+
+    try:
+        view_width(train_transform(model.image_preprocess, cfg.data.augmentation))
+    except ValueError as error:
+        raise UsageError(f"--teacher-views with --augmentation {cfg.data.augmentation}: {error}") from None

@@ -71,6 +71,7 @@ def build_batches(
         max_pixels=d.max_image_pixels,
         max_member_bytes=d.max_member_bytes,
         in_memory_size=in_memory_size,
+        view_replay=task.teachers.view_replay,
     )
     log.info("training batches ready in %.1f s", time.perf_counter() - started)
     check_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)

@@ -33,10 +33,7 @@ from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
-from protorkd.train.checks import (
-    check_auxiliary_inputs,
-    check_batch_fits,
-)
+from protorkd.train.checks import check_auxiliary_inputs, check_batch_fits, check_teacher_views
 from protorkd.train.clustering import ClusteringPhase
 from protorkd.train.data import build_batches, in_memory_image_size, open_run_corpus
 from protorkd.train.experiment import (
@@ -135,6 +132,7 @@ def _check_before_creating(cfg: Config, state: DistState) -> _Checked:
     for auxiliary in build_auxiliary_losses(cfg.loss).values():
         auxiliary_needs = auxiliary_needs | auxiliary.needs
     check_auxiliary_inputs(auxiliary_needs, model, cfg.model.teacher_side)
+    check_teacher_views(cfg, model, streamed=isinstance(corpus, ShardCorpus))
     eval_root = default_eval_root(cfg)
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
@@ -230,7 +228,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         images = "decoded in memory" if in_memory_size else "read from files"
         log.info("precision %s, images %s", precision.value, images)
         cache_root = Path(cfg.log.teacher_cache) if cfg.log.teacher_cache else paths.cache
-        task = build_task(cfg, state, device, corpus, checked.model, cache_root, precision)
+        task = build_task(cfg, state, device, corpus, checked.model, cache_root, precision, in_memory_size)
         batches, clustering = build_batches(cfg, state, task, corpus, in_memory_size)
     except BaseException as error:
         if handler is not None:

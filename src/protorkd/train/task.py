@@ -30,7 +30,10 @@ import torch
 from protorkd import distributed
 from protorkd.config import Config
 from protorkd.data.corpus import Corpus, ShardCorpus, TsvCorpus
+from protorkd.data.decoded_corpus import decode_image
+from protorkd.data.images import read_image
 from protorkd.data.mixup import Mixup, mix_images, run_mixup
+from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.losses import build_loss
@@ -40,7 +43,7 @@ from protorkd.models.features import Features
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
 from protorkd.teachers.caption_ensemble import caption_ensemble
-from protorkd.teachers.features import Teachers, load_teachers, teacher_definitions
+from protorkd.teachers.features import Teachers, ViewRecipe, load_teachers, teacher_definitions
 from protorkd.train.checks import check_teacher_inputs
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,7 @@ class Task:
         with `extra_views`, the extra passes the loss needs (a second image view, a second text dropout pass)."""
         inputs: dict = {}
         teachers, device, needs = self.teachers, self.device, self.needs
+        views = batch.get("views")  # with a reinforced teacher cache: each row's stored view
         if self.teacher is TeacherSide.TEXT and teachers.tower is not None:
             inputs["text_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
         else:
@@ -104,7 +108,8 @@ class Task:
             if extra_views and needs.text_dropout_view:
                 inputs["text_views"] = 2
         if self.teacher is TeacherSide.IMAGE and teachers.tower is not None:
-            inputs["image_backbone_features"] = teachers.tower.lookup(batch["indices"]).to(device, non_blocking=True)
+            image_features = teachers.tower.lookup(batch["indices"], views)
+            inputs["image_backbone_features"] = image_features.to(device, non_blocking=True)
         else:
             keys = ("images", "images_view2") if extra_views and needs.image_view2 else ("images",)
             for key in keys:
@@ -128,7 +133,9 @@ class Task:
         mixup_lams = self._mix(inputs, batch, batch_number)
         with self.precision.autocast(self.device):  # the towers (and an online teacher) in the run's precision
             features: Features = (self.train_model or self.model)(**inputs)
-            separate_teachers = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
+            separate_teachers = self.teachers.extra_inputs(
+                batch["indices"], self.device, images=inputs.get("images"), views=batch.get("views")
+            )
         # The loss in fp32, autocast off: bf16 logits at scale 100 carry errors up to 0.3, SEED's teacher
         # temperature is 1e-4, and RKD's angles cancel badly in low precision.
         loss_inputs = self._loss_inputs(batch, features.float(), separate_teachers, epoch, mixup_lams)
@@ -145,7 +152,9 @@ class Task:
         mixup_lams = self._mix(inputs, batch, batch_number)
         with torch.no_grad(), self.precision.autocast(self.device):
             features: Features = (self.train_model or self.model)(**inputs)
-            separate = self.teachers.extra_inputs(batch["indices"], self.device, images=inputs.get("images"))
+            separate = self.teachers.extra_inputs(
+                batch["indices"], self.device, images=inputs.get("images"), views=batch.get("views")
+            )
         return MicroBatch(batch, inputs, features.float(), {k: v.float() for k, v in separate.items()}, mixup_lams)
 
     def forward_accumulated(self, group: list[MicroBatch], index: int, *, epoch: int) -> StepOutput:
@@ -216,11 +225,14 @@ def build_task(
     model: DualEncoder,
     cache_root: Path,
     precision: Precision,
+    in_memory_size: int | None = None,
 ) -> Task:
-    """The teachers' features (computed once, or read from the cache), the loss built with their widths, mixup."""
+    """The teachers' features (computed once, or read from the cache), the loss built with their widths, mixup.
+    `in_memory_size`: the side of the in-memory corpus' decoded images, which stored views are drawn on."""
     teacher = cfg.model.teacher_side
     started = time.perf_counter()
-    teachers = _load_teachers(cfg, corpus, model, cache_root, state, device)
+    recipe = view_recipe(cfg, model, in_memory_size) if cfg.model.teacher_views > 0 else None
+    teachers = _load_teachers(cfg, corpus, model, cache_root, state, device, recipe)
     if cfg.data.caption_ensemble:  # streamed shards have no rows (and so no cached tower): refused inside
         rows = corpus.images if isinstance(corpus, TsvCorpus) else []
         teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
@@ -239,8 +251,46 @@ def build_task(
     return Task(model, teachers, teacher, loss, precision, device, mixup, rank=state.rank)
 
 
+def view_recipe(cfg: Config, model: DualEncoder, in_memory_size: int | None) -> ViewRecipe:
+    """How this run's reinforced cache draws its views: its training transform, on the source images its data path
+    gives that transform (the file, or the in-memory corpus' decoded square)."""
+    preprocess = model.image_preprocess
+    max_pixels = cfg.data.max_image_pixels
+    if in_memory_size is not None:
+        source = f"decoded {in_memory_size} px square"
+
+        def load(path: str) -> torch.Tensor:
+            decoded = decode_image(path, in_memory_size, max_pixels)
+            if isinstance(decoded, str):
+                raise ValueError(decoded)
+            return decoded
+
+    else:
+        source = "file"
+
+        def load(path: str):
+            return read_image(path, max_pixels, lambda image: image.copy())
+
+    spec = {
+        "augmentation": cfg.data.augmentation or "default",
+        "image_size": preprocess.image_size,
+        "mean": list(preprocess.mean),
+        "std": list(preprocess.std),
+        "interpolation": preprocess.interpolation,
+        "source": source,
+    }
+    transform = train_transform(preprocess, cfg.data.augmentation)
+    return ViewRecipe(cfg.model.teacher_views, cfg.optim.seed, transform, spec, load)
+
+
 def _load_teachers(
-    cfg: Config, corpus: Corpus, model: DualEncoder, cache_root: Path, state: DistState, device: torch.device
+    cfg: Config,
+    corpus: Corpus,
+    model: DualEncoder,
+    cache_root: Path,
+    state: DistState,
+    device: torch.device,
+    recipe: ViewRecipe | None = None,
 ) -> Teachers:
     """Every locked teacher's features, computed once (the master first, then the others read its cache)."""
     definitions = teacher_definitions(cfg.model)
@@ -255,10 +305,10 @@ def _load_teachers(
         return Teachers()
     teachers = Teachers()
     if state.is_master:
-        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=True)
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=True, views=recipe)
     distributed.barrier()
     if not state.is_master:
-        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False)
+        teachers = load_teachers(model, corpus, cfg.model, cache_root, device, progress=False, views=recipe)
     return teachers
 
 
