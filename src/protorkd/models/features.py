@@ -16,6 +16,8 @@ class Features:
     text_dropout: a second pass of a trainable text tower, with other dropout masks (SimCSE).
     image_proto / text_proto: ProtoCLIP's projection heads on the unnormalised joint features [B, d], the space
         its prototypes and clusters live in; never seen by evaluation.
+    image_unnormalized / text_unnormalized: `image` / `text` before the L2 normalisation [B, D] (what CLIP-KD's
+        projection into a wider or narrower teacher space acts on).
     """
 
     image: torch.Tensor | None = None
@@ -24,6 +26,8 @@ class Features:
     text_dropout: torch.Tensor | None = None
     image_proto: torch.Tensor | None = None
     text_proto: torch.Tensor | None = None
+    image_unnormalized: torch.Tensor | None = None
+    text_unnormalized: torch.Tensor | None = None
 
     def clustering_space(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(image, text) as ProtoCLIP clusters them: the projection heads' outputs when the model has them, else

@@ -115,6 +115,8 @@ class Task:
             loss_inputs = LossInputs(  # losses see fp32 joint features whatever the towers computed in
                 image_features=features.image.float(),
                 text_features=features.text.float(),
+                image_features_unnormalized=features.image_unnormalized.float(),
+                text_features_unnormalized=features.text_unnormalized.float(),
                 teacher=self.teacher,
                 indices=batch["indices"].to(self.device),
                 epoch=epoch,
