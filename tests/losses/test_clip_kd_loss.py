@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from protorkd import distributed
 from protorkd.losses import LossOptions, build_loss
 from protorkd.losses.base import LossInputs
-from protorkd.losses.clip_kd import CLIPKD, ClipKDWeights, ClipTeacher
+from protorkd.losses.clip_kd import CLIP_KD_LOSS_WEIGHT_DECAY, CLIPKD, ClipKDWeights, ClipTeacher
 from protorkd.losses.relational import RKD
 
 
@@ -82,10 +82,18 @@ ALL_ON = ClipKDWeights(infonce=1.0, logit=1.0, fd=2.0, icl=1.0, intra=0.5, rkd=3
 
 
 def inputs(s_i, s_t, t_i, t_t, teacher_scale=TEACHER_SCALE):
+    """The loss's inputs for unit student rows (so the unnormalised features are the rows themselves)."""
     extra = {"teacher_image_features": t_i, "teacher_text_features": t_t}
     if teacher_scale is not None:
         extra["teacher_logit_scale"] = torch.tensor(teacher_scale, dtype=torch.float64)
-    return LossInputs(image_features=s_i, text_features=s_t, teacher="none", separate_teachers=extra)
+    return LossInputs(
+        image_features=s_i,
+        text_features=s_t,
+        teacher="none",
+        separate_teachers=extra,
+        image_features_unnormalized=s_i,
+        text_features_unnormalized=s_t,
+    )
 
 
 def test_clip_kd_terms_equal_hand_computation():
@@ -230,3 +238,158 @@ def test_clip_kd_combines_several_teachers_with_their_weights():
     only_big = {"teacher_image_features": T_IMAGE, "teacher_text_features": T_TEXT}
     with pytest.raises(KeyError, match="small_image"):
         loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", separate_teachers=only_big))
+
+
+# --- CLIP-KD's own code at unequal widths -----------------------------------------------------------------
+
+
+class ClipKDArgs:
+    """The flags KDClipLoss reads: CLIP-KD's recommended CRD + ICL + FD (alpha_fd_loss 2000)."""
+
+    def __init__(self, s_embed_dim, t_embed_dim):
+        self.s_embed_dim, self.t_embed_dim = s_embed_dim, t_embed_dim
+        self.alpha_ckd_loss, self.alpha_icl_loss, self.alpha_fd_loss = 1.0, 1.0, 2000.0
+        self.alpha_cross_kd_loss = self.alpha_gd_loss = self.alpha_afd_loss = 0.0
+
+
+class KDClipLoss(torch.nn.Module):
+    """winycg/CLIP-KD src/open_clip/loss.py KDClipLoss (f3ae18b), transcribed for one process: its world_size > 1
+    branch with the gathers as the identity (its single-process branch reads undefined names), no local loss,
+    CE/ICL/CRD/FD (the gradient-distillation and AFD terms are off by default and left out)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        if args.t_embed_dim != args.s_embed_dim:
+            self.visual_proj = torch.nn.Linear(args.s_embed_dim, args.t_embed_dim)
+            self.text_proj = torch.nn.Linear(args.s_embed_dim, args.t_embed_dim)
+        self.cross_logit_scale = torch.nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.fusion_logit_scale = torch.nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+
+    @staticmethod
+    def kl_loss(y_s, y_t, T=1):  # DistillKL(T=1)
+        p_s = F.log_softmax(y_s / T, dim=1)
+        p_t = F.softmax(y_t / T, dim=1)
+        return F.kl_div(p_s, p_t, reduction="batchmean") * (T**2)
+
+    def forward(self, image_features, text_features, logit_scale, t_image_features, t_text_features, t_logit_scale):
+        all_image_features, all_text_features = image_features, text_features
+        t_all_image_features, t_all_text_features = t_image_features, t_text_features
+        t_logits_per_image = t_logit_scale * t_all_image_features @ t_all_text_features.T
+        t_logits_per_text = t_logits_per_image.T
+        normalized_all_image_features = F.normalize(all_image_features, dim=1)
+        normalized_all_text_features = F.normalize(all_text_features, dim=1)
+        logits_per_image = logit_scale * normalized_all_image_features @ normalized_all_text_features.T
+        logits_per_text = logits_per_image.T
+        labels = torch.arange(logits_per_image.shape[0])
+        if self.args.t_embed_dim != self.args.s_embed_dim:
+            all_image_features = self.visual_proj(all_image_features)
+            all_text_features = self.text_proj(all_text_features)
+        normalized_all_image_features = F.normalize(all_image_features, dim=1)
+        normalized_all_text_features = F.normalize(all_text_features, dim=1)
+        fd_loss = F.mse_loss(normalized_all_image_features, t_all_image_features) + F.mse_loss(
+            normalized_all_text_features, t_all_text_features
+        )
+        logits_per_s_image_to_t_text = self.cross_logit_scale * normalized_all_image_features @ t_all_text_features.T
+        logits_per_s_text_to_t_image = self.cross_logit_scale * normalized_all_text_features @ t_all_image_features.T
+        task_loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        icl_loss = (
+            F.cross_entropy(logits_per_s_image_to_t_text, labels)
+            + F.cross_entropy(logits_per_s_text_to_t_image, labels)
+        ) / 2
+        ckd_loss = (
+            self.kl_loss(logits_per_image, t_logits_per_image.detach())
+            + self.kl_loss(logits_per_text, t_logits_per_text.detach())
+        ) / 2
+        return (
+            task_loss,
+            self.args.alpha_ckd_loss * ckd_loss,
+            self.args.alpha_icl_loss * icl_loss,
+            (self.args.alpha_fd_loss * fd_loss),
+        )
+
+
+def test_clip_kd_at_unequal_widths_equals_clip_kds_code_in_value_and_gradients():
+    """Student width 3, teacher width 5, student rows far from unit norm: CLIP-KD applies its projection to the
+    unnormalised student features (loss.py:289-296, with model.py's forward(distill=True) returning them)."""
+    student_dim, teacher_dim, n = 3, 5, 4
+    generator = torch.Generator().manual_seed(0)
+    raw_image = 3.0 * torch.randn(n, student_dim, generator=generator, dtype=torch.float64) + 1.0
+    raw_text = 0.5 * torch.randn(n, student_dim, generator=generator, dtype=torch.float64) - 2.0
+    t_image = F.normalize(torch.randn(n, teacher_dim, generator=generator, dtype=torch.float64), dim=1)
+    t_text = F.normalize(torch.randn(n, teacher_dim, generator=generator, dtype=torch.float64), dim=1)
+    torch.manual_seed(1)
+    reference = KDClipLoss(ClipKDArgs(student_dim, teacher_dim)).double()
+    ours = build_loss("CLIP-KD", LossOptions(clip_kd_teacher_dim=teacher_dim), student_dim).double()
+    with torch.no_grad():
+        ours.image_projections["clip"].load_state_dict(reference.visual_proj.state_dict())
+        ours.text_projections["clip"].load_state_dict(reference.text_proj.state_dict())
+        ours.icl_scales["clip"].copy_(reference.cross_logit_scale)
+    logit_scale = torch.nn.Parameter(ours.logit_scale.detach().clone())  # CLIP-KD's model's, ln(1/0.07)
+
+    leaves = [raw_image.clone().requires_grad_(), raw_text.clone().requires_grad_()]
+    task, ckd, icl, fd = reference(*leaves, logit_scale.exp(), t_image, t_text, torch.tensor(TEACHER_SCALE))
+    (task + ckd + icl + fd).backward()
+    our_leaves = [raw_image.clone().requires_grad_(), raw_text.clone().requires_grad_()]
+    terms = ours(
+        LossInputs(
+            image_features=F.normalize(our_leaves[0], dim=1),
+            text_features=F.normalize(our_leaves[1], dim=1),
+            teacher="none",
+            separate_teachers={
+                "teacher_image_features": t_image,
+                "teacher_text_features": t_text,
+                "teacher_logit_scale": torch.tensor(TEACHER_SCALE, dtype=torch.float64),
+            },
+            image_features_unnormalized=our_leaves[0],
+            text_features_unnormalized=our_leaves[1],
+        )
+    )
+    sum(terms.values()).backward()
+    for name, value in (("infonce_loss", task), ("clip_kd_logit_loss", ckd), ("clip_kd_icl_loss", icl)):
+        torch.testing.assert_close(terms[name], value, rtol=1e-10, atol=0), name
+    torch.testing.assert_close(terms["clip_kd_fd_loss"], fd, rtol=1e-10, atol=0)
+    for ours_leaf, reference_leaf in zip(our_leaves, leaves):
+        torch.testing.assert_close(ours_leaf.grad, reference_leaf.grad, rtol=1e-9, atol=1e-12)
+    for mine, theirs in (
+        (ours.image_projections["clip"], reference.visual_proj),
+        (ours.text_projections["clip"], reference.text_proj),
+    ):
+        torch.testing.assert_close(mine.weight.grad, theirs.weight.grad, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(mine.bias.grad, theirs.bias.grad, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours.icl_scales["clip"].grad, reference.cross_logit_scale.grad, rtol=1e-9, atol=0)
+    torch.testing.assert_close(ours.logit_scale.grad, logit_scale.grad, rtol=1e-9, atol=0)
+
+
+def test_clip_kd_projection_needs_the_unnormalised_features():
+    loss = CLIPKD(2, (ClipTeacher(dim=3),)).double()
+    t_rows = unit_rows([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    extra = {"teacher_image_features": t_rows, "teacher_text_features": t_rows}
+    with pytest.raises(KeyError, match="image_features_unnormalized"):
+        loss(LossInputs(image_features=S_IMAGE, text_features=S_TEXT, teacher="none", separate_teachers=extra))
+
+
+def test_clip_kd_loss_parameters_take_clip_kds_weight_decay_in_the_optimizer():
+    """CLIP-KD's main_kd.py: AdamW([{no-decay model params, wd 0}, {model params, --wd}, {"params":
+    loss.parameters()}]): the last group takes AdamW's default decay; the student's logit scale (CLIP-KD's
+    model's) none. Also inside a loss with auxiliary terms (--w-simcse)."""
+    from protorkd.train.optim import REST, VISUAL, build_optimizer
+
+    reference = KDClipLoss(ClipKDArgs(3, 5))
+    clip_kd_groups = torch.optim.AdamW(
+        [{"params": [torch.nn.Parameter(torch.zeros(2, 2))], "weight_decay": 0.2}, {"params": reference.parameters()}]
+    ).param_groups
+    assert clip_kd_groups[-1]["weight_decay"] == CLIP_KD_LOSS_WEIGHT_DECAY == 0.01
+    image_tower, model = torch.nn.Linear(4, 3), torch.nn.Linear(3, 3)
+    for options in (LossOptions(clip_kd_teacher_dim=5), LossOptions(clip_kd_teacher_dim=5, w_simcse=0.5)):
+        loss = build_loss("CLIP-KD", options, 3)
+        clip_kd = loss.main if hasattr(loss, "main") else loss
+        roles = {VISUAL: [image_tower], REST: [model, loss]}
+        optimizer = build_optimizer(roles, lr=1.0, weight_decay=0.2, betas=(0.9, 0.98), eps=1e-6)
+        decay = {id(p): (g["role"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}
+        for name, parameter in clip_kd.named_parameters():
+            expected = 0.0 if name == "logit_scale" else 0.01
+            assert decay[id(parameter)] == (REST, expected), name
+        assert decay[id(model.weight)] == (REST, 0.2) and decay[id(image_tower.weight)] == (VISUAL, 0.2)
+        assert decay[id(model.bias)] == (REST, 0.0)
+        assert len(decay) == sum(1 for m in (image_tower, model, loss) for _ in m.parameters())

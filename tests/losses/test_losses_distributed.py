@@ -117,6 +117,8 @@ def run_case(case: str, steps: list[dict[str, torch.Tensor]], rows: slice, state
         inputs = LossInputs(
             image_features=leaves["image"],
             text_features=leaves["text"],
+            image_features_unnormalized=leaves["image"],  # unit rows: CLIP-KD's projection input
+            text_features_unnormalized=leaves["text"],
             teacher=teacher,
             indices=step["indices"][rows],
             separate_teachers=separate,

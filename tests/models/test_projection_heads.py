@@ -68,6 +68,8 @@ def test_forward_returns_normalised_projections_of_the_unnormalised_joint_featur
     torch.testing.assert_close(out.image_proto, F.normalize(model.image_projection_head(joint_image)))
     torch.testing.assert_close(out.text_proto, F.normalize(model.text_projection_head(joint_text)))
     torch.testing.assert_close(out.image, F.normalize(joint_image))
+    torch.testing.assert_close(out.image_unnormalized, joint_image)  # what CLIP-KD's projection acts on
+    torch.testing.assert_close(out.text_unnormalized, joint_text)
     assert out.image_proto.shape == (4, 8)
     assert torch.allclose(out.text_proto.norm(dim=1), torch.ones(4), atol=1e-6)
 

@@ -143,10 +143,10 @@ def test_features_reach_the_disk_before_the_manifest_records_them(tmp_path, monk
 
     events: list[str] = []
     monkeypatch.setattr(tc, "fsync_file", lambda path: events.append(f"fsync {path.name}"))
-    real_write = tc._write_manifest
+    real_write = tc.write_manifest
     monkeypatch.setattr(
         tc,
-        "_write_manifest",
+        "write_manifest",
         lambda folder, manifest: (events.append(f"manifest {manifest['done']}"), real_write(folder, manifest)),
     )
     _image_cache(tmp_path / "c", ["0", "1", "2"], int)

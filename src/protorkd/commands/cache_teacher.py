@@ -9,7 +9,10 @@ it instead of running the teachers.
 
 `--pca-dim D` stores a PCA of one teacher's features beside its cache; `--export-npy FILE` writes that
 teacher's per-row features ([corpus rows, D] float32, PCA-reduced with --pca-dim), the layout ProtoCLIP's
-`--external-teacher` reads. For example, MiniLM captions reduced to 64 dimensions:
+`--external-teacher` reads. As ProtoCLIP's `RoBERTa.py` does, each row is L2-normalised before an exact PCA
+(faiss' PCAMatrix, fitted on every corpus row; `--no-export-normalize` keeps the raw features). The teacher
+pools as it does in training (MiniLM: the mean over the caption's tokens; ProtoCLIP's RoBERTa script
+averaged all 77 padded positions, docs/method.md). For example, MiniLM captions reduced to 64 dimensions:
 
     protorkd cache-teacher --train-data train.tsv --text-model all-MiniLM-L6-v2 --teacher text \\
         --teacher-cache cache/ --export-npy minilm64.npy --pca-dim 64
@@ -34,9 +37,21 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("cache-teacher")
-    group.add_argument("--pca-dim", type=int, default=0, help="store a PCA to this many dimensions (default: 0, none)")
+    group.add_argument(
+        "--pca-dim",
+        type=int,
+        default=0,
+        help="store an exact PCA (faiss PCAMatrix) to this many dimensions (default: 0, none)",
+    )
     group.add_argument(
         "--export-npy", default=None, help="write the per-row features of --export-teacher to this .npy file"
+    )
+    group.add_argument(
+        "--export-normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="L2-normalise each row before the PCA and the export, as ProtoCLIP (default: on; "
+        "--no-export-normalize: the raw features)",
     )
     group.add_argument(
         "--export-teacher",
@@ -65,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.errors import UsageError
     from protorkd.models.build import build_dual_encoder
     from protorkd.models.options import TeacherSide
-    from protorkd.teachers.cache import export_rows, pca_projection, save_pca
+    from protorkd.teachers.external import export_rows, fit_pca, save_pca, training_rows
     from protorkd.teachers.features import cached_teacher_features, reinforced_teacher_features, teacher_definitions
     from protorkd.train.checks import check_teacher_views
     from protorkd.train.data import in_memory_image_size, open_run_corpus
@@ -119,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--pca-dim / --export-npy: {export_name}'s cache holds views, not one feature per row")
     pca = None
     if args.pca_dim:
-        pca = pca_projection(cache.features, args.pca_dim, seed=cfg.optim.seed)
+        pca = fit_pca(training_rows(cache, seed=cfg.optim.seed), args.pca_dim, normalize=args.export_normalize)
         path = save_pca(cache, pca)
         print(f"{export_name}: PCA to {args.pca_dim} dimensions in {path}")
     if args.export_npy:
-        path = export_rows(cache, Path(args.export_npy), pca=pca)
+        path = export_rows(cache, Path(args.export_npy), pca=pca, normalize=args.export_normalize)
         width = args.pca_dim or cache.dim
         print(f"{export_name}: per-row features [{len(cache.rows)}, {width}] in {path}")
     return 0

@@ -25,6 +25,8 @@ class LossInputs:
     """Joint-space features of one local batch, and what the run knows about its rows.
 
     image_features / text_features: [B, D], L2-normalised outputs of the projection heads.
+    image_features_unnormalized / text_features_unnormalized: [B, D], the same before the normalisation (CLIP-KD
+        projects these into a teacher space of another width); None where a caller has only normalised rows.
     teacher: which tower is the locked teacher (TEXT, IMAGE) or NONE (both towers train).
     indices: [B] corpus row of each sample (used by prototype / clustering losses).
     positions: [B] each sample's position in its episode (ProtoCLIP's "episodic index": a row drawn twice
@@ -55,6 +57,8 @@ class LossInputs:
     text_proto_features: torch.Tensor | None = None
     separate_teachers: dict[str, torch.Tensor] = field(default_factory=dict)
     mixup_lams: torch.Tensor | None = None
+    image_features_unnormalized: torch.Tensor | None = None
+    text_features_unnormalized: torch.Tensor | None = None
     mixup_groups: list[int] | None = None
     update_state: bool = True
 
@@ -144,7 +148,8 @@ class Loss(Protocol):
 
 
 class LossModule(nn.Module):
-    """The base of every loss: an `nn.Module` that implements `Loss` (needs nothing, logs nothing, no clusters)."""
+    """The base of every loss: an `nn.Module` that implements `Loss` (needs nothing, logs nothing, no clusters,
+    no weight decay of its own)."""
 
     needs: LossNeeds = LossNeeds()
 
@@ -153,3 +158,20 @@ class LossModule(nn.Module):
 
     def clustering(self) -> ClusteringLoss | None:
         return None
+
+    def own_weight_decay(self) -> dict[str, float]:
+        """{parameter name (as in `self.named_parameters()`): weight decay} for the parameters whose decay the
+        loss's method fixes whatever `--wd` says (CLIP-KD's: AdamW's default 0.01). The others follow `--wd` and
+        the optimizer's no-decay rules."""
+        return {}
+
+
+def fixed_weight_decays(module: nn.Module) -> dict[int, float]:
+    """{id(parameter): weight decay} declared by every `LossModule` inside `module` (itself included), so that
+    a loss inside a sum or beside auxiliary terms keeps its decay."""
+    decays: dict[int, float] = {}
+    for loss in module.modules():
+        if isinstance(loss, LossModule):
+            parameters = dict(loss.named_parameters())
+            decays.update({id(parameters[name]): decay for name, decay in loss.own_weight_decay().items()})
+    return decays

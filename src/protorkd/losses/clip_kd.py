@@ -9,14 +9,19 @@ over teachers with per-teacher weights):
 * logit (CRD / open_clip DistillClipLoss, as a KL): KL(softmax(s_t T_I T_T^T) || softmax(s S_I S_T^T))
   row-wise, image->text and text->image, averaged.
 * fd: MSE(proj(S_I), T_I) + MSE(proj(S_T), T_T), MSE averaged over all N x Dt elements, as CLIP-KD's
-  `F.mse_loss` (proj: learnable Linear(D, Dt) with bias followed by normalisation when Dt != D,
-  identity otherwise). The weight 2000 is CLIP-KD's alpha_fd_loss, whatever the teacher's width.
+  `F.mse_loss` (proj: when Dt != D, a learnable Linear(D, Dt) with bias applied, as in CLIP-KD's
+  `KDClipLoss.forward`, to the student's *unnormalised* features, then normalisation; identity otherwise).
+  The weight 2000 is CLIP-KD's alpha_fd_loss, whatever the teacher's width.
 * icl: InfoNCE of proj(S_I) against T_T and of proj(S_T) against T_I, with ICL's own learnable scale
   `icl_scale` (CLIP-KD's `cross_logit_scale`: initialised to ln(1/0.07) and, as in CLIP-KD, used as the
   multiplier itself, not exponentiated, and never clamped), one per teacher.
 * intra: KL between teacher and student image-image (and text-text) similarity distributions,
   the diagonal removed, teacher scale for the teacher, student scale for the student.
 * rkd: RKD (distance + angle) between student and teacher image features and text features.
+
+The projections and ICL's scales take CLIP-KD's weight decay, AdamW's default 0.01 (CLIP-KD's optimizer
+puts `loss.parameters()` in a group of their own, without `--wd`; `own_weight_decay`); the student's
+logit scale, part of CLIP-KD's model, takes none.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class ClipKDWeights:
 
 
 ICL_SCALE_INIT = math.log(1.0 / 0.07)  # CLIP-KD's cross_logit_scale initial value, used as a plain multiplier
+CLIP_KD_LOSS_WEIGHT_DECAY = 0.01  # CLIP-KD: AdamW's default, for the group {"params": loss.parameters()}
 
 
 def _projection(dim: int, teacher_dim: int) -> nn.Module:
@@ -87,6 +93,7 @@ class CLIPKD(LossModule):
         names = [teacher.name for teacher in teachers]
         if len(set(names)) != len(names):
             raise ValueError(f"teacher names must be unique, got {names}")
+        self.dim = dim
         self.teachers = tuple(dataclasses.replace(t, dim=dim if t.dim < 0 else t.dim) for t in teachers)
         self.needs = LossNeeds(teacher_features=frozenset(k for t in self.teachers for k in (t.image_key, t.text_key)))
         self.weights = weights
@@ -99,16 +106,33 @@ class CLIPKD(LossModule):
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
 
+    def own_weight_decay(self) -> dict[str, float]:
+        """CLIP-KD's 0.01 for the projections and ICL's scales (not the student's logit scale)."""
+        owned = {"image_projections": self.image_projections, "text_projections": self.text_projections}
+        owned["icl_scales"] = self.icl_scales
+        return {
+            f"{prefix}.{name}": CLIP_KD_LOSS_WEIGHT_DECAY
+            for prefix, module in owned.items()
+            for name, _ in module.named_parameters()
+        }
+
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         student_image = gather_trainable(inputs.image_features)
         student_text = gather_trainable(inputs.text_features)
+        unnormalized = None
+        if (self.weights.fd or self.weights.icl) and any(t.dim != self.dim for t in self.teachers):
+            unnormalized = (
+                gather_trainable(inputs.required("image_features_unnormalized", "CLIP-KD's projection")),
+                gather_trainable(inputs.required("text_features_unnormalized", "CLIP-KD's projection")),
+            )
         scale = self.scale()
         terms: dict[str, torch.Tensor] = {}
         if self.weights.infonce:
             terms["infonce_loss"] = self.weights.infonce * symmetric_infonce(student_image, student_text, scale)
         for teacher in self.teachers:
             suffix = "" if len(self.teachers) == 1 else f"/{teacher.name}"
-            for name, value in self._teacher_terms(inputs, teacher, student_image, student_text, scale).items():
+            student = (student_image, student_text)
+            for name, value in self._teacher_terms(inputs, teacher, student, unnormalized, scale).items():
                 terms[name + suffix] = teacher.weight * value
         return terms
 
@@ -116,10 +140,13 @@ class CLIPKD(LossModule):
         self,
         inputs: LossInputs,
         teacher: ClipTeacher,
-        student_image: torch.Tensor,
-        student_text: torch.Tensor,
+        student: tuple[torch.Tensor, torch.Tensor],
+        unnormalized: tuple[torch.Tensor, torch.Tensor] | None,
         scale: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
+        """The terms of one teacher; `student` = the normalised (image, text) rows [N, D], `unnormalized` the same
+        before normalisation (None when no teacher's width differs from the student's)."""
+        student_image, student_text = student
         given = inputs.separate_teachers
         for key in (teacher.image_key, teacher.text_key):
             if key not in given:
@@ -141,8 +168,12 @@ class CLIPKD(LossModule):
             text_to_image = kl_divergence(teacher_logits.T, student_logits.T)
             terms["clip_kd_logit_loss"] = w.logit * 0.5 * (image_to_text + text_to_image)
         if w.fd or w.icl:
-            projected_image = self._project(self.image_projections[teacher.name], student_image)
-            projected_text = self._project(self.text_projections[teacher.name], student_text)
+            if teacher.dim == self.dim:  # CLIP-KD: no projection at equal widths
+                projected_image, projected_text = student_image, student_text
+            else:  # CLIP-KD's loss.py: the Linear on the unnormalised features, then F.normalize
+                assert unnormalized is not None
+                projected_image = F.normalize(self.image_projections[teacher.name](unnormalized[0]), dim=-1)
+                projected_text = F.normalize(self.text_projections[teacher.name](unnormalized[1]), dim=-1)
             if w.fd:
                 fd = F.mse_loss(projected_image, teacher_image) + F.mse_loss(projected_text, teacher_text)
                 terms["clip_kd_fd_loss"] = w.fd * fd
@@ -164,12 +195,6 @@ class CLIPKD(LossModule):
             text_terms = rkd_terms(student_text, teacher_text, w.rkd_distance, w.rkd_angle, self.rkd_angle_chunk)
             terms["clip_kd_rkd_loss"] = w.rkd * 0.5 * (sum(image_terms.values()) + sum(text_terms.values()))
         return terms
-
-    @staticmethod
-    def _project(projection: nn.Module, features: torch.Tensor) -> torch.Tensor:
-        if isinstance(projection, nn.Identity):
-            return features
-        return F.normalize(projection(features), dim=-1)
 
     def log_values(self) -> dict[str, float]:
         values = {"temperature": float(1.0 / self.scale().detach())}

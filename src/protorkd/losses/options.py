@@ -43,6 +43,12 @@ class LossOptions:
     )
     # Queue-based KD (CompRess-1q, CompRess-2q, SEED)
     queue_size: int = flag(65536, "CompRess/SEED: memory-queue length (features of past global batches)", minimum=1)
+    queue_init: str = flag(
+        "random",
+        "CompRess/SEED: how the queues start. random: ITRA's random rows (drawn from --seed), the whole queue "
+        "scored from the first step; empty: no rows, only the filled part scored (the first step's value is 0)",
+        ("random", "empty"),
+    )
     queue_temperature: float = flag(
         0.04, "CompRess: temperature of the similarity distributions over the queue", above=0
     )

@@ -2,31 +2,60 @@
 
 The student matches the teacher's similarity distribution over a FIFO memory queue of past
 features. Queues are buffers (checkpointed with the loss); every rank enqueues the same gathered
-global batch, so all ranks hold identical queues. Only the filled part of a queue is scored: the
-originals start from random unit vectors, which would make the first queue_size / N steps distil
-similarities to noise; here the very first step has nothing to score and returns a connected 0.
+global batch, so all ranks hold identical queues.
+
+How a queue starts (`--queue-init`): `random` (the default) is ITRA's (the original ProtoRKD code's): every
+row random from the first step, the whole queue scored, the rows overwritten oldest first. CompRess's rows are
+uniform in [-stdv, stdv] per entry, stdv = 1/sqrt(D/3) (ITRA's `SampleSimilarities`, from CompRess's code:
+about unit norm, not normalised); SEED's are normalised Gaussian rows (ITRA's `SEED`, from MoCo). For
+CompRess-1q this is a signal from the first step: teacher and student are scored against the same random
+rows. They are drawn from a generator seeded with the run's seed (identical on every rank, a resumed run
+reads them from the checkpoint). `empty` starts with no rows and scores only the filled part, so the first
+step has nothing to score and returns a connected 0.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from protorkd.losses.base import LossInputs, LossModule
 from protorkd.losses.common import kl_divergence, soft_cross_entropy, student_teacher, zero_with_grad
 
+QUEUE_INITS = ("random", "empty")
+
+
+def compress_random_rows(size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """[size, dim] CompRess's initial memory (ITRA `SampleSimilarities`): uniform in [-stdv, stdv] per entry,
+    stdv = 1/sqrt(dim/3)."""
+    stdv = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(size, dim, generator=generator).mul_(2 * stdv).add_(-stdv)
+
+
+def seed_random_rows(size: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """[size, dim] SEED's initial queue (ITRA `SEED`: randn(dim, K) normalised over dim), one unit row per entry."""
+    return F.normalize(torch.randn(dim, size, generator=generator), dim=0).T.contiguous()
+
 
 class FeatureQueue(nn.Module):
-    """A FIFO of the last `size` feature rows: buffers features [size, D], pointer, count."""
+    """A FIFO of the last `size` feature rows: buffers features [size, D], pointer, count.
 
-    def __init__(self, size: int, dim: int) -> None:
+    With `initial` rows [size, D] the queue starts full of them (count = size) and the first push overwrites
+    its first rows; without, it starts empty.
+    """
+
+    def __init__(self, size: int, dim: int, initial: torch.Tensor | None = None) -> None:
         super().__init__()
         if size <= 0:
             raise ValueError(f"queue size must be positive, got {size}")
         self.size = size
-        self.register_buffer("features", torch.zeros(size, dim))
+        features = torch.zeros(size, dim) if initial is None else initial.reshape(size, dim).clone()
+        self.register_buffer("features", features)
         self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("count", torch.tensor(0 if initial is None else size, dtype=torch.long))
 
     def filled(self) -> torch.Tensor:
         """[M, D] copy of the rows written so far (M <= size); a copy, so later pushes do not affect autograd."""
@@ -43,6 +72,11 @@ class FeatureQueue(nn.Module):
         self.count.fill_(min(int(self.count) + n, self.size))
 
 
+def _check_init(init: str) -> None:
+    if init not in QUEUE_INITS:
+        raise ValueError(f"queue init must be one of {QUEUE_INITS}, got {init!r}")
+
+
 class CompRess(LossModule):
     """KL(softmax(t Q_t^T / T) || softmax(s Q^T / T)), batchmean over the global batch.
 
@@ -51,14 +85,28 @@ class CompRess(LossModule):
     """
 
     def __init__(
-        self, dim: int, queue_size: int = 65536, temperature: float = 0.04, *, two_queues: bool, weight: float = 1.0
+        self,
+        dim: int,
+        queue_size: int = 65536,
+        temperature: float = 0.04,
+        *,
+        two_queues: bool,
+        weight: float = 1.0,
+        init: str = "random",
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        _check_init(init)
         self.temperature = temperature
         self.two_queues = two_queues
         self.weight = weight
-        self.teacher_queue = FeatureQueue(queue_size, dim)
-        self.student_queue = FeatureQueue(queue_size, dim) if two_queues else None
+        student_rows = teacher_rows = None
+        if init == "random":  # ITRA's CompReSS draws the student's memory, then the teacher's
+            generator = torch.Generator().manual_seed(seed)
+            student_rows = compress_random_rows(queue_size, dim, generator) if two_queues else None
+            teacher_rows = compress_random_rows(queue_size, dim, generator)
+        self.teacher_queue = FeatureQueue(queue_size, dim, teacher_rows)
+        self.student_queue = FeatureQueue(queue_size, dim, student_rows) if two_queues else None
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         student, teacher = student_teacher(inputs)
@@ -91,12 +139,16 @@ class SEED(LossModule):
         teacher_temperature: float = 1e-4,
         *,
         weight: float = 1.0,
+        init: str = "random",
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        _check_init(init)
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
         self.weight = weight
-        self.queue = FeatureQueue(queue_size, dim)
+        rows = seed_random_rows(queue_size, dim, torch.Generator().manual_seed(seed)) if init == "random" else None
+        self.queue = FeatureQueue(queue_size, dim, rows)
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         student, teacher = student_teacher(inputs)

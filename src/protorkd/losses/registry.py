@@ -34,11 +34,13 @@ from protorkd.teachers.keys import CLIP_TEXT_KEY, TEXT_TEACHER_KEY, TEXT_TEACHER
 
 @dataclass(frozen=True)
 class LossContext:
-    """Facts about the run a loss is built for: the joint width D and {teacher key: width} of the separate
-    locked teachers whose features the run provides (empty: no such teachers)."""
+    """Facts about the run a loss is built for: the joint width D, {teacher key: width} of the separate
+    locked teachers whose features the run provides (empty: no such teachers), and the run's seed (what a
+    loss's random initial state, such as ITRA's random queue rows, is drawn from)."""
 
     embed_dim: int
     teacher_dims: Mapping[str, int] = field(default_factory=dict)
+    seed: int = 0
 
 
 LossFactory = Callable[[LossOptions, LossContext], nn.Module]
@@ -68,7 +70,15 @@ def _rkd(o: LossOptions, context: LossContext) -> nn.Module:
 def _register_compress(name: str, two_queues: bool) -> None:
     @LOSSES.register(name)
     def factory(o: LossOptions, context: LossContext) -> nn.Module:
-        return CompRess(context.embed_dim, o.queue_size, o.queue_temperature, two_queues=two_queues, weight=o.w_distill)
+        return CompRess(
+            context.embed_dim,
+            o.queue_size,
+            o.queue_temperature,
+            two_queues=two_queues,
+            weight=o.w_distill,
+            init=o.queue_init,
+            seed=context.seed,
+        )
 
 
 _register_compress("CompRess-1q", two_queues=False)
@@ -78,7 +88,13 @@ _register_compress("CompRess-2q", two_queues=True)
 @LOSSES.register("SEED")
 def _seed(o: LossOptions, context: LossContext) -> nn.Module:
     return SEED(
-        context.embed_dim, o.queue_size, o.seed_student_temperature, o.seed_teacher_temperature, weight=o.w_distill
+        context.embed_dim,
+        o.queue_size,
+        o.seed_student_temperature,
+        o.seed_teacher_temperature,
+        weight=o.w_distill,
+        init=o.queue_init,
+        seed=context.seed,
     )
 
 
@@ -198,14 +214,19 @@ def loss_components(name: str, weights: str = "") -> list[tuple[str, float]]:
 
 
 def build_loss(
-    name: str, options: LossOptions, embed_dim: int, *, teacher_dims: Mapping[str, int] | None = None
+    name: str,
+    options: LossOptions,
+    embed_dim: int,
+    *,
+    teacher_dims: Mapping[str, int] | None = None,
+    seed: int = 0,
 ) -> nn.Module:
     """The loss module registered as `name` (case-insensitive), or the `WeightedLossSum` of a sum `A+B`
-    weighted by `options.loss_weights`; an unknown name lists the valid ones.
+    weighted by `options.loss_weights`; an unknown name lists the valid ones. `seed`: the run's seed.
 
     With auxiliary terms enabled the result is a `LossWithAuxiliaries` (the chosen loss is its `main`).
     """
-    context = LossContext(embed_dim, dict(teacher_dims or {}))
+    context = LossContext(embed_dim, dict(teacher_dims or {}), seed)
     components = loss_components(name, options.loss_weights)
     if len(components) == 1:
         loss = LOSSES.get(name)(options, context)

@@ -75,9 +75,9 @@ class DualEncoder(nn.Module):
         """One training forward (so DistributedDataParallel sees every trainable parameter's use).
 
         Each side comes from raw inputs (`images` / `tokens`) or from cached backbone features of a locked
-        teacher. Returns the normalised joint features, plus a second augmented view (`images_view2`), a second
-        pass of a trainable text tower with other dropout (`text_views` 2), and with projection heads ProtoCLIP's
-        prototype-space features (`Features`).
+        teacher. Returns the normalised joint features and the same before normalisation, plus a second augmented
+        view (`images_view2`), a second pass of a trainable text tower with other dropout (`text_views` 2), and
+        with projection heads ProtoCLIP's prototype-space features (`Features`).
         """
         image_joint = text_joint = text_dropout = None
         if image_backbone_features is not None:
@@ -93,7 +93,7 @@ class DualEncoder(nn.Module):
         image, image_proto = self._joint_and_proto(image_joint, self.image_projection_head)
         text, text_proto = self._joint_and_proto(text_joint, self.text_projection_head)
         image_view2 = self.encode_image(images_view2) if images_view2 is not None else None
-        return Features(image, text, image_view2, text_dropout, image_proto, text_proto)
+        return Features(image, text, image_view2, text_dropout, image_proto, text_proto, image_joint, text_joint)
 
     @staticmethod
     def _joint_and_proto(

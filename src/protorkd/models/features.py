@@ -17,6 +17,8 @@ class Features:
     text_dropout: a second pass of a trainable text tower, with other dropout masks (SimCSE).
     image_proto / text_proto: ProtoCLIP's projection heads on the unnormalised joint features [B, d], the space
         its prototypes and clusters live in; never seen by evaluation.
+    image_unnormalized / text_unnormalized: `image` / `text` before the L2 normalisation [B, D] (what CLIP-KD's
+        projection into a wider or narrower teacher space acts on).
     """
 
     image: torch.Tensor | None = None
@@ -25,6 +27,8 @@ class Features:
     text_dropout: torch.Tensor | None = None
     image_proto: torch.Tensor | None = None
     text_proto: torch.Tensor | None = None
+    image_unnormalized: torch.Tensor | None = None
+    text_unnormalized: torch.Tensor | None = None
 
     def float(self) -> Features:
         """Every field in float32 (what the losses compute in, whatever precision the towers ran in)."""

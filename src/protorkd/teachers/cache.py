@@ -8,8 +8,7 @@ run resumes where it stopped. A cache whose manifest does not match the run is r
 
 Folders are named by modality and a hash of (teacher spec, corpus hash), so one root (`--teacher-cache`,
 or an experiment's `cache/`) holds the caches of several teachers and corpora side by side.
-`pca_projection` / `export_rows` turn a cache into the per-row `.npy` that ProtoCLIP's
-`--external-teacher` reads.
+`teachers.external` turns a cache into the per-row `.npy` that ProtoCLIP's `--external-teacher` reads.
 """
 
 from __future__ import annotations
@@ -146,7 +145,7 @@ def _check_progress(manifest: dict, folder: Path, unique: int) -> tuple[int, int
     return dim, done
 
 
-def _write_manifest(folder: Path, manifest: dict) -> None:
+def write_manifest(folder: Path, manifest: dict) -> None:
     atomic_write(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
@@ -245,7 +244,7 @@ def build_teacher_cache(
         fsync_file(features_path)  # the features are on disk before the manifest says they are done
         done = indices[-1] + 1
         extra = {"info": info()} if info is not None else {}
-        _write_manifest(
+        write_manifest(
             folder,
             {
                 **expected,
@@ -281,68 +280,3 @@ def image_loader(
         return read_image(path, max_pixels, transform)
 
     return load
-
-
-def pca_projection(
-    features: np.ndarray, dim: int, *, max_rows: int = 1_000_000, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """PCA of [U, D] features to `dim` components (torch.pca_lowrank on at most `max_rows` sampled rows).
-
-    Returns {"mean": [D], "components": [D, dim], "explained_variance": [dim]} (float32);
-    project with `(x - mean) @ components`.
-    """
-    if not 1 <= dim <= features.shape[1]:
-        raise UsageError(f"--pca-dim {dim}: must be between 1 and the feature width {features.shape[1]}")
-    rows = features.shape[0]
-    sample = np.arange(rows)
-    if rows > max_rows:
-        sample = np.sort(np.random.default_rng(seed).choice(rows, max_rows, replace=False))
-    data = torch.from_numpy(np.asarray(features[sample], dtype=np.float32))
-    mean = data.mean(dim=0)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # pca_lowrank's random sketch
-    _, singular, components = torch.pca_lowrank(data - mean, q=min(dim + 10, *data.shape), center=False, niter=4)
-    torch.random.set_rng_state(generator_state)
-    variance = singular[:dim].pow(2) / max(len(data) - 1, 1)
-    return {
-        "mean": mean.numpy(),
-        "components": components[:, :dim].contiguous().numpy(),
-        "explained_variance": variance.numpy(),
-    }
-
-
-def save_pca(cache: TeacherFeatures, pca: dict[str, np.ndarray]) -> Path:
-    """Store a PCA beside the cache (`pca-<dim>.npz`) and record it in the manifest."""
-    dim = int(pca["components"].shape[1])
-    path = cache.folder / f"pca-{dim}.npz"
-    with atomic_path(path) as tmp:
-        np.savez(tmp, **pca)
-    manifest = read_manifest(cache.folder) or {}
-    total = float(np.asarray(cache.features[: min(len(cache.features), 100_000)], dtype=np.float32).var(0).sum())
-    manifest.setdefault("pca", {})[str(dim)] = {
-        "file": path.name,
-        "explained_variance_ratio": float(pca["explained_variance"].sum() / max(total, 1e-12)),
-    }
-    _write_manifest(cache.folder, manifest)
-    return path
-
-
-def export_rows(
-    cache: TeacherFeatures, path: Path, *, pca: dict[str, np.ndarray] | None = None, chunk: int = 65536
-) -> Path:
-    """Write [N corpus rows, d] float32 features (PCA-projected when `pca` is given) as a .npy file.
-
-    This is the per-row layout ProtoCLIP's `--external-teacher` reads. Written to `path.tmp` then renamed.
-    """
-    path = Path(path)
-    width = cache.dim if pca is None else pca["components"].shape[1]
-    with atomic_path(path) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(cache.rows), width))
-        for start in range(0, len(cache.rows), chunk):
-            block = np.asarray(cache.features[cache.rows[start : start + chunk]], dtype=np.float32)
-            if pca is not None:
-                block = (block - pca["mean"]) @ pca["components"]
-            out[start : start + len(block)] = block
-        out.flush()
-        del out
-    return path

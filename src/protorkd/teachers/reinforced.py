@@ -34,9 +34,9 @@ from protorkd.teachers.cache import (
     _bad_rows,
     _check_manifest,
     _refusal,
-    _write_manifest,
     corpus_hash,
     read_manifest,
+    write_manifest,
 )
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def build_reinforced_cache(
             done = stop
             bar.update(stop - start)
             extra = {"info": info()} if info is not None else {}
-            _write_manifest(
+            write_manifest(
                 folder,
                 {
                     **expected,

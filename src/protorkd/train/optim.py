@@ -3,9 +3,10 @@
 Parameters fall into two roles, as in ProtoCLIP (`main.py`, `scheduler.py`): "visual" (the image tower and
 its head into the joint space, which is what ProtoCLIP's `visual` module holds) and "rest" (the text tower,
 its head, ProtoCLIP's projection heads and every parameter a loss owns). Each role has a decay and a
-no-decay group and its own schedule, which is how Locked-image Tuning (`--lit-start-epoch`: the visual
-learning rate is 0 from then on) and a delayed or shortened text schedule (`--text-start-epoch`,
-`--text-end-epoch`, `--lr-text`) work.
+no-decay group (plus one group per weight decay that a loss fixes for its own parameters, e.g. CLIP-KD's 0.01)
+and its own schedule, which is how Locked-image Tuning (`--lit-start-epoch`: the visual learning rate is 0
+from then on) and a delayed or shortened text schedule (`--text-start-epoch`, `--text-end-epoch`,
+`--lr-text`) work.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+from protorkd.losses.base import fixed_weight_decays
 
 NO_DECAY_NAME_PARTS = ("bias", "logit_scale", "norm", "bn", "ln", "temperature")
 VISUAL, REST = "visual", "rest"
@@ -32,18 +35,24 @@ def _no_decay(name: str, parameter: nn.Parameter) -> bool:
 
 def param_groups(modules_by_role: Mapping[str, Iterable[nn.Module]], weight_decay: float) -> list[dict]:
     """Per role (in the mapping's order; a parameter belongs to the first role that lists it): a decay group and
-    a no-decay group, each tagged with its "role". Frozen parameters are left out, empty groups too."""
+    a no-decay group, then one group per weight decay that a loss fixes for its own parameters
+    (`LossModule.own_weight_decay`), each tagged with its "role". Frozen parameters are left out, empty groups too."""
     groups, seen = [], set()
     for role, modules in modules_by_role.items():
-        decay, no_decay = [], []
+        decay, no_decay, fixed = [], [], {}
         for module in modules:
+            fixed_decays = fixed_weight_decays(module)
             for name, parameter in module.named_parameters():
                 if not parameter.requires_grad or id(parameter) in seen:
                     continue
                 seen.add(id(parameter))
-                (no_decay if _no_decay(name, parameter) else decay).append(parameter)
+                if id(parameter) in fixed_decays:
+                    fixed.setdefault(fixed_decays[id(parameter)], []).append(parameter)
+                else:
+                    (no_decay if _no_decay(name, parameter) else decay).append(parameter)
         groups.append({"params": decay, "weight_decay": weight_decay, "role": role})
         groups.append({"params": no_decay, "weight_decay": 0.0, "role": role})
+        groups.extend({"params": params, "weight_decay": value, "role": role} for value, params in fixed.items())
     return [group for group in groups if group["params"]]
 
 

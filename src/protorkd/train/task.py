@@ -190,6 +190,8 @@ class Task:
         return LossInputs(
             image_features=features.image,
             text_features=features.text,
+            image_features_unnormalized=features.image_unnormalized,
+            text_features_unnormalized=features.text_unnormalized,
             teacher=self.teacher,
             indices=batch["indices"].to(self.device),
             epoch=epoch,
@@ -237,7 +239,7 @@ def build_task(
         rows = corpus.images if isinstance(corpus, TsvCorpus) else []
         teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
     log.info("teacher features ready in %.1f s", time.perf_counter() - started)
-    loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims)
+    loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims, seed=cfg.optim.seed)
     needs = loss.needs
     if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
         raise UsageError(
