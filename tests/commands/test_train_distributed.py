@@ -70,6 +70,7 @@ def step_config(corpus: Path, logs: Path, name: str, local_loss: bool):
     flags += ["--text-model", "tiny-text", "--teacher", "text", "--precision", "fp32", "--workers", "0"]
     flags += ["--report-to", "", "--train-data", str(corpus / "train.tsv"), "--logs", str(logs), "--name", name]
     flags += ["--batch-size", "4", "--warmup", "1", "--lr", "1e-3", "--local-loss" if local_loss else "--no-local-loss"]
+    flags += ["--gather-with-grad"]  # N processes then compute exactly one process's gradient (not 1/N of it)
     return config_from_namespace(parser.parse_args(flags))
 
 

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
-from protorkd.losses.common import gather_frozen, gather_trainable
-from protorkd.losses.contrastive import clip_loss
+from protorkd.losses.base import LOCAL, ClusteringLoss, LossInputs, LossModule, LossNeeds, Scope
+from protorkd.losses.common import zero_with_grad
+from protorkd.losses.contrastive import clip_loss, symmetric_infonce
 
 SIMCSE_LOGIT_SCALE = 20.0  # 1 / 0.05, SimCSE's temperature (the original: exp(2.996))
 
@@ -26,16 +26,24 @@ class SimCSE(LossModule):
 
     needs = LossNeeds(text_dropout_view=True, accepts_mixup=True)
 
-    def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE) -> None:
+    def __init__(self, weight: float = 1.0, logit_scale: float = SIMCSE_LOGIT_SCALE, *, scope: Scope = LOCAL) -> None:
         super().__init__()
         self.weight = weight
         self.logit_scale = logit_scale
+        self.scope = scope  # ITRA gathers its features only with a gathering main loss (InfoNCE)
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         second = inputs.required("text_features_dropout", "SimCSE")
         first = F.normalize(inputs.text_features, dim=-1)
         second = F.normalize(second, dim=-1)
-        loss = clip_loss(first, second, torch.tensor(self.logit_scale, device=first.device), gather_with_grad=True)
+        scale = torch.tensor(self.logit_scale, device=first.device)
+        if not self.scope.global_batch:
+            return {
+                "simcse_loss": self.weight * symmetric_infonce(first, second, scale)
+                if len(first)
+                else zero_with_grad(first)
+            }
+        loss = clip_loss(first, second, scale, gather_with_grad=self.scope.with_grad)
         return {"simcse_loss": self.weight * loss}
 
 
@@ -47,13 +55,16 @@ class BYOL(LossModule):
 
     needs = LossNeeds(image_view2=True)
 
-    def __init__(self, weight: float = 1.0) -> None:
+    def __init__(self, weight: float = 1.0, *, scope: Scope = LOCAL) -> None:
         super().__init__()
         self.weight = weight
+        self.scope = scope
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        view2 = gather_trainable(F.normalize(inputs.required("image_features_view2", "BYOL"), dim=-1))
-        view1 = gather_frozen(F.normalize(inputs.image_features, dim=-1))
+        view2 = self.scope.trainable(F.normalize(inputs.required("image_features_view2", "BYOL"), dim=-1))
+        view1 = self.scope.frozen(F.normalize(inputs.image_features, dim=-1))
+        if view2.shape[0] == 0:
+            return {"byol_loss": zero_with_grad(view2)}
         return {"byol_loss": self.weight * F.mse_loss(view2, view1)}
 
 
@@ -65,6 +76,7 @@ class LossWithAuxiliaries(LossModule):
         self.main = main
         self.auxiliaries = nn.ModuleDict(auxiliaries)
         self.needs = main.needs
+        self.scope = main.scope
         for auxiliary in auxiliaries.values():
             self.needs = self.needs | auxiliary.needs
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 import torch.nn as nn
 
+from protorkd import distributed
 from protorkd.models.options import TeacherSide
 
 if TYPE_CHECKING:
@@ -115,6 +116,56 @@ class LossNeeds:
             self.text_dropout_view or other.text_dropout_view,
             self.accepts_mixup and other.accepts_mixup,
         )
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The rows a loss computes over under DDP, and how gradients cross the gather (`losses.common`'s docstring).
+
+    global_batch: gather every rank's rows (else only the local ones). with_grad: gathered rows carry gradients
+    back to the rank they came from (`--gather-with-grad`).
+    """
+
+    global_batch: bool = False
+    with_grad: bool = False
+
+    def trainable(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, D] local rows -> the rows this scope computes over ([N, D] global, or [B, D])."""
+        if not self.global_batch:
+            return features
+        return distributed.all_gather_cat(features, with_grad=self.with_grad)
+
+    def frozen(self, features: torch.Tensor) -> torch.Tensor:
+        """The same rows, detached (teacher features, indices)."""
+        if not self.global_batch:
+            return features.detach()
+        return distributed.all_gather_cat(features.detach(), with_grad=False)
+
+    def all_rows(self, features: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of `features` (already this scope's rows), detached: what a global statistic or a
+        shared queue takes (a global scope holds them already)."""
+        if self.global_batch:
+            return features.detach()
+        return distributed.all_gather_cat(features.detach(), with_grad=False)
+
+    def summed(self, statistic: torch.Tensor) -> torch.Tensor:
+        """A per-rank statistic summed over the ranks (a global scope's is already global). The gradient passes
+        through this rank's own term only, as through an in-place all_reduce (Barlow Twins' and ITRA's code)."""
+        if self.global_batch or not distributed.is_initialized():
+            return statistic
+        total = distributed.all_reduce_sum(statistic.detach().clone())
+        return statistic + (total - statistic.detach())
+
+    def rows(self, features: torch.Tensor) -> int:
+        """How many rows `summed` statistics sum over: this scope's, on every rank."""
+        local = int(features.shape[0])
+        if self.global_batch or not distributed.is_initialized():
+            return local
+        return int(distributed.all_reduce_sum(torch.tensor(local, device=features.device)))
+
+
+LOCAL = Scope(global_batch=False)
+GLOBAL = Scope(global_batch=True)  # open_clip's default gather: gradients through a rank's own rows only
 
 
 @runtime_checkable

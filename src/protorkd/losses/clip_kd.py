@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossModule, LossNeeds
-from protorkd.losses.common import drop_diagonal, gather_frozen, gather_trainable, kl_divergence
+from protorkd.losses.base import GLOBAL, LossInputs, LossModule, LossNeeds, Scope
+from protorkd.losses.common import drop_diagonal, kl_divergence
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.losses.relational import rkd_terms
 from protorkd.teachers.keys import CLIP_IMAGE_KEY, CLIP_LOGIT_SCALE_KEY, CLIP_TEXT_KEY
@@ -86,8 +86,10 @@ class CLIPKD(LossModule):
         *,
         init_temperature: float = 0.07,
         rkd_angle_chunk: int = 0,
+        scope: Scope = GLOBAL,
     ) -> None:
         super().__init__()
+        self.scope = scope  # CLIP-KD's code gathers the global batch (open_clip's gather)
         if not teachers:
             raise ValueError("CLIP-KD needs at least one teacher")
         names = [teacher.name for teacher in teachers]
@@ -117,13 +119,13 @@ class CLIPKD(LossModule):
         }
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student_image = gather_trainable(inputs.image_features)
-        student_text = gather_trainable(inputs.text_features)
+        student_image = self.scope.trainable(inputs.image_features)
+        student_text = self.scope.trainable(inputs.text_features)
         unnormalized = None
         if (self.weights.fd or self.weights.icl) and any(t.dim != self.dim for t in self.teachers):
             unnormalized = (
-                gather_trainable(inputs.required("image_features_unnormalized", "CLIP-KD's projection")),
-                gather_trainable(inputs.required("text_features_unnormalized", "CLIP-KD's projection")),
+                self.scope.trainable(inputs.required("image_features_unnormalized", "CLIP-KD's projection")),
+                self.scope.trainable(inputs.required("text_features_unnormalized", "CLIP-KD's projection")),
             )
         scale = self.scale()
         terms: dict[str, torch.Tensor] = {}
@@ -153,8 +155,8 @@ class CLIPKD(LossModule):
                 raise KeyError(
                     f"CLIP-KD teacher {teacher.name!r} needs LossInputs.separate_teachers[{key!r}] ([B, Dt] features)"
                 )
-        teacher_image = F.normalize(gather_frozen(given[teacher.image_key]).to(student_image.dtype), dim=-1)
-        teacher_text = F.normalize(gather_frozen(given[teacher.text_key]).to(student_text.dtype), dim=-1)
+        teacher_image = F.normalize(self.scope.frozen(given[teacher.image_key]).to(student_image.dtype), dim=-1)
+        teacher_text = F.normalize(self.scope.frozen(given[teacher.text_key]).to(student_text.dtype), dim=-1)
         if teacher.logit_scale_key in given:
             teacher_scale = given[teacher.logit_scale_key].detach().to(student_image.dtype).reshape(())
         else:

@@ -57,6 +57,8 @@ class WeightedLossSum(LossModule):
         if len(clustering) > 1:
             raise UsageError(f"--loss {'+'.join(names)}: at most one of the summed losses may use clusters")
         self._clustering = clustering[0].clustering() if clustering else None
+        gathered = [loss.scope for loss in losses if loss.scope.global_batch]
+        self.scope = gathered[0] if gathered else losses[0].scope  # auxiliaries gather if any component does
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

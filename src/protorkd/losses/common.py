@@ -1,16 +1,21 @@
-"""Helpers shared by the loss families: the global-batch gather and a few tensor formulas.
+"""Helpers shared by the loss families: the batch a loss computes over under DDP, and a few tensor formulas.
 
-Distributed convention (every loss in this package follows it, the 2-process test checks it):
-each rank gathers the features of all ranks (`all_gather_cat(with_grad=True)` for trainable
-features, without gradient for teacher features) and computes the loss of the *global* batch.
-Hence on every rank
+Distributed convention (docs/method.md; 3-process gloo tests in tests/losses/test_losses_distributed.py). Each
+loss computes over the rows its original computes over (`Scope`):
 
-* the loss value equals the single-process value on the concatenated batch;
-* the gradient w.r.t. a rank's own input rows is world_size x the single-process gradient of
-  those rows (the gather's backward sums the identical losses of all ranks), so DDP's gradient
-  averaging leaves exactly the single-process gradient on the model parameters;
-* parameters owned by the loss (temperatures, prototypes) get the full single-process gradient
-  on every rank, identical everywhere, whether or not the loop averages them.
+* **global** (InfoNCE as open_clip, ProtoCLIP, CLIP-KD; every loss with `--distill-batch global`): every rank
+  gathers every rank's features and computes the loss of the global batch, so its value is the one-process value
+  on the concatenated batch. How the gradient crosses the gather is open_clip's `--gather-with-grad`: without it
+  (the default, open_clip's) a rank's rows get the gradient of the global loss through their own copy only, and
+  DDP's average leaves 1/W of the one-process gradient on the model, as open_clip's; with it, the gathered copies
+  carry gradients back too (W x that on a rank's rows), and DDP's average leaves exactly the one-process gradient.
+* **local** (ITRA's distillers, which gather only for InfoNCE: `NEED_GATHER = ['InfoNCE']`): each rank computes
+  the loss of its own rows; DDP averages the ranks' gradients. The statistics ITRA all-reduces are global: Barlow
+  Twins' cross-correlation, DINO's and ProtoRKD's centre, ProtoCPC's prior (their gradients pass through the
+  rank's own term only, as a plain all_reduce), and SEED enqueues every rank's teacher rows; CompRess keeps a
+  queue per rank.
+
+Parameters owned by a loss get the gradient of that rank's loss; the training loop averages them across ranks.
 """
 
 from __future__ import annotations
@@ -20,44 +25,33 @@ import math
 import torch
 import torch.nn.functional as F
 
-from protorkd import distributed
-from protorkd.losses.base import LossInputs
+from protorkd.losses.base import LossInputs, Scope
 from protorkd.models.options import TeacherSide
 
 
-def gather_trainable(features: torch.Tensor) -> torch.Tensor:
-    """[B, D] local rows -> [N, D] global rows whose gradient flows back to every rank."""
-    return distributed.all_gather_cat(features, with_grad=True)
-
-
-def gather_frozen(features: torch.Tensor) -> torch.Tensor:
-    """[B, ...] local rows -> [N, ...] global rows, detached (teacher features, indices)."""
-    return distributed.all_gather_cat(features.detach(), with_grad=False)
-
-
-def student_teacher(inputs: LossInputs, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global ([N, D]) student features (with gradient) and teacher features (always detached).
+def student_teacher(inputs: LossInputs, scope: Scope, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scope's student features (with gradient) and teacher features (always detached).
 
     Directional distillation losses never send a gradient into the teacher, even when
     `inputs.teacher is TeacherSide.NONE` makes the "teacher" a trainable tower.
     """
-    student = gather_trainable(inputs.student_features)
-    teacher = gather_frozen(inputs.teacher_features)
+    student = scope.trainable(inputs.student_features)
+    teacher = scope.frozen(inputs.teacher_features)
     if normalize:
         student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
     return student, teacher
 
 
-def both_towers(inputs: LossInputs, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Global (student, teacher) features for symmetric losses (VICReg, BarlowTwins).
+def both_towers(inputs: LossInputs, scope: Scope, normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scope's (student, teacher) features for symmetric losses (VICReg, BarlowTwins).
 
     The teacher side is detached unless `inputs.teacher is TeacherSide.NONE` (both towers train).
     """
-    student = gather_trainable(inputs.student_features)
+    student = scope.trainable(inputs.student_features)
     if inputs.teacher is TeacherSide.NONE:
-        teacher = gather_trainable(inputs.teacher_features)
+        teacher = scope.trainable(inputs.teacher_features)
     else:
-        teacher = gather_frozen(inputs.teacher_features)
+        teacher = scope.frozen(inputs.teacher_features)
     if normalize:
         student, teacher = F.normalize(student, dim=-1), F.normalize(teacher, dim=-1)
     return student, teacher

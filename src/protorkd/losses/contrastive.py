@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from protorkd import distributed
 from protorkd.data.mixup import mixed_pair_targets
-from protorkd.losses.base import LossInputs, LossModule, LossNeeds
+from protorkd.losses.base import LossInputs, LossModule, LossNeeds, Scope
 
 MAX_LOGIT_SCALE = math.log(100.0)
 
@@ -126,6 +126,7 @@ class InfoNCE(LossModule):
         self.weight = weight
         self.gather_with_grad = gather_with_grad
         self.local_loss = local_loss
+        self.scope = Scope(global_batch=True, with_grad=gather_with_grad)  # open_clip's ClipLoss gathers
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()

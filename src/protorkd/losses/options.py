@@ -28,9 +28,18 @@ class LossOptions:
         above=0,
     )
     gather_with_grad: bool = flag(
-        True,
-        "let gradients flow through the cross-process feature gather, so N processes compute the gradient of "
-        "one process on the concatenated batch (--no-gather-with-grad: open_clip's cheaper default)",
+        False,
+        "under DDP, let gradients flow back through the cross-process feature gather, so N processes compute the "
+        "gradient of one process on the concatenated batch; without it (open_clip's default) each rank's rows get "
+        "the gradient through their own copy only, 1/N of that after DDP's average (docs/method.md)",
+    )
+    distill_batch: str = flag(
+        "local",
+        "under DDP, the rows a distillation loss (SimReg, RKD, CompRess, SEED, VICReg, BarlowTwins, DINO, ProtoCPC, "
+        "ProtoRKD, and the --w-simcse / --byol terms beside them) computes over: local = each rank's own batch, "
+        "with ITRA's all-reduced statistics and SEED's shared queue (ITRA gathers only for InfoNCE); global = the "
+        "gathered global batch. InfoNCE, ProtoCLIP and CLIP-KD always use the global batch, as their originals",
+        ("local", "global"),
     )
     local_loss: bool = flag(False, "score only local rows against the global batch (memory-saving, same gradient)")
     # Relational KD (RKD; also the optional relational term of CLIP-KD)

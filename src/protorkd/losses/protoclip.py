@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
-from protorkd.losses.common import gather_frozen, gather_trainable, soft_cross_entropy, zero_with_grad
+from protorkd.losses.base import GLOBAL, ClusteringLoss, LossInputs, LossModule, LossNeeds, Scope
+from protorkd.losses.common import soft_cross_entropy, zero_with_grad
 from protorkd.losses.contrastive import MAX_LOGIT_SCALE, symmetric_infonce
 from protorkd.prototypes.clustering import TENSOR_FIELDS, ClusterState
 
@@ -49,8 +49,10 @@ class ProtoCLIP(LossModule):
         pbt: bool = False,
         infonce_warmup_epoch: int = 0,
         lit_start_epoch: int = -1,
+        scope: Scope = GLOBAL,
     ) -> None:
         super().__init__()
+        self.scope = scope  # ProtoCLIP's code gathers the global batch (open_clip's gather)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.logit_scale_proto = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.w_clip = w_clip
@@ -121,11 +123,13 @@ class ProtoCLIP(LossModule):
         return self.logit_scale_proto.clamp(max=MAX_LOGIT_SCALE).exp()
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        image = gather_trainable(inputs.image_features)
-        text = gather_trainable(inputs.text_features)
+        image = self.scope.trainable(inputs.image_features)
+        text = self.scope.trainable(inputs.text_features)
         infonce = symmetric_infonce(image, text, self.scale())
-        image_proto = image if inputs.image_proto_features is None else gather_trainable(inputs.image_proto_features)
-        text_proto = text if inputs.text_proto_features is None else gather_trainable(inputs.text_proto_features)
+        image_proto = (
+            image if inputs.image_proto_features is None else self.scope.trainable(inputs.image_proto_features)
+        )
+        text_proto = text if inputs.text_proto_features is None else self.scope.trainable(inputs.text_proto_features)
         self._diagnostics = {}
         active = self.prototypes_active(inputs.epoch)
         # unused terms stay connected to the prototype features with weight 0: DDP needs every parameter used
@@ -138,7 +142,7 @@ class ProtoCLIP(LossModule):
         if keys is None:
             what = "positions (episode positions)" if bool(self.keyed_by_position) else "indices (corpus rows)"
             raise ValueError(f"ProtoCLIP's clusters are keyed by inputs.{what}, which this batch lacks")
-        keys = gather_frozen(keys.to(image.device)).long()
+        keys = self.scope.frozen(keys.to(image.device)).long()
         if inputs.update_state:
             labelled = _lookup(self.image_labels, keys) >= 0
             self._labelled = self._labelled.to(keys.device) + labelled.sum()

@@ -16,8 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossModule
-from protorkd.losses.common import soft_cross_entropy, student_teacher
+from protorkd.losses.base import LOCAL, LossInputs, LossModule, Scope
+from protorkd.losses.common import soft_cross_entropy, student_teacher, zero_with_grad
 
 
 class PrototypeLayer(nn.Module):
@@ -61,8 +61,10 @@ class _SharedPrototypeLoss(LossModule):
         momentum: float,
         weight: float,
         seed: int,
+        scope: Scope,
     ) -> None:
         super().__init__()
+        self.scope = scope
         self.prototypes = PrototypeLayer(dim, n_prototypes, seed=seed)
         self.teacher_temperature = teacher_temperature
         self.student_temperature = student_temperature
@@ -71,8 +73,16 @@ class _SharedPrototypeLoss(LossModule):
         self._diagnostics: dict[str, torch.Tensor] = {}
 
     def _logits(self, inputs: LossInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        student, teacher = student_teacher(inputs)
+        student, teacher = student_teacher(inputs, self.scope)
         return self.prototypes(student), self.prototypes.teacher_logits(teacher)
+
+    def _mean(self, rows: torch.Tensor) -> torch.Tensor:
+        """The mean of [B, K] rows over every rank's batch (a collective: ITRA's all_reduce); 0 over no rows."""
+        return self.scope.summed(rows.sum(dim=0)) / max(self.scope.rows(rows), 1)
+
+    def _scored(self, loss: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """`loss`, or a connected 0 on a rank with no readable row."""
+        return loss if student_logits.shape[0] > 0 else zero_with_grad(student_logits)
 
     def log_values(self) -> dict[str, float]:
         return {name: float(value) for name, value in self._diagnostics.items()}
@@ -95,17 +105,23 @@ class DINO(_SharedPrototypeLoss):
         *,
         weight: float = 1.0,
         seed: int = 0,
+        scope: Scope = LOCAL,
     ) -> None:
-        super().__init__(dim, n_prototypes, teacher_temperature, student_temperature, center_momentum, weight, seed)
+        super().__init__(
+            dim, n_prototypes, teacher_temperature, student_temperature, center_momentum, weight, seed, scope
+        )
         self.register_buffer("center", torch.zeros(1, n_prototypes))
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
         student_logits, teacher_logits = self._logits(inputs)
         teacher_probs = torch.softmax((teacher_logits - self.center) / self.teacher_temperature, dim=1)
-        loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
+        loss = self._scored(
+            soft_cross_entropy(teacher_probs, student_logits / self.student_temperature), student_logits
+        )
         with torch.no_grad():
+            batch_center = self._mean(teacher_logits)[None]  # every rank's batch (ITRA's all_reduce)
             if inputs.update_state:
-                self.center.mul_(self.momentum).add_(teacher_logits.mean(dim=0, keepdim=True), alpha=1 - self.momentum)
+                self.center.mul_(self.momentum).add_(batch_center, alpha=1 - self.momentum)
             self._diagnostics = self._diagnose(teacher_probs, student_logits)
         return {"distill_loss": self.weight * loss}
 
@@ -130,8 +146,11 @@ class ProtoCPC(_SharedPrototypeLoss):
         *,
         weight: float = 1.0,
         seed: int = 0,
+        scope: Scope = LOCAL,
     ) -> None:
-        super().__init__(dim, n_prototypes, teacher_temperature, student_temperature, prior_momentum, weight, seed)
+        super().__init__(
+            dim, n_prototypes, teacher_temperature, student_temperature, prior_momentum, weight, seed, scope
+        )
         self.register_buffer("prior", torch.full((n_prototypes,), 1.0 / n_prototypes))
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
@@ -140,9 +159,11 @@ class ProtoCPC(_SharedPrototypeLoss):
         scaled = student_logits / self.student_temperature
         log_prior = self.prior.clamp(min=1e-30).log()
         loss = (-(teacher_probs * scaled).sum(dim=1) + torch.logsumexp(scaled + log_prior, dim=1)).mean()
+        loss = self._scored(loss, student_logits)
         with torch.no_grad():
+            batch_prior = self._mean(teacher_probs)  # every rank's batch (ITRA's all_reduce)
             if inputs.update_state:
-                self.prior.mul_(self.momentum).add_(teacher_probs.mean(dim=0), alpha=1 - self.momentum)
+                self.prior.mul_(self.momentum).add_(batch_prior, alpha=1 - self.momentum)
             self._diagnostics = {"protocpc/teacher_entropy": entropy(teacher_probs)}
         return {"distill_loss": self.weight * loss}
 

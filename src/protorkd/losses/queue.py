@@ -1,8 +1,9 @@
 """Queue-based distillation: CompRess (Abbasi Koohpayegani et al., NeurIPS 2020) and SEED (Fang et al., ICLR 2021).
 
 The student matches the teacher's similarity distribution over a FIFO memory queue of past
-features. Queues are buffers (checkpointed with the loss); every rank enqueues the same gathered
-global batch, so all ranks hold identical queues.
+features. Queues are buffers (checkpointed with the loss). Under DDP (`losses.common`), as ITRA: SEED enqueues
+every rank's teacher rows, so its queue is identical on all ranks; CompRess keeps a queue of its rank's rows
+(`--distill-batch global`: both the gathered global batch).
 
 How a queue starts (`--queue-init`): `random` (the default) is ITRA's (the original ProtoRKD code's): every
 row random from the first step, the whole queue scored, the rows overwritten oldest first. CompRess's rows are
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from protorkd.losses.base import LossInputs, LossModule
+from protorkd.losses.base import LOCAL, LossInputs, LossModule, Scope
 from protorkd.losses.common import kl_divergence, soft_cross_entropy, student_teacher, zero_with_grad
 
 QUEUE_INITS = ("random", "empty")
@@ -94,9 +95,11 @@ class CompRess(LossModule):
         weight: float = 1.0,
         init: str = "random",
         seed: int = 0,
+        scope: Scope = LOCAL,
     ) -> None:
         super().__init__()
         _check_init(init)
+        self.scope = scope
         self.temperature = temperature
         self.two_queues = two_queues
         self.weight = weight
@@ -109,9 +112,9 @@ class CompRess(LossModule):
         self.student_queue = FeatureQueue(queue_size, dim, student_rows) if two_queues else None
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student, teacher = student_teacher(inputs)
+        student, teacher = student_teacher(inputs, self.scope)
         teacher_memory = self.teacher_queue.filled()
-        if teacher_memory.shape[0] == 0:
+        if teacher_memory.shape[0] == 0 or student.shape[0] == 0:
             loss = zero_with_grad(student)
         else:
             student_memory = self.student_queue.filled() if self.student_queue is not None else teacher_memory
@@ -141,9 +144,11 @@ class SEED(LossModule):
         weight: float = 1.0,
         init: str = "random",
         seed: int = 0,
+        scope: Scope = LOCAL,
     ) -> None:
         super().__init__()
         _check_init(init)
+        self.scope = scope
         self.student_temperature = student_temperature
         self.teacher_temperature = teacher_temperature
         self.weight = weight
@@ -151,12 +156,16 @@ class SEED(LossModule):
         self.queue = FeatureQueue(queue_size, dim, rows)
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student, teacher = student_teacher(inputs)
+        student, teacher = student_teacher(inputs, self.scope)
         memory = self.queue.filled()
         student_logits = torch.cat([(student * teacher).sum(1, keepdim=True), student @ memory.T], dim=1)
         teacher_logits = torch.cat([(teacher * teacher).sum(1, keepdim=True), teacher @ memory.T], dim=1)
         teacher_probs = torch.softmax(teacher_logits / self.teacher_temperature, dim=1)
-        loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
+        if student.shape[0] == 0:  # a rank with no readable row: a connected 0 (it still enqueues the others')
+            loss = zero_with_grad(student)
+        else:
+            loss = soft_cross_entropy(teacher_probs, student_logits / self.student_temperature)
+        every_rank = self.scope.all_rows(teacher)  # ITRA's SEED enqueues every rank's keys (a collective)
         if inputs.update_state:
-            self.queue.push(teacher)
+            self.queue.push(every_rank)
         return {"distill_loss": self.weight * loss}

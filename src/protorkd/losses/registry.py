@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from protorkd.errors import UsageError
 from protorkd.losses.auxiliary import BYOL, LossWithAuxiliaries, SimCSE
+from protorkd.losses.base import Scope
 from protorkd.losses.clip_kd import CLIPKD, ClipKDWeights, ClipTeacher
 from protorkd.losses.combined import WeightedLossSum, parse_loss_weights, split_loss_name
 from protorkd.losses.contrastive import InfoNCE
@@ -47,6 +48,16 @@ LossFactory = Callable[[LossOptions, LossContext], nn.Module]
 LOSSES: Registry[LossFactory] = Registry("loss")
 
 
+def distill_scope(o: LossOptions) -> Scope:
+    """The batch a distillation loss computes over under DDP (--distill-batch, --gather-with-grad)."""
+    return Scope(global_batch=o.distill_batch == "global", with_grad=o.gather_with_grad)
+
+
+def contrastive_scope(o: LossOptions) -> Scope:
+    """The global batch of a loss whose original gathers it (open_clip's gather; --gather-with-grad)."""
+    return Scope(global_batch=True, with_grad=o.gather_with_grad)
+
+
 @LOSSES.register("InfoNCE")
 def _infonce(o: LossOptions, context: LossContext) -> nn.Module:
     return InfoNCE(
@@ -55,7 +66,7 @@ def _infonce(o: LossOptions, context: LossContext) -> nn.Module:
 
 
 def _register_simreg(name: str, penalty: str) -> None:
-    LOSSES.register(name)(lambda o, context: SimReg(penalty, weight=o.w_distill))
+    LOSSES.register(name)(lambda o, context: SimReg(penalty, weight=o.w_distill, scope=distill_scope(o)))
 
 
 for _name, _penalty in (("SimReg", "mse"), ("SimReg-L1", "l1"), ("SimReg-SmoothL1", "smooth_l1")):
@@ -64,7 +75,7 @@ for _name, _penalty in (("SimReg", "mse"), ("SimReg-L1", "l1"), ("SimReg-SmoothL
 
 @LOSSES.register("RKD")
 def _rkd(o: LossOptions, context: LossContext) -> nn.Module:
-    return RKD(o.w_rkd_d, o.w_rkd_a, angle_chunk=o.rkd_angle_chunk, weight=o.w_distill)
+    return RKD(o.w_rkd_d, o.w_rkd_a, angle_chunk=o.rkd_angle_chunk, weight=o.w_distill, scope=distill_scope(o))
 
 
 def _register_compress(name: str, two_queues: bool) -> None:
@@ -78,6 +89,7 @@ def _register_compress(name: str, two_queues: bool) -> None:
             weight=o.w_distill,
             init=o.queue_init,
             seed=context.seed,
+            scope=distill_scope(o),
         )
 
 
@@ -95,17 +107,19 @@ def _seed(o: LossOptions, context: LossContext) -> nn.Module:
         weight=o.w_distill,
         init=o.queue_init,
         seed=context.seed,
+        scope=distill_scope(o),
     )
 
 
 @LOSSES.register("VICReg")
 def _vicreg(o: LossOptions, context: LossContext) -> nn.Module:
-    return VICReg(o.vicreg_invariance, o.vicreg_variance, o.vicreg_covariance, weight=o.w_distill)
+    coefficients = (o.vicreg_invariance, o.vicreg_variance, o.vicreg_covariance)
+    return VICReg(*coefficients, weight=o.w_distill, scope=distill_scope(o))
 
 
 @LOSSES.register("BarlowTwins")
 def _barlow_twins(o: LossOptions, context: LossContext) -> nn.Module:
-    return BarlowTwins(o.barlow_lambda, weight=o.w_distill)
+    return BarlowTwins(o.barlow_lambda, weight=o.w_distill, scope=distill_scope(o))
 
 
 def _register_shared_prototypes(name: str, loss_class: type[nn.Module]) -> None:
@@ -120,6 +134,7 @@ def _register_shared_prototypes(name: str, loss_class: type[nn.Module]) -> None:
             o.dino_student_temp,
             o.center_momentum,
             weight=o.w_distill,
+            scope=distill_scope(o),
         )
 
 
@@ -173,7 +188,12 @@ def _clip_kd(o: LossOptions, context: LossContext) -> nn.Module:
     )
     teachers = clip_kd_teachers(o, context.teacher_dims)
     return CLIPKD(
-        context.embed_dim, teachers, weights, init_temperature=o.temperature, rkd_angle_chunk=o.rkd_angle_chunk
+        context.embed_dim,
+        teachers,
+        weights,
+        init_temperature=o.temperature,
+        rkd_angle_chunk=o.rkd_angle_chunk,
+        scope=contrastive_scope(o),
     )
 
 
@@ -188,16 +208,19 @@ def _protoclip(o: LossOptions, context: LossContext) -> nn.Module:
         pbt=o.pbt,
         infonce_warmup_epoch=o.infonce_warmup_epoch,
         lit_start_epoch=o.lit_start_epoch,
+        scope=contrastive_scope(o),
     )
 
 
-def build_auxiliary_losses(o: LossOptions) -> dict[str, nn.Module]:
-    """The auxiliary terms the flags enable: {"simcse": SimCSE} for --w-simcse > 0, {"byol": BYOL} for --byol."""
+def build_auxiliary_losses(o: LossOptions, scope: Scope | None = None) -> dict[str, nn.Module]:
+    """The auxiliary terms the flags enable: {"simcse": SimCSE} for --w-simcse > 0, {"byol": BYOL} for --byol.
+    `scope`: the main loss's batch (ITRA gathers SimCSE's features exactly when its main loss gathers)."""
+    scope = scope or distill_scope(o)
     auxiliaries: dict[str, nn.Module] = {}
     if o.w_simcse:
-        auxiliaries["simcse"] = SimCSE(weight=o.w_simcse)
+        auxiliaries["simcse"] = SimCSE(weight=o.w_simcse, scope=scope)
     if o.byol:
-        auxiliaries["byol"] = BYOL(weight=o.w_byol)
+        auxiliaries["byol"] = BYOL(weight=o.w_byol, scope=scope)
     return auxiliaries
 
 
@@ -235,7 +258,7 @@ def build_loss(
         loss = WeightedLossSum(
             names, [LOSSES.get(part)(options, context) for part in names], [w for _, w in components]
         )
-    auxiliaries = build_auxiliary_losses(options)
+    auxiliaries = build_auxiliary_losses(options, loss.scope)
     return LossWithAuxiliaries(loss, auxiliaries) if auxiliaries else loss
 
 

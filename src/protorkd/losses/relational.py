@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from protorkd.losses.base import LossInputs, LossModule
-from protorkd.losses.common import student_teacher
+from protorkd.losses.base import LOCAL, LossInputs, LossModule, Scope
+from protorkd.losses.common import student_teacher, zero_with_grad
 
 AUTO_CHUNK_TRIPLETS = 2**26  # about 256 MB per fp32 [chunk, N, N] block
 ANGLE_EPS = 1e-2  # difference vectors shorter than this x the mean pairwise distance are not normalised
@@ -133,19 +133,34 @@ def rkd_angle_loss(
 
 
 class RKD(LossModule):
-    """w_d * L_distance + w_a * L_angle between the normalised global student and teacher features."""
+    """w_d * L_distance + w_a * L_angle between the normalised student and teacher features of the scope's rows
+    (under DDP the local batch, as ITRA)."""
 
     def __init__(
-        self, distance_weight: float = 0.5, angle_weight: float = 1.0, *, angle_chunk: int = 0, weight: float = 1.0
+        self,
+        distance_weight: float = 0.5,
+        angle_weight: float = 1.0,
+        *,
+        angle_chunk: int = 0,
+        weight: float = 1.0,
+        scope: Scope = LOCAL,
     ) -> None:
         super().__init__()
+        self.scope = scope
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
         self.angle_chunk = angle_chunk
         self.weight = weight
 
     def forward(self, inputs: LossInputs) -> dict[str, torch.Tensor]:
-        student, teacher = student_teacher(inputs)
+        student, teacher = student_teacher(inputs, self.scope)
+        if student.shape[0] == 0:  # a rank with no readable row: connected zeros
+            names = [
+                name
+                for name, w in (("rkd_distance_loss", self.distance_weight), ("rkd_angle_loss", self.angle_weight))
+                if w
+            ]
+            return {name: zero_with_grad(student) for name in names}
         return rkd_terms(
             student, teacher, self.weight * self.distance_weight, self.weight * self.angle_weight, self.angle_chunk
         )
