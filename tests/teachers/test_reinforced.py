@@ -76,7 +76,8 @@ def test_kills_during_the_fill_and_mid_epoch_resume_to_the_uninterrupted_weights
     root = tmp_path / "killed"
     _killed_at("teacher-cache-chunk=1", args)  # 64 of the 96 images' views stored
     (manifest,) = root.glob("cache/teacher-image-views-*/manifest.json")
-    assert json.loads(manifest.read_text())["done"] == 64
+    assert not json.loads(manifest.read_text())["complete"]
+    assert [path.name for path in manifest.parent.glob("chunks/*.json")] == ["0.json"]
     _killed_at("train-step=8", [*args, "--resume", "latest"])  # epoch 2's second step
     assert "resuming reinforced teacher cache" in (root / "out.log").read_text()
     assert main([*args, "--resume", "latest"]) == 0
@@ -111,3 +112,23 @@ def test_a_cache_of_another_transform_is_refused_in_one_line(tiny_corpus, micro_
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"teacher cache {folder} does not match this run" in line and "pad-crop-flip" in line
     assert not (tmp_path / "other").exists()
+
+
+def test_shards_fill_one_cache_side_by_side_as_one_process_does(tiny_corpus, micro_cnn_checkpoint, tmp_path, capsys):
+    image_teacher = ["--teacher", "image", "--image-model-tag", str(micro_cnn_checkpoint), "--zeroshot-frequency", "0"]
+
+    def fill(cache, *extra):
+        args = tiny_train_args(tiny_corpus, tmp_path, "fill", *image_teacher, "--teacher-cache", str(cache))[1:]
+        return main(["cache-teacher", *args, "--views", str(VIEWS), *extra])
+
+    assert fill(tmp_path / "one") == 0
+    assert fill(tmp_path / "sharded", "--shard", "1/2") == 0  # chunk 1 (images 64-95) only
+    assert "shard 1/2 filled; other shards' chunks are still missing" in capsys.readouterr().out
+    (folder,) = (tmp_path / "sharded").glob("teacher-image-views-*")
+    assert not json.loads((folder / "manifest.json").read_text())["complete"]
+    assert fill(tmp_path / "sharded", "--shard", "0/2") == 0  # the last shard completes the cache
+    assert json.loads((folder / "manifest.json").read_text())["complete"]
+    (reference,) = (tmp_path / "one").glob("teacher-image-views-*")
+    for name in ("views.npy", "features.npy", "rows.npy"):
+        assert np.array_equal(np.load(folder / name), np.load(reference / name)), name
+    assert fill(tmp_path / "x", "--shard", "2/2") == 2 and fill(tmp_path / "x", "--shard", "0/2", "--views", "0") == 2

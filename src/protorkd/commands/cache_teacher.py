@@ -67,6 +67,13 @@ def add_parser(subparsers) -> None:
         help="fill a reinforced cache of this many stored augmented views per image for the run's image teacher "
         "(the same as --teacher-views; train with --teacher-views K)",
     )
+    group.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="with --views: fill only every N-th chunk of the reinforced cache, starting at chunk I (run N processes, "
+        "e.g. one per GPU, with 0/N ... N-1/N; the last to finish completes the cache)",
+    )
     add_config_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -88,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views is not None:  # --views K is --teacher-views K
         args.teacher_views = args.views
+    shard = _shard(args.shard)
+    if args.shard is not None and not args.teacher_views:
+        raise UsageError("--shard splits the fill of a reinforced cache: give --views K too")
     cfg = config_from_namespace(args)
     validate_config(cfg)
     if args.cache_batch_size < 1:
@@ -122,13 +132,20 @@ def run(args: argparse.Namespace) -> int:
     for definition, _ in definitions:
         options = dict(needed=len(definitions), progress=True, batch_size=args.cache_batch_size)
         if recipe is not None and definition.modality == "image":
-            cache = reinforced_teacher_features(definition, corpus, root, device, recipe, student, **options)
+            cache = reinforced_teacher_features(
+                definition, corpus, root, device, recipe, student, shard=shard, **options
+            )
+            if cache is None:
+                print(f"{definition.name}: shard {shard[0]}/{shard[1]} filled; other shards' chunks are still missing")
+                continue
         else:
             cache = cached_teacher_features(definition, corpus, root, device, **options)
         caches[definition.name] = cache
         shape = " x ".join(str(size) for size in cache.features.shape)
         print(f"{definition.name}: {cache.folder} ({len(cache.rows)} rows, features {shape})")
 
+    if export_name not in caches:
+        return 0
     cache = caches[export_name]
     if (args.pca_dim or args.export_npy) and cache.features.ndim != 2:
         raise UsageError(f"--pca-dim / --export-npy: {export_name}'s cache holds views, not one feature per row")
@@ -142,3 +159,15 @@ def run(args: argparse.Namespace) -> int:
         width = args.pca_dim or cache.dim
         print(f"{export_name}: per-row features [{len(cache.rows)}, {width}] in {path}")
     return 0
+
+
+def _shard(text: str | None) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N); none -> (0, 1)."""
+    from protorkd.errors import UsageError
+
+    if text is None:
+        return 0, 1
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
+        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return int(index), int(count)

@@ -296,9 +296,11 @@ def reinforced_teacher_features(
     needed: int = 1,
     progress: bool = False,
     batch_size: int = 256,
-) -> ReinforcedFeatures:
+    shard: tuple[int, int] = (0, 1),
+) -> ReinforcedFeatures | None:
     """An image teacher's features of `recipe.views` stored views of every image: reused, resumed or computed.
-    The teacher sees each view as the student will, prepared as an online teacher prepares the student's batch."""
+    The teacher sees each view as the student will, prepared as an online teacher prepares the student's batch.
+    With `shard` (i, N), only every N-th chunk (None until every shard has filled its own)."""
     lazy = _LazyTower(definition, tower, device)
     spec = {**definition.spec(lazy.get() if definition.needs_tower_for_spec else None), "views": recipe.spec}
     folder = resolve_cache_folder(cache_root, "image-views", spec, corpus_hash(corpus.images), needed=needed)
@@ -323,6 +325,7 @@ def reinforced_teacher_features(
         batch_size=batch_size,
         progress=progress,
         info=lambda: tower_info(lazy.get()),
+        shard=shard,
     )
 
 
@@ -370,6 +373,8 @@ def _load_teachers(
                 definition, corpus, cache_root, device, views, model.image_preprocess, tower=own_tower,
                 needed=len(definitions), progress=progress,
             )  # fmt: skip
+            if features is None:  # cannot happen: one process fills every chunk
+                raise RuntimeError(f"the reinforced cache of {definition.name} was left incomplete")
         else:
             features = cached_teacher_features(
                 definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
