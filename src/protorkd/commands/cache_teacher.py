@@ -1,6 +1,7 @@
 """`protorkd cache-teacher`: compute the locked teachers' features for a corpus once, before training.
 
-It takes the same data and model flags as `protorkd train` and fills `--teacher-cache DIR` with one
+It takes the same flags as `protorkd train` (--help lists those that decide the cache; the others are accepted
+and ignored, so one command line or @file serves both) and fills `--teacher-cache DIR` with one
 folder per teacher that such a training run uses (the student's locked tower, a `--clip-teacher-model`,
 an `--extra-text-teacher`): fp16 memory-mapped features plus a manifest (corpus hash, teacher spec,
 transform, dims, progress). An interrupted run resumes where it stopped; a cache whose manifest does not
@@ -21,9 +22,39 @@ import argparse
 import logging
 import os
 
+from protorkd.commands.flag_types import integer
 from protorkd.config import add_config_arguments, config_from_namespace, validate_config
+from protorkd.models.options import TOWER_FLAGS
 
 log = logging.getLogger(__name__)
+
+# The `train` flags that decide which teacher features a run caches (what corpus, which teachers, how its images
+# are read): a cache filled with them is the one `train` with the same flags reads. The others are accepted, not
+# listed.
+CACHE_FLAGS = (
+    "train_data",
+    "dataset_type",
+    "csv_img_key",
+    "csv_caption_key",
+    "csv_separator",
+    "csv_quoting",
+    "dataset_size",
+    "max_bad_fraction",
+    "max_image_pixels",
+    "max_caption_bytes",
+    "demo_size",
+    "demo_seed",
+    "teacher",
+    *TOWER_FLAGS,
+    "clip_teacher_model",
+    "clip_teacher_tag",
+    "clip_teacher_images",
+    "extra_text_teacher",
+    "extra_text_teacher_builder",
+    "seed",
+    "device",
+    "teacher_cache",
+)
 
 
 def add_parser(subparsers) -> None:
@@ -34,7 +65,9 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     group = parser.add_argument_group("cache-teacher")
-    group.add_argument("--pca-dim", type=int, default=0, help="store a PCA to this many dimensions (default: 0, none)")
+    group.add_argument(
+        "--pca-dim", type=integer(0, 16384), default=0, help="store a PCA to this many dimensions (default: 0, none)"
+    )
     group.add_argument(
         "--export-npy", default=None, help="write the per-row features of --export-teacher to this .npy file"
     )
@@ -44,8 +77,10 @@ def add_parser(subparsers) -> None:
         help="which teacher --pca-dim / --export-npy use: text, image, clip-image, clip-text or extra-text "
         "(default: the first one of the run)",
     )
-    group.add_argument("--cache-batch-size", type=int, default=256, help="teacher batch size (default: 256)")
-    add_config_arguments(parser)
+    group.add_argument(
+        "--cache-batch-size", type=integer(1, 65536), default=256, help="teacher batch size (default: 256)"
+    )
+    add_config_arguments(parser, shown=CACHE_FLAGS)
     parser.set_defaults(func=run)
 
 
@@ -62,8 +97,6 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_namespace(args)
     validate_config(cfg)
-    if args.cache_batch_size < 1:
-        raise UsageError(f"--cache-batch-size {args.cache_batch_size}: must be at least 1")
     if not cfg.log.teacher_cache:
         raise UsageError("--teacher-cache DIR is required: the folder to fill (train later with the same flag)")
     definitions = teacher_definitions(cfg.model)
@@ -75,8 +108,6 @@ def run(args: argparse.Namespace) -> int:
     export_name = args.export_teacher or names[0]
     if export_name not in names:
         raise UsageError(f"--export-teacher {export_name}: this run's teachers are {', '.join(names)}")
-    if args.pca_dim < 0:
-        raise UsageError(f"--pca-dim {args.pca_dim}: must be positive (0 = no PCA)")
 
     corpus = open_run_corpus(cfg.data)
     if isinstance(corpus, ShardCorpus):
