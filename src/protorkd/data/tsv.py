@@ -86,7 +86,7 @@ def read_corpus_table(
     if not path.exists():
         raise UsageError(f"--train-data {path}: no such file (expected a {separator!r}-separated CSV)")
     if not path.is_file():
-        raise UsageError(f"--train-data {path}: not a regular file (a FIFO or a device cannot be read twice)")
+        raise UsageError(f"--train-data {path}: not a regular file (a FIFO or a device is never waited on)")
     table = CorpusTable([], [], [])
     quoted: list[int] = []
     cut: list[int] = []
