@@ -57,7 +57,7 @@ def test_validate_config_names_the_flag_and_its_range():
     from protorkd.errors import UsageError
 
     validate_config(Config())  # the defaults are valid
-    with pytest.raises(UsageError, match=r"^--epochs 0: must be at least 1$"):
+    with pytest.raises(UsageError, match=r"^--epochs 0: must be at least 1 and at most 100000$"):
         validate_config(Config(optim=OptimConfig(epochs=0)))
     with pytest.raises(UsageError, match=r"^--precision 'fp8': must be one of auto, fp32, amp, amp_bf16, bf16$"):
         validate_config(Config(optim=OptimConfig(precision="fp8")))

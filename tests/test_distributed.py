@@ -17,6 +17,8 @@ def test_the_process_group_timeout_comes_from_the_flag(monkeypatch):
     monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: calls.append(kwargs))
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
+    for name in ("RANK", "WORLD_SIZE"):  # init_process_group sets them when absent: undone after the test
+        monkeypatch.setenv(name, "")
     distributed.init_process_group(DistState(rank=1, local_rank=1, world_size=2), "cuda", timeout_minutes=7)
     distributed.init_process_group(DistState(rank=0, local_rank=0, world_size=2), "cpu")
     assert calls == [

@@ -11,11 +11,13 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
+from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES, MAX_CAPTION_BYTES
+from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS, PILLOW_MAX_PIXELS
 from protorkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from protorkd.errors import UsageError
 from protorkd.losses.options import LossOptions
@@ -29,6 +31,14 @@ REPORT_TARGETS = Rule(
 )
 SINGLE_CHARACTER = Rule("one character other than a newline", lambda text: len(text) == 1 and text not in "\r\n")
 BETA = Rule("at least 0 and less than 1", lambda value: 0 <= value < 1)
+# Upper bounds of flags whose value sets how much memory a run takes (or that overflow what they feed)
+MAX_EPISODE_SIZE = 100_000_000  # an episode's row ids are held in memory (8 bytes each)
+MAX_MEMBER_BYTES = 1_000_000_000  # a webdataset member is read into memory whole
+MAX_DEMO_SIZE = 1_000_000
+MAX_SEED = 1_000_000  # the per-sample augmentation seed (seed * 1_000_003 + epoch) * 10_000_019 + position fits 64 bits
+MAX_LR = 10.0  # AdamW moves every weight by about lr per step: above this nothing trains
+AUTOMATIC_WARMUP = -1
+WARMUP_STEPS = 50
 
 
 @dataclass
@@ -54,7 +64,13 @@ class DataConfig:
         ("none", "minimal"),
     )
     dataset_size: int | None = flag(None, "use only the first N rows of the corpus", minimum=1)
-    episode_size: int = flag(0, "rows per epoch, drawn uniformly with replacement (0 = one shuffled pass)", minimum=0)
+    episode_size: int = flag(
+        0,
+        "rows per epoch, drawn uniformly with replacement (0 = one shuffled pass; the episode's row ids are held in "
+        "memory)",
+        minimum=0,
+        maximum=MAX_EPISODE_SIZE,
+    )
     max_bad_fraction: float = flag(
         0.01,
         "stop when more than this fraction of an epoch's samples (or of the corpus' rows) is unreadable",
@@ -64,13 +80,23 @@ class DataConfig:
     )
     max_image_pixels: int = flag(
         DEFAULT_MAX_PIXELS,
-        "an image with more pixels is a bad sample, refused before it is decoded (gather-cc's --max-pixels)",
+        "an image with more pixels is a bad sample, refused before it is decoded (gather-cc's --max-pixels; Pillow "
+        "refuses every image above twice its own warning threshold, the maximum here)",
         minimum=1,
+        maximum=PILLOW_MAX_PIXELS,
     )
     max_member_bytes: int = flag(
         DEFAULT_MAX_MEMBER_BYTES,
         "a webdataset member larger than this many bytes is a bad sample, skipped without reading it",
         minimum=1,
+        maximum=MAX_MEMBER_BYTES,
+    )
+    max_caption_bytes: int = flag(
+        DEFAULT_MAX_CAPTION_BYTES,
+        "a longer caption is cut to this many bytes (UTF-8, at a character boundary) as the corpus is read, before "
+        "any tokenizer sees it; the cut captions are counted in the log",
+        minimum=1,
+        maximum=MAX_CAPTION_BYTES,
     )
     augmentation: str | None = flag(
         None,
@@ -96,6 +122,7 @@ class DataConfig:
         2,
         "data-loading worker processes per GPU/process (an in-memory corpus uses none: its batches are cheap)",
         minimum=0,
+        maximum=256,
         resumable=True,
     )
     in_memory: str = flag(
@@ -107,8 +134,14 @@ class DataConfig:
     in_memory_budget_mb: float = flag(
         2048.0, "the most memory an automatic in-memory corpus may take, in MB", minimum=0.0
     )
-    demo_size: int = flag(10240, "training pairs of the built-in demo corpus", minimum=1)
-    demo_seed: int = flag(0, "seed of the built-in demo corpus", minimum=0)
+    demo_size: int = flag(
+        10240,
+        "training pairs of the built-in demo corpus (with --dataset-size N below it, only its first N are generated: "
+        "the same rows)",
+        minimum=1,
+        maximum=MAX_DEMO_SIZE,
+    )
+    demo_seed: int = flag(0, "seed of the built-in demo corpus", minimum=0, maximum=MAX_SEED)
 
 
 @dataclass
@@ -117,19 +150,29 @@ class OptimConfig:
         4,
         "training epochs (episodes); may change on --resume, which then stretches the cosine schedule",
         minimum=1,
+        maximum=100_000,
         resumable=True,
     )
-    batch_size: int = flag(64, "batch size per process", minimum=1)
-    lr: float = flag(2e-3, "peak learning rate", minimum=0.0)
+    batch_size: int = flag(64, "batch size per process", minimum=1, maximum=2**20)
+    lr: float = flag(2e-3, "peak learning rate", minimum=0.0, maximum=MAX_LR)
     wd: float = flag(0.1, "AdamW weight decay (not applied to biases, norms, temperatures)", minimum=0.0)
     beta1: float = flag(0.9, "AdamW beta1", rule=BETA)
     beta2: float = flag(0.98, "AdamW beta2", rule=BETA)
     eps: float = flag(1e-6, "AdamW epsilon", above=0.0)
-    warmup: int = flag(50, "linear warmup steps before the cosine decay", minimum=0)
+    warmup: int = flag(
+        AUTOMATIC_WARMUP,
+        f"linear warmup steps before the cosine decay ({AUTOMATIC_WARMUP} = automatic: {WARMUP_STEPS} steps, at most "
+        "a tenth of the run's steps and at least 1; out.log names the steps used)",
+        rule=Rule(
+            f"{AUTOMATIC_WARMUP} (automatic) or at least 0", lambda value: value == AUTOMATIC_WARMUP or value >= 0
+        ),
+    )
     lr_text: float = flag(
         -1.0,
         "peak learning rate of every parameter outside the image tower and its head (-1 = --lr; ProtoCLIP)",
-        rule=Rule("-1 (same as --lr) or at least 0", lambda value: value == -1 or value >= 0),
+        rule=Rule(
+            f"-1 (same as --lr) or at least 0 and at most {MAX_LR}", lambda value: value == -1 or 0 <= value <= MAX_LR
+        ),
     )
     text_start_epoch: int = flag(
         0,
@@ -158,7 +201,9 @@ class OptimConfig:
         "with bf16, CPUs with AVX512-BF16 or AMX), amp on other GPUs, fp32 on other CPUs",
         ("auto", "fp32", "amp", "amp_bf16", "bf16"),
     )
-    seed: int = flag(0, "random seed", minimum=0)
+    seed: int = flag(
+        0, "random seed (larger seeds would overflow the per-sample seeds derived from it)", minimum=0, maximum=MAX_SEED
+    )
     device: str = flag("auto", "cpu, cuda, cuda:N, or auto", resumable=True)
     torchcompile: bool = flag(False, "compile the towers with torch.compile", resumable=True)
     malloc_mmap_threshold_mb: int = flag(
@@ -175,6 +220,7 @@ class OptimConfig:
         "minutes a process waits in a collective before the job fails: long enough for rank 0 to fill a "
         "CC3M-scale teacher cache or evaluate while the others wait (docs/distributed.md)",
         above=0.0,
+        maximum=60 * 24 * 30,
         resumable=True,
     )
 
@@ -302,19 +348,36 @@ def _parse_value(text: str, annotation: Any) -> Any:
     return scalar(text)
 
 
-def _add_fields(parser: argparse.ArgumentParser, group_name: str, title: str, *, defaults: bool) -> None:
-    """One flag per field of a config group, help from the field metadata."""
+def _add_fields(
+    parser: argparse.ArgumentParser,
+    group_name: str,
+    title: str,
+    *,
+    defaults: bool,
+    shown: Collection[str] | None = None,
+) -> None:
+    """One flag per field of a config group, help from the field metadata. With `shown`, the other fields' flags
+    are accepted but left out of --help: they do not apply to the command (one set of flags serves several)."""
     group_cls = GROUPS[group_name]
-    arg_group = parser.add_argument_group(title)
+    fields = dataclasses.fields(group_cls)
+    listed = any(shown is None or f.name in shown for f in fields)
+    arg_group = parser.add_argument_group(title) if listed else parser.add_argument_group()
     hints = _field_types(group_cls)
-    for f in dataclasses.fields(group_cls):
+    for f in fields:
         scalar, optional = _base_type(hints[f.name])
         rule = f.metadata.get("rule")
-        allowed = f"; {rule.describe}" if rule is not None else ""
+        text = f.metadata.get("help", "")
+        allowed = [rule.describe] if rule is not None else []
+        if scalar is float:
+            allowed.append("finite")
+        if "(default:" in text:  # the help explains its default itself ("default: the tower's own")
+            text += f" ({'; '.join(allowed)})" if allowed else ""
+        else:
+            text += f" (default: {'; '.join([repr(f.default), *allowed])})"
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": f.default if defaults else argparse.SUPPRESS,
-            "help": f.metadata.get("help", "") + f" (default: {f.default!r}{allowed})",
+            "help": text if shown is None or f.name in shown else argparse.SUPPRESS,
         }
         choices = f.metadata.get("choices")
         if scalar is bool:
@@ -327,18 +390,23 @@ def _add_fields(parser: argparse.ArgumentParser, group_name: str, title: str, *,
         arg_group.add_argument(flag_name(f), *f.metadata.get("aliases", ()), **kwargs)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per config field, grouped by concern, help from the field metadata."""
+def add_config_arguments(parser: argparse.ArgumentParser, shown: Collection[str] | None = None) -> None:
+    """Add one flag per config field, grouped by concern, help from the field metadata; with `shown`, only those
+    fields are listed in --help (the command ignores the others, which it accepts so that `train`'s flags serve)."""
     for group_name in GROUPS:
-        _add_fields(parser, group_name, group_name, defaults=True)
+        _add_fields(parser, group_name, group_name, defaults=True, shown=shown)
 
 
-def add_group_arguments(parser: argparse.ArgumentParser, group_name: str, *, defaults: bool = True) -> None:
-    """Add the flags of one config group only (`protorkd eval` takes the "model" group: the tower flags).
+def add_group_arguments(
+    parser: argparse.ArgumentParser, group_name: str, *, defaults: bool = True, shown: Collection[str] | None = None
+) -> None:
+    """Add the flags of one config group only (`protorkd eval` takes the "model" group: the tower flags), with
+    `shown` those listed in --help.
 
     With `defaults=False` an omitted flag stays out of the namespace, so the caller can tell which were given.
     """
-    _add_fields(parser, group_name, f"{group_name} (the same flags as `protorkd train`)", defaults=defaults)
+    title = f"{group_name} (the same flags as `protorkd train`)"
+    _add_fields(parser, group_name, title, defaults=defaults, shown=shown)
 
 
 def config_from_namespace(namespace: argparse.Namespace) -> Config:
@@ -374,7 +442,7 @@ def default_eval_root(cfg: Config) -> Path | None:
     if cfg.eval.eval_data_dir:
         return Path(cfg.eval.eval_data_dir)
     if cfg.data.train_data is None:
-        from protorkd.data.demo import demo_corpus_dir
+        from protorkd.data.demo import demo_eval_root
 
-        return demo_corpus_dir(cfg.data.demo_size, cfg.data.demo_seed) / "eval"
+        return demo_eval_root(cfg.data.demo_size, cfg.data.dataset_size, cfg.data.demo_seed)
     return None

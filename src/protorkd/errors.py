@@ -12,3 +12,8 @@ class BadDataError(UsageError):
 class TrainingDiverged(Exception):
     """A run stopped because its loss or gradients stopped being numbers; the message names the term, the step
     and the checkpoint to resume from (`train.guard`)."""
+
+
+class WriteFailed(Exception):
+    """A file could not be written: the disk is full, a quota or a file-size limit (`ulimit -f`) was reached.
+    The message names the file; what was there before is intact (`protorkd.io` writes atomically)."""

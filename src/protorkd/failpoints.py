@@ -7,10 +7,12 @@ nothing unless the environment variable `PROTORKD_FAILPOINTS` names it:
     PROTORKD_FAILPOINTS="teacher-cache-chunk=1:raise,checkpoint-latest=2"
 
 `name=N` acts the N-th time the process reaches `name`; the action is `kill` (the default: SIGKILL, which
-nothing can catch, exactly like an out-of-memory kill or a preempted job) or `raise` (a RuntimeError, as a
-failing library call would). The variable is read once per process. The points, in the order a run meets
-them, are listed in docs/reliability.md; tests use them to stop a run at a precise place instead of
-racing a timer. This is the fail-point idea of FreeBSD's fail(9) and etcd's gofail, reduced to one variable.
+nothing can catch, exactly like an out-of-memory kill or a preempted job), `raise` (a RuntimeError, as a
+failing library call would), or a signal the process sends itself: `SIGTERM` (a scheduler's preemption),
+`SIGINT` (Ctrl-C) or `SIGSTOP` (it freezes there, holding what it holds, until the test kills or continues it).
+The variable is read once per process. The points, in the order a run meets them, are listed in
+docs/reliability.md; tests use them to stop a run at a precise place instead of racing a timer. This is the
+fail-point idea of FreeBSD's fail(9) and etcd's gofail, reduced to one variable.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import signal
 from collections import Counter
 
 ENVIRONMENT_VARIABLE = "PROTORKD_FAILPOINTS"
-ACTIONS = ("kill", "raise")
+SIGNALS = ("SIGTERM", "SIGINT", "SIGSTOP")
+ACTIONS = ("kill", "raise", *SIGNALS)
 
 
 def parse(spec: str) -> dict[str, tuple[int, str]]:
@@ -31,7 +34,7 @@ def parse(spec: str) -> dict[str, tuple[int, str]]:
         count, _, action = rest.partition(":")
         action = action or "kill"
         if not name or not count.isdigit() or int(count) < 1 or action not in ACTIONS:
-            raise ValueError(f"{ENVIRONMENT_VARIABLE}: {entry!r} is not NAME=N or NAME=N:kill|raise (N >= 1)")
+            raise ValueError(f"{ENVIRONMENT_VARIABLE}: {entry!r} is not NAME=N or NAME=N:{'|'.join(ACTIONS)} (N >= 1)")
         points[name] = (int(count), action)
     return points
 
@@ -49,7 +52,8 @@ def arm(spec: str) -> None:
 
 
 def failpoint(name: str) -> None:
-    """Die (SIGKILL) or raise here if `PROTORKD_FAILPOINTS` arms `name` and this is its N-th arrival."""
+    """Die (SIGKILL), raise or signal itself here if `PROTORKD_FAILPOINTS` arms `name` and this is its N-th
+    arrival."""
     global _armed
     if _armed is None:
         _armed = parse(os.environ.get(ENVIRONMENT_VARIABLE, ""))
@@ -61,4 +65,4 @@ def failpoint(name: str) -> None:
         return
     if action == "raise":
         raise RuntimeError(f"failpoint {name} (reached {count} times; {ENVIRONMENT_VARIABLE})")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.Signals[action] if action in SIGNALS else signal.SIGKILL)

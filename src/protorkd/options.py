@@ -3,11 +3,13 @@
 A library spec (`models.ModelOptions`, `losses.LossOptions`) is a plain dataclass; each field's metadata
 carries its help text, allowed choices and allowed range (`minimum=`, `above=`, `maximum=`, or a `Rule`),
 so the app (`protorkd.config`) can turn every field into a command-line flag `--field-name`, show the rule
-in `--help` and check a value against it, without the library knowing about argparse.
+in `--help` and check a value against it, without the library knowing about argparse. Every float must also be
+finite (`violation`), and a flag whose value sets how much memory a run takes has a `maximum`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,9 +69,13 @@ def flag(
 
 
 def violation(metadata: Any, value: Any) -> str | None:
-    """Why `value` is not allowed for a field with this metadata ("must be at least 1"), or None."""
+    """Why `value` is not allowed for a field with this metadata ("must be at least 1"), or None.
+
+    A float must be finite whatever its rule says: no flag means anything by NaN or infinity."""
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
     choices = metadata.get("choices")
     if choices and value not in choices:
         return "must be one of " + ", ".join(repr(c) if c is None or c == "" else str(c) for c in choices)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -93,12 +94,15 @@ def unique_caption_corpus(tiny_corpus, tmp_path_factory) -> Path:
     return root
 
 
-def _killed_at(point: str, args: list[str]) -> None:
-    """Run `protorkd <args>` in a child that SIGKILLs itself at failpoint `point` (NAME=N)."""
+def _killed_at(point: str, args: list[str], returncode: int = -signal.SIGKILL) -> str:
+    """Run `protorkd <args>` in a child that SIGKILLs itself at failpoint `point` (NAME=N; NAME=N:SIGTERM sends
+    itself that signal instead); returns its stderr."""
     # the same thread count as this process (no OMP_NUM_THREADS override): float sums must add up identically
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "PROTORKD_FAILPOINTS": point}
-    result = subprocess.run([sys.executable, "-m", "protorkd", *args], env=env, capture_output=True, text=True)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    command = [sys.executable, "-m", "protorkd", *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == returncode, result.stderr[-3000:]
+    return result.stderr
 
 
 @pytest.mark.slow
@@ -131,8 +135,13 @@ def test_a_run_killed_at_any_point_continues_with_resume_latest_to_the_uninterru
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
     assert _state(root / "checkpoints" / "epoch_latest.pt")["epoch"] == 2
 
+    # SIGTERM mid-epoch 3 (a preemption): handled like Ctrl-C, one line, exit 143, the folder resumable
+    stderr = _killed_at("train-step=2:SIGTERM", [*args, "--resume", "latest"], returncode=128 + signal.SIGTERM)
+    assert stderr.strip().splitlines()[-1] == "protorkd train: terminated (SIGTERM)" and "Traceback" not in stderr
+    assert "stopped by SIGTERM; every finished epoch is saved in" in (root / "out.log").read_text()
+    assert "restored" in (root / "out.log").read_text()  # that run restored epoch_2.pt before training epoch 3
+
     assert main([*args, "--resume", "latest"]) == 0
-    assert "restored" in (root / "out.log").read_text()
     assert (root / "params.txt").read_bytes() == params  # the same flags: params.txt never rewritten
     for epoch in (1, 2, 3):
         _assert_same_weights(
@@ -302,8 +311,14 @@ def test_mixup_and_caption_ensembles_train_and_a_killed_run_resumes_to_the_unint
     assert main(train_args(two_caption_corpus, tmp_path, "full", *mixed, eval_data=False)) == 0
     log_text = (tmp_path / "full" / "out.log").read_text()
     assert "caption ensemble: the 192 rows train towards the targets of 96 images" in log_text
+    assert "no evaluation: give --eval-data-dir ROOT" in log_text  # no --eval-data-dir: said, not silently skipped
     args = train_args(two_caption_corpus, tmp_path, "killed", *mixed, eval_data=False)
-    _killed_at("checkpoint-saved=1", args)
+    # Ctrl-C while epoch 1's checkpoints are written: honoured right after both writes, not lost, not mid-write
+    stderr = _killed_at("checkpoint-latest=1:SIGINT", args, returncode=130)
+    assert stderr.strip().splitlines()[-1] == "protorkd train: interrupted"
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch_1.pt", "epoch_latest.pt"]
+    assert "stopped by Ctrl-C (SIGINT)" in (tmp_path / "killed" / "out.log").read_text()
     assert main([*args, "--resume", "latest"]) == 0
     for epoch in (1, 2):
         _assert_same_weights(
@@ -368,6 +383,32 @@ def test_mixup_and_caption_ensembles_train_and_a_killed_run_resumes_to_the_unint
         # a bad --resume file with a new --name: refused before the folder exists
         (["--resume", "{truncated}"], "it is truncated or not a torch checkpoint"),
         (["--resume", "{pickled}"], "it holds a pickled object (print)"),
+        # issue 25: NaN, infinite and memory-sized flags, each once a traceback (most after the folder existed)
+        (["--lr", "inf"], "--lr inf: must be a finite number"),
+        (["--lr", "nan"], "--lr nan: must be a finite number"),
+        (["--lr", "1e30"], "--lr 1e+30: must be at least 0.0 and at most 10.0"),
+        (["--wd", "inf"], "--wd inf: must be a finite number"),
+        (["--w-distill", "inf"], "--w-distill inf: must be a finite number"),
+        (["--mixup-alpha", "inf"], "--mixup-alpha inf: must be a finite number"),
+        (["--temperature", "inf"], "--temperature inf: must be a finite number"),
+        (["--image-size", "1"], "--image-size 1: the image tower custom:micro-cnn cannot take 1x1 images"),
+        (["--image-model", "tiny-cnn", "--image-size", "8"], "the image tower custom:tiny-cnn cannot take 8x8 images"),
+        (["--image-size", "100000"], "--image-size 100000: must be at least 1 and at most 2048"),
+        (["--episode-size", "10000000000"], "--episode-size 10000000000: must be at least 0 and at most 100000000"),
+        (["--joint-projection-dim", "1000000"], "--joint-projection-dim 1000000: must be -1 (automatic) or at least"),
+        (["--head-hidden-dim", "1000000000"], "--head-hidden-dim 1000000000: must be at least 1 and at most 16384"),
+        (["--n-prototypes", "100000000"], "--n-prototypes 100000000: must be at least 1 and at most 262144"),
+        (["--queue-size", "1000000000"], "--queue-size 1000000000: must be at least 1 and at most 1048576"),
+        (["--seed", "1e23"], "argument --seed: invalid int value: '1e23'"),
+        (["--seed", str(10**23)], f"--seed {10**23}: must be at least 0 and at most 1000000"),
+        (["--workers", "100000"], "--workers 100000: must be at least 0 and at most 256"),
+        (["--accum-freq", "100"], "an epoch has 6 batches per process, fewer than --accum-freq 100"),
+        # issue 25: refusals that used to come after the teacher cache was filled (and deleted with the folder)
+        (["--loss", "SimReg", "--mixup-alpha", "1"], "--loss SimReg cannot take mixed images"),
+        (["--teacher", "image", "--caption-ensemble"], "--caption-ensemble averages a locked text teacher"),
+        (["--lit-start-epoch", "9"], "--lit-start-epoch 9: the run has only 4 epochs"),
+        (["--loss", "ProtoCLIP", "--teacher", "none", "--k", "1000"], "--k 1000: an episode clusters only 96 samples"),
+        (["--add-projection-head"], "--add-projection-head: --loss InfoNCE does not use projection heads"),
     ],
 )
 def test_bad_input_exits_2_and_leaves_nothing_behind(tiny_corpus, tmp_path, capsys, extra, message):
@@ -394,8 +435,10 @@ def test_every_numeric_flag_has_a_range_in_its_help(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for fragment in (
-        "(default: 4; at least 1)",  # --epochs
-        "(default: 0.01; at least 0.0 and at most 1.0)",  # --max-bad-fraction
+        "(default: 4; at least 1 and at most 100000)",  # --epochs
+        "(default: 0.01; at least 0.0 and at most 1.0; finite)",  # --max-bad-fraction
+        "input resolution in pixels (default: the tower's own); a size the image tower cannot take is refused "
+        "before anything is created (at least 1 and at most 2048)",  # --image-size: its default said once
         "at least 0 and less than 1",  # --beta1, --beta2
         "a comma-separated list of tensorboard, wandb, all",  # --report-to
     ):
@@ -413,3 +456,51 @@ def test_bf16_weights_train_and_evaluate(tiny_corpus, tmp_path):
     checkpoint = torch.load(tmp_path / "bf16" / "checkpoints" / "epoch_1.pt", weights_only=True)
     assert checkpoint["state_dict"]["image_head.weight"].dtype == torch.bfloat16
     assert "zeroshot/shapes/top1" in (tmp_path / "bf16" / "results.jsonl").read_text()
+
+
+def _wait_until_stopped(process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    """Until `process` is stopped (state T: a SIGSTOP failpoint); fails if it ends or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+        assert process.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, "the first run never reached its failpoint"
+        time.sleep(0.05)
+
+
+def test_an_experiment_in_use_is_refused_and_its_next_resume_tidies_what_a_kill_left(tiny_corpus, tmp_path, capsys):
+    """Issue 25: two `--resume latest` on one folder both trained; the same --name started twice ended in an
+    OSError traceback. The folder's holder is a real training process, frozen mid-epoch (SIGSTOP failpoint)."""
+    from protorkd.errors import UsageError
+    from protorkd.train.experiment import Experiment, ExperimentPaths, open_experiment
+
+    args = train_args(tiny_corpus, tmp_path, "run", "--epochs", "1", "--zeroshot-frequency", "0")
+    root, log = tmp_path / "run", tmp_path / "holder.log"
+    failpoint = {"PROTORKD_FAILPOINTS": "train-step=1:SIGSTOP"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **failpoint}
+    with open(log, "w") as stderr:
+        holder = subprocess.Popen([sys.executable, "-m", "protorkd", *args], env=env, stderr=stderr)
+    try:
+        _wait_until_stopped(holder, log)
+        assert main([*args, "--resume", "latest"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"experiment {root} is in use by process {holder.pid}" in err[0]
+        # the same --name launched twice at once: this process creates its folder after the holder did
+        racing = Experiment(ExperimentPaths(root), exists=False)
+        with pytest.raises(UsageError, match=f"was created meanwhile by process {holder.pid}"):
+            open_experiment(racing, read_params(root / "params.txt"), {}, is_master=True)
+        assert (root / "params.txt").is_file() and not list(tmp_path.glob(".run.*"))  # nothing of the loser's
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    # what a kill can leave: a checkpoint write's hidden temporary and a torn last line of results.jsonl
+    (root / "checkpoints" / ".epoch_latest.pt.99999.tmp.pt").write_bytes(bytes(4096))
+    (root / "results.jsonl").write_text('{"epoch": 0, "step": 0, "zeroshot/sha')
+    assert main([*args, "--resume", "latest"]) == 0  # the holder's death released the lock
+    log_text = (root / "out.log").read_text()
+    removed = "removed 1 temporary files (0.0 MB) of interrupted writes: checkpoints/.epoch_latest.pt.99999.tmp.pt"
+    assert removed in log_text
+    assert f"{root / 'results.jsonl'}: removed a torn last line that an interrupted write left (37 bytes" in log_text
+    assert (root / "results.jsonl").read_text() == "" and sorted(p.name for p in (root / "checkpoints").iterdir()) == [
+        "epoch_1.pt",
+        "epoch_latest.pt",
+    ]

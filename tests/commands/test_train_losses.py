@@ -21,7 +21,7 @@ from protorkd.models.build import build_dual_encoder
 from protorkd.params import read_params
 from tests.conftest import TINY_TOWER_FLAGS, tiny_train_args
 
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "protoclip-cc2.5m-1gpu.args"
+RECIPE = Path(__file__).resolve().parents[2] / "src" / "protorkd" / "configs" / "protoclip-cc2.5m-1gpu.args"
 
 PROTOCLIP_HEADS = ["--add-projection-head", "--projection-dim", "16", "--projection-hidden-dim", "32"]
 SMALL_LOSS_ARGS = ["--n-prototypes", "64", "--queue-size", "128", "--k", "8", "--zeroshot-frequency", "0"]

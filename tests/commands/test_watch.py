@@ -37,18 +37,8 @@ def _epochs(path: Path) -> list[int]:
 def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_corpus, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     experiment = tmp_path / "run"
-    train = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "protorkd",
-            *tiny_train_args(
-                tiny_corpus, tmp_path, "run", "--epochs", "3", "--episode-size", "640", "--zeroshot-frequency", "0"
-            ),
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    train_args = tiny_train_args(
+        tiny_corpus, tmp_path, "run", "--epochs", "3", "--episode-size", "640", "--zeroshot-frequency", "0"
     )
     watch_command = [
         sys.executable,
@@ -65,9 +55,15 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
         "--device",
         "cpu",
     ]
+    # the first watch starts before the run has a folder, as docs/watch.md suggests (issue 25: it exited)
+    first_log = tmp_path / "first_watch.log"
+    with open(first_log, "w") as first_stderr:
+        first = subprocess.Popen(watch_command, env=env, stdout=subprocess.DEVNULL, stderr=first_stderr)
+    train = None
     try:
-        _wait_for(lambda: (experiment / "params.txt").exists(), 600, "params.txt")  # failsafes only
-        first = subprocess.Popen(watch_command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_for(lambda: "waiting for" in first_log.read_text(), 600, "watch to wait for the run's folder")
+        command = [sys.executable, "-m", "protorkd", *train_args]
+        train = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         csv_path = experiment / "evaluation_metrics_all.csv"
         _wait_for(lambda: len(_epochs(csv_path)) >= 1, 600, "the first evaluated epoch")
         first.send_signal(signal.SIGKILL)
@@ -75,7 +71,9 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
         second = subprocess.run(watch_command, env=env, capture_output=True, text=True, timeout=900)
         assert second.returncode == 0, second.stderr[-2000:]
     finally:
-        train.wait(timeout=900)
+        first.kill()
+        if train is not None:
+            train.wait(timeout=900)
     assert train.returncode == 0
     assert _epochs(csv_path) == [1, 2, 3]  # every saved epoch once, in order, nothing lost
     header = csv_path.read_text().splitlines()[0].split(",")

@@ -51,3 +51,30 @@ def test_unseen_phrasings_appear_only_in_the_compositional_split(tmp_path):
     metadata = json.loads((root / "eval" / "zeroshot_metadata.json").read_text())
     assert metadata["shapes_unseen"] == metadata["shapes"]
     assert not (root / "eval" / "shapes_unseen" / "train").exists()  # test only: no linear probe on unseen pairs
+
+
+def test_a_smaller_demo_corpus_is_the_first_rows_of_a_larger_one(tmp_path):
+    """What lets the README's quick run (--dataset-size 1024) generate 1,024 rows instead of 10,240."""
+    from protorkd.data.demo import write_demo_corpus
+
+    small = write_demo_corpus(tmp_path / "small", size=5, seed=3, eval_per_class=1, progress=False)
+    large = write_demo_corpus(tmp_path / "large", size=9, seed=3, eval_per_class=1, progress=False)
+    small_rows = (small / "train.tsv").read_text().splitlines()
+    assert (large / "train.tsv").read_text().splitlines()[:6] == small_rows and len(small_rows) == 6
+    for row in small_rows[1:]:
+        image = row.split("\t")[0]
+        assert (small / image).read_bytes() == (large / image).read_bytes()
+    files = sorted(p.relative_to(small) for p in (small / "eval").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(large) for p in (large / "eval").rglob("*") if p.is_file())
+    assert all((small / f).read_bytes() == (large / f).read_bytes() for f in files)
+
+
+def test_a_quick_demo_run_uses_its_own_rows_or_the_whole_corpus_when_it_exists(tmp_path, monkeypatch):
+    from protorkd.data.demo import demo_eval_root
+
+    monkeypatch.setenv("PROTORKD_CACHE", str(tmp_path))
+    assert demo_eval_root(10240, 1024, 0) == tmp_path / "demo-v2-n1024-seed0" / "eval"
+    assert demo_eval_root(10240, None, 0) == demo_eval_root(10240, 20000, 0) == tmp_path / "demo-v2-n10240-seed0/eval"
+    (tmp_path / "demo-v2-n10240-seed0").mkdir()
+    (tmp_path / "demo-v2-n10240-seed0" / "train.tsv").write_text("filepath\ttitle\n")
+    assert demo_eval_root(10240, 1024, 0) == tmp_path / "demo-v2-n10240-seed0" / "eval"  # generated before: reused

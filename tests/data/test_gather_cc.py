@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from protorkd.data.gather_cc import gather_cc
+from protorkd.data.gather_cc import STAGING, gather_cc
 from protorkd.data.gather_rows import StateLog
 from protorkd.errors import UsageError
 from tests.support.gather_server import LOCAL, MIXED_ROWS, SHORT_TIMEOUT, read_tsv, write_tsv
@@ -32,7 +32,7 @@ def test_train_tsv_lists_exactly_the_good_rows_in_input_order(mixed_run):
     ]
     assert read_tsv(out / "train.tsv") == [["title", "filepath"], *expected]
     assert sorted(p.relative_to(out).as_posix() for p in out.glob("images/*/*.jpg")) == [f for _, f in expected]
-    assert not (out / ".tmp").exists()
+    assert not (out / STAGING).exists()  # its staging folder is removed at the end
 
 
 def test_stored_images_are_rgb_jpegs_shrunk_to_longer_side_512(mixed_run):
@@ -159,3 +159,41 @@ def test_torn_last_state_line_is_dropped_before_appending(tmp_path):
     reloaded = StateLog(path, header, num_lines=3, blank_lines=[])
     reloaded.load()
     assert reloaded.counts() == {"ok": 1, "http_404": 1}
+
+
+def test_gather_cc_never_deletes_a_folder_it_did_not_create(image_server, tmp_path):
+    """Issue 25: a pre-existing DIR/.tmp/ was deleted. gather-cc stages in its own, marked folder; an unmarked
+    folder of that name stops the run instead of being deleted."""
+    tsv = write_tsv(tmp_path / "cc.tsv", image_server, [("fine", "/jpg/321x222")])
+    out = tmp_path / "out"
+    (out / ".tmp").mkdir(parents=True)
+    (out / ".tmp" / "mine.txt").write_text("the user's")
+    assert gather_cc(tsv, out, **LOCAL)["ok"] == 1
+    assert (out / ".tmp" / "mine.txt").read_text() == "the user's" and not (out / STAGING).exists()
+    (out / STAGING).mkdir()
+    (out / STAGING / "notes.txt").write_text("not gather-cc's")
+    with pytest.raises(UsageError, match=f"{out / STAGING} exists but was not created by gather-cc; move it away"):
+        gather_cc(tsv, out, **LOCAL)
+    assert (out / STAGING / "notes.txt").read_text() == "not gather-cc's"
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused(tmp_path, timeout):
+    """Issue 25: --timeout nan counted every row as a timeout."""
+    (tmp_path / "cc.tsv").write_text("a caption\thttp://example.com/a.jpg\n")
+    with pytest.raises(UsageError, match=r"--timeout .*: must be a positive, finite number of seconds"):
+        gather_cc(tmp_path / "cc.tsv", tmp_path / "out", timeout=timeout)
+    assert not (tmp_path / "out").exists()
+
+
+def test_decode_threads_default_to_what_the_memory_allows():
+    """Each thread may decode an image of --max-pixels at 4 bytes a pixel (+10 %): 89,478,485 px -> 393,705,334
+    bytes; a quarter of 16 GiB holds 10 of them, of 1 GiB none (still 1 thread); never more than the CPUs."""
+    from protorkd.data.gather_cc import default_decode_threads
+    from protorkd.data.gather_image import DEFAULT_MAX_PIXELS, decode_bytes_at_most
+
+    assert decode_bytes_at_most(DEFAULT_MAX_PIXELS) == 393_705_334
+    assert default_decode_threads(DEFAULT_MAX_PIXELS, memory_bytes=16 * 2**30, cpus=64) == 10
+    assert default_decode_threads(DEFAULT_MAX_PIXELS, memory_bytes=16 * 2**30, cpus=4) == 4
+    assert default_decode_threads(DEFAULT_MAX_PIXELS, memory_bytes=2**30, cpus=4) == 1
+    assert default_decode_threads(1_000_000, memory_bytes=16 * 2**30, cpus=64) == 64

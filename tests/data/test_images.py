@@ -196,3 +196,61 @@ def test_shard_reader_refuses_an_image_over_the_pixel_limit(tmp_path):
     captions, bad = _all_batches(tmp_path / "00000.tar", max_pixels=100)
     assert captions == ["five by five"]
     assert bad == [("shard 00000.tar key 000001", "too many pixels (20x20 > --max-image-pixels 100)")]
+
+
+@pytest.fixture
+def fails_after():
+    """A deadline for code that used to hang: SIGALRM interrupts even a blocking open() (PEP 475 retries it
+    only when the handler returns), so a regression fails in seconds instead of hanging the suite."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError("still blocked after the deadline: a FIFO was opened for reading")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    yield lambda seconds: signal.alarm(seconds)
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_in_a_tsv_row_is_a_bad_sample_with_its_reason_not_a_hang(tmp_path, fails_after):
+    """Issue 25: a FIFO (or /dev/stdin with no writer) as an image path waited forever for a writer."""
+    import os
+
+    from protorkd.data.decoded_corpus import decode_image
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    fails_after(20)
+    sample = CsvCorpus([str(fifo)], ["a red circle"], _flat_transform(32))[0]
+    assert sample["bad"] == "not a regular file (a FIFO)" and sample["image"] is None
+    assert decode_image(str(fifo), 32) == "not a regular file (a FIFO)"  # the in-memory corpus' reader
+    assert CsvCorpus([str(tmp_path)], ["a folder"], _flat_transform(32))[0]["bad"] == ("not a regular file (a folder)")
+
+
+def test_a_fifo_in_an_evaluation_root_is_unreadable_with_its_reason(tmp_path, fails_after):
+    import os
+
+    from protorkd.eval.datasets import UnreadableImage, load_image
+
+    fifo = tmp_path / "cat_0001.jpg"
+    os.mkfifo(fifo)
+    fails_after(20)
+    assert load_image(fifo, lambda image: image) == UnreadableImage(
+        str(fifo), "NotARegularFile: not a regular file (a FIFO)"
+    )
+
+
+def test_a_decode_needs_no_copy_of_an_image_that_needs_no_turn(tmp_path):
+    """gather-cc: exif_transpose copied every image (81 MP: 324 MB more); an upright one is now used as is."""
+    from protorkd.data.gather_image import _upright
+
+    path = tmp_path / "upright.jpg"
+    Image.new("RGB", (40, 30)).save(path)
+    with Image.open(path) as image:
+        assert _upright(image) is image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise
+    Image.new("RGB", (40, 30)).save(path, exif=exif)
+    with Image.open(path) as image:
+        assert _upright(image).size == (30, 40)

@@ -95,3 +95,21 @@ def test_a_header_that_is_not_utf8_is_a_usage_error(tmp_path):
     path.write_bytes(b"filepath\tt\xeftle\na.jpg\tx\n")
     with pytest.raises(UsageError, match="line 1 \\(the header\\): not UTF-8"):
         read_corpus_table(path, "filepath", "title")
+
+
+def test_a_caption_over_the_byte_limit_is_cut_at_a_character_and_counted(tmp_path, caplog):
+    """Issue 25: one 100 MB caption line made the tokenizer abort at 11.6 GB. Captions are cut as they are read:
+    2-byte "é" x 3000 (6000 bytes) -> 2048 of them (4096 bytes); 3-byte "€" x 2000 -> 1365 (4095 bytes: the
+    1366th would end past the limit)."""
+    import logging
+
+    long_two, long_three = "é" * 3000, "€" * 2000
+    lines = [f"a.jpg\t{long_two}\n", "b.jpg\ta short caption\n", f"c.jpg\t{long_three}\n"]
+    _write(tmp_path / "train.tsv", [line.encode() for line in lines])
+    with caplog.at_level(logging.WARNING):
+        table = read_corpus_table(tmp_path / "train.tsv", "filepath", "title")
+    assert table.captions == ["é" * 2048, "a short caption", "€" * 1365]
+    assert "2 captions longer than 4096 bytes were cut to that length before tokenizing" in caplog.text
+    assert "row 1 (line 2)" in caplog.text
+    narrow = read_corpus_table(tmp_path / "train.tsv", "filepath", "title", max_caption_bytes=7)
+    assert narrow.captions == ["é" * 3, "a short", "€" * 2]

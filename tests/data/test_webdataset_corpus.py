@@ -207,3 +207,24 @@ def test_resampling_only_unreadable_shards_raises_instead_of_hanging(tmp_path):
 def test_missing_shards_are_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="2 of 2 shards do not exist"):
         webdataset_loader(str(tmp_path / "{00000..00001}.tar"), image_transform=to_tensor, batch_size=2, num_samples=4)
+
+
+def test_a_shard_caption_over_the_byte_limit_is_cut_and_logged(shards, tmp_path, caplog):
+    out, _ = shards
+    with tarfile.open(out / "00000.tar") as tar:
+        good = tar.extractfile("000000000.jpg").read()
+    long_caption = "ü" * 5000  # 10,000 bytes
+    samples = [{"__key__": "000000080", "jpg": good, "txt": long_caption}, {"__key__": "1", "jpg": good, "txt": "ok"}]
+    _write_shard(tmp_path / "00008.tar", samples)
+    loader = webdataset_loader(
+        str(tmp_path / "00008.tar"),
+        image_transform=to_tensor,
+        batch_size=2,
+        num_samples=2,
+        resampled=False,
+        shuffle_buffer=0,
+        max_caption_bytes=100,
+    )
+    (batch,) = list(loader)
+    assert batch["captions"] == ["ü" * 50, "ok"]  # 100 bytes of 2-byte characters
+    assert "1 captions longer than 100 bytes cut to that length" in caplog.text and "key 000000080" in caplog.text

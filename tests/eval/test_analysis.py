@@ -51,3 +51,12 @@ def test_analysis_pairs_each_image_with_its_first_caption():
     owners = torch.tensor([1, 0, 1, 2])  # image 0's first caption is row 1, image 1's is row 0
     metrics = analyze(images, texts, owners, n_clusters=2)
     assert metrics["modality_gap"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_one_captioned_image_has_no_clusters_to_compare_instead_of_a_faiss_crash():
+    """Issue 25: a captions file with one captioned image crashed in faiss (k-means of 1 point into 2 clusters)."""
+    one = torch.tensor([[1.0, 0.0, 0.0]])
+    assert cluster_agreement(one, one, 10) == {}
+    with pytest.warns(UserWarning, match="degrees of freedom"):  # the std of one feature is undefined (NaN)
+        metrics = analyze(one, one, torch.tensor([0]), n_clusters=10)
+    assert "modality_gap" in metrics and "image_text_cluster_ari" not in metrics

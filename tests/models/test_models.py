@@ -215,3 +215,35 @@ def test_minilm_resolves_to_the_offline_package():
     assert model.embed_dim == 384
     a, b, c = model.encode_texts(["a red circle", "a crimson round disc", "an invoice for taxes"])
     assert (a @ b) > (a @ c)
+
+
+def test_loading_a_trained_checkpoint_does_not_say_initialized_randomly(caplog):
+    """open_clip warns "Model initialized randomly" for a tower built without a pretrained tag; building one to
+    receive a checkpoint's weights is not that (issue 25)."""
+    import logging
+    from pathlib import Path
+
+    from protorkd.eval.loading import model_from_checkpoint
+    from protorkd.models.build import build_dual_encoder
+    from protorkd.models.options import ModelOptions
+
+    options = ModelOptions(image_model_builder="open_clip", image_model="protorkd-tiny-clip", teacher="none")
+    with caplog.at_level(logging.WARNING):
+        trained = build_dual_encoder(options)
+    assert "initialized randomly" in caplog.text  # true here: a fresh model
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        model_from_checkpoint({"state_dict": trained.state_dict()}, options, path=Path("x.pt"), source="test")
+    assert "initialized randomly" not in caplog.text
+
+
+def test_an_open_clip_image_tower_takes_the_image_size_it_is_given():
+    """Issue 25: --image-size was ignored by open_clip towers; RN50 at 64 px crashed mid-run. A ResNet tower's
+    attention pool is now built for the size (random init); an image size no tower can take is refused by the
+    training run's check (tests/commands/test_train.py)."""
+    import torch
+
+    from protorkd.models.image_towers import build_image_tower
+
+    tower = build_image_tower("open_clip", "protorkd-tiny-rn-clip", "", 48)  # its own size is 64
+    assert tower.preprocess.image_size == 48 and tower.eval()(torch.zeros(2, 3, 48, 48)).shape == (2, 128)

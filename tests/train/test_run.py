@@ -18,3 +18,26 @@ def test_the_evaluation_plan_runs_each_task_at_its_frequency_and_at_the_last_epo
         ["zeroshot"],
         ["zeroshot", "linear", "retrieval"],
     ]
+
+
+def test_the_automatic_warmup_is_50_steps_but_at_most_a_tenth_of_the_run():
+    """Issue 25: on small data 50 warm-up steps were longer than the whole run (the README's quick run has 16)."""
+    from protorkd.config import AUTOMATIC_WARMUP
+    from protorkd.train.run import warmup_steps
+
+    assert warmup_steps(AUTOMATIC_WARMUP, 640) == 50  # the demo: 4 epochs of 160 steps, as before
+    assert warmup_steps(AUTOMATIC_WARMUP, 160) == 16
+    assert warmup_steps(AUTOMATIC_WARMUP, 16) == 1  # `protorkd train --epochs 1 --dataset-size 1024`
+    assert warmup_steps(AUTOMATIC_WARMUP, 5) == 1
+    assert warmup_steps(7, 16) == 7 and warmup_steps(0, 16) == 0  # an explicit --warmup is kept as given
+
+
+def test_results_are_written_without_float_noise():
+    import json
+
+    from protorkd.train.logs import without_float_noise
+
+    noisy = {"zeroshot/shapes/top1": 100 * 0.169, "linear_joint/shapes/l2": 1.2345678901234567e-07}
+    assert json.dumps(without_float_noise(noisy)) == (
+        '{"zeroshot/shapes/top1": 16.9, "linear_joint/shapes/l2": 1.23456789012e-07}'
+    )

@@ -1,6 +1,7 @@
 """`protorkd cache-teacher`: compute the locked teachers' features for a corpus once, before training.
 
-It takes the same data and model flags as `protorkd train` and fills `--teacher-cache DIR` with one
+It takes the same flags as `protorkd train` (--help lists those that decide the cache; the others are accepted
+and ignored, so one command line or @file serves both) and fills `--teacher-cache DIR` with one
 folder per teacher that such a training run uses (the student's locked tower, a `--clip-teacher-model`,
 an `--extra-text-teacher`): fp16 memory-mapped features plus a manifest (corpus hash, teacher spec,
 transform, dims, progress). An interrupted run resumes where it stopped; a cache whose manifest does not
@@ -24,9 +25,43 @@ import argparse
 import logging
 import os
 
+from protorkd.commands.flag_types import integer
 from protorkd.config import add_config_arguments, config_from_namespace, validate_config
+from protorkd.models.options import TOWER_FLAGS
 
 log = logging.getLogger(__name__)
+
+# The `train` flags that decide which teacher features a run caches (what corpus, which teachers, how its images
+# are read): a cache filled with them is the one `train` with the same flags reads. The others are accepted, not
+# listed.
+CACHE_FLAGS = (
+    "train_data",
+    "dataset_type",
+    "csv_img_key",
+    "csv_caption_key",
+    "csv_separator",
+    "csv_quoting",
+    "dataset_size",
+    "max_bad_fraction",
+    "max_image_pixels",
+    "max_caption_bytes",
+    "demo_size",
+    "demo_seed",
+    "augmentation",
+    "in_memory",
+    "in_memory_budget_mb",
+    "teacher",
+    *TOWER_FLAGS,
+    "clip_teacher_model",
+    "clip_teacher_tag",
+    "clip_teacher_images",
+    "extra_text_teacher",
+    "extra_text_teacher_builder",
+    "teacher_views",
+    "seed",
+    "device",
+    "teacher_cache",
+)
 
 
 def add_parser(subparsers) -> None:
@@ -39,7 +74,7 @@ def add_parser(subparsers) -> None:
     group = parser.add_argument_group("cache-teacher")
     group.add_argument(
         "--pca-dim",
-        type=int,
+        type=integer(0, 16384),
         default=0,
         help="store an exact PCA (faiss PCAMatrix) to this many dimensions (default: 0, none)",
     )
@@ -59,10 +94,12 @@ def add_parser(subparsers) -> None:
         help="which teacher --pca-dim / --export-npy use: text, image, clip-image, clip-text or extra-text "
         "(default: the first one of the run)",
     )
-    group.add_argument("--cache-batch-size", type=int, default=256, help="teacher batch size (default: 256)")
+    group.add_argument(
+        "--cache-batch-size", type=integer(1, 65536), default=256, help="teacher batch size (default: 256)"
+    )
     group.add_argument(
         "--views",
-        type=int,
+        type=integer(1, 1000),
         default=None,
         help="fill a reinforced cache of this many stored augmented views per image for the run's image teacher "
         "(the same as --teacher-views; train with --teacher-views K)",
@@ -74,7 +111,7 @@ def add_parser(subparsers) -> None:
         help="with --views: fill only every N-th chunk of the reinforced cache, starting at chunk I (run N processes, "
         "e.g. one per GPU, with 0/N ... N-1/N; the last to finish completes the cache)",
     )
-    add_config_arguments(parser)
+    add_config_arguments(parser, shown=CACHE_FLAGS)
     parser.set_defaults(func=run)
 
 
@@ -100,8 +137,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--shard splits the fill of a reinforced cache: give --views K too")
     cfg = config_from_namespace(args)
     validate_config(cfg)
-    if args.cache_batch_size < 1:
-        raise UsageError(f"--cache-batch-size {args.cache_batch_size}: must be at least 1")
     if not cfg.log.teacher_cache:
         raise UsageError("--teacher-cache DIR is required: the folder to fill (train later with the same flag)")
     definitions = teacher_definitions(cfg.model)
@@ -113,8 +148,6 @@ def run(args: argparse.Namespace) -> int:
     export_name = args.export_teacher or names[0]
     if export_name not in names:
         raise UsageError(f"--export-teacher {export_name}: this run's teachers are {', '.join(names)}")
-    if args.pca_dim < 0:
-        raise UsageError(f"--pca-dim {args.pca_dim}: must be positive (0 = no PCA)")
 
     corpus = open_run_corpus(cfg.data)
     if isinstance(corpus, ShardCorpus):

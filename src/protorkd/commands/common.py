@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from protorkd.checkpoint import load_checkpoint
+from protorkd.commands.flag_types import integer
 from protorkd.config import Config, default_eval_root
 from protorkd.distributed import resolve_device
 from protorkd.errors import UsageError
@@ -53,21 +54,6 @@ def add_tasks_argument(group: argparse._ActionsContainer) -> None:
     )
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer >= `minimum` (a bad value is argparse's one-line error, exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value}: must be at least {minimum}")
-        return value
-
-    return parse
-
-
 def add_linear_features_argument(group: argparse._ActionsContainer) -> None:
     group.add_argument(
         "--linear-features",
@@ -87,10 +73,12 @@ def add_runtime_arguments(
     items: str = "images or texts",
 ) -> None:
     """--batch-size, --workers (default `workers`, described as `workers_default` when given) and --device."""
-    group.add_argument("--batch-size", type=int_at_least(1), default=256, help=f"{items} per batch (default: 256)")
+    group.add_argument(
+        "--batch-size", type=integer(1, 65536), default=256, help=f"{items} per batch (default: 256; at most 65536)"
+    )
     group.add_argument(
         "--workers",
-        type=int_at_least(0),
+        type=integer(0, 256),
         default=workers,
         help=f"data-loading worker processes (default: {workers_default or workers})",
     )

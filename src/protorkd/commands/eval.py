@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from protorkd.commands import common
+from protorkd.commands.flag_types import integer
 from protorkd.config import Config, add_group_arguments
 from protorkd.errors import UsageError
 from protorkd.io import append_line
-from protorkd.models.options import ModelOptions
+from protorkd.models.options import ARCHITECTURE_FLAGS, ModelOptions
+from protorkd.train.logs import without_float_noise
 
 if TYPE_CHECKING:
     from protorkd.eval.records import SuiteResult
@@ -65,9 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     common.add_linear_features_argument(group)
     group.add_argument(
         "--analysis-clusters",
-        type=int,
+        type=integer(2, 10_000),
         default=10,
-        help="k of the image / text k-means compared by the analysis task (default: 10)",
+        help="k of the image / text k-means compared by the analysis task (default: 10; at least 2)",
     )
     common.add_runtime_arguments(
         group, workers=min(4, os.cpu_count() or 1), workers_default="4, at most the number of CPUs"
@@ -86,7 +88,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "experiment's cache/eval, else $PROTORKD_CACHE/eval)",
     )
     group.add_argument("--no-cache", action="store_true", help="neither read nor write the feature cache")
-    add_group_arguments(parser, "model", defaults=False)
+    add_group_arguments(parser, "model", defaults=False, shown=ARCHITECTURE_FLAGS)
     parser.set_defaults(func=run)
 
 
@@ -197,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             "evaluated_by": "protorkd eval",
             "checkpoint": str(args.checkpoint),
             "eval_data_dir": str(root),
-            **metrics,
+            **without_float_noise(metrics),
         }
         append_line(loaded.experiment / "results.jsonl", json.dumps(line))  # appended: earlier lines stay
         print(f"appended to {loaded.experiment / 'results.jsonl'}")

@@ -9,22 +9,27 @@ import argparse
 import logging
 from pathlib import Path
 
-from protorkd.data.gather_cc import DEFAULT_USER_AGENT, FORMATS, gather_cc
+from protorkd.commands.flag_types import integer, real
+from protorkd.data.gather_cc import DEFAULT_USER_AGENT, FORMATS, LIMITS, gather_cc
 from protorkd.data.gather_image import DEFAULT_MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
 
 def _byte_size(text: str) -> int:
-    """`20MB`, `512k`, `1e6` or `20000000` -> bytes (decimal units)."""
+    """`20MB`, `512k`, `1e6` or `20000000` -> bytes (decimal units), at least 1 and at most LIMITS["max_bytes"]."""
     units = {"k": 10**3, "m": 10**6, "g": 10**9}
     cleaned = text.strip().lower().removesuffix("b")
     try:
         if cleaned and cleaned[-1] in units:
-            return int(float(cleaned[:-1]) * units[cleaned[-1]])
-        return int(float(cleaned))
-    except ValueError:
+            size = int(float(cleaned[:-1]) * units[cleaned[-1]])
+        else:
+            size = int(float(cleaned))
+    except (ValueError, OverflowError):  # OverflowError: inf; ValueError: nan and words
         raise argparse.ArgumentTypeError(f"{text!r} is not a size; use e.g. 20MB, 512kB or 20000000") from None
+    if not 1 <= size <= LIMITS["max_bytes"]:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1 byte and at most {LIMITS['max_bytes']} (1GB)")
+    return size
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,18 +50,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="tsv: DIR/images/ + DIR/train.tsv; webdataset: DIR/00000.tar ... (default: tsv)",
     )
     # downloading
-    add("--concurrency", type=int, default=128, metavar="N", help="requests in flight (default: 128)")
-    add("--timeout", type=float, default=20.0, metavar="S", help="seconds per request attempt (default: 20)")
+    add(
+        "--concurrency",
+        type=integer(1, LIMITS["concurrency"]),
+        default=128,
+        metavar="N",
+        help=f"requests in flight (default: 128; at most {LIMITS['concurrency']})",
+    )
+    add(
+        "--timeout",
+        type=real(above=0, maximum=3600),
+        default=20.0,
+        metavar="S",
+        help="seconds per request attempt (default: 20; finite, at most 3600)",
+    )
     add(
         "--retries",
-        type=int,
+        type=integer(0, LIMITS["retries"]),
         default=2,
         metavar="N",
         help="extra attempts after a connection error or HTTP 429/5xx (default: 2)",
     )
     add(
         "--backoff",
-        type=float,
+        type=real(0, 3600),
         default=1.0,
         metavar="S",
         help="the first retry waits about S seconds, doubling each time (default: 1)",
@@ -86,45 +103,57 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     # images
     add(
         "--max-pixels",
-        type=int,
+        type=integer(1, LIMITS["max_pixels"]),
         default=DEFAULT_MAX_PIXELS,
         metavar="N",
-        help=f"refuse images with more pixels, i.e. decompression bombs (default: {DEFAULT_MAX_PIXELS})",
+        help="refuse images with more pixels, read from the header before decoding: decompression bombs "
+        f"(default: {DEFAULT_MAX_PIXELS}; at most {LIMITS['max_pixels']}, where Pillow refuses every image)",
     )
     add(
-        "--max-side", type=int, default=512, metavar="PX", help="shrink so the longer side is at most PX (default: 512)"
+        "--max-side",
+        type=integer(1, LIMITS["max_side"]),
+        default=512,
+        metavar="PX",
+        help="shrink so the longer side is at most PX (default: 512)",
     )
     add(
         "--min-side",
-        type=int,
+        type=integer(0),
         default=64,
         metavar="PX",
         help="drop images whose shorter side is below PX (default: 64)",
     )
-    add("--jpeg-quality", type=int, default=90, metavar="Q", help="JPEG quality of the stored images (default: 90)")
+    add(
+        "--jpeg-quality",
+        type=integer(1, 100),
+        default=90,
+        metavar="Q",
+        help="JPEG quality of the stored images (default: 90)",
+    )
     add(
         "--decode-threads",
-        type=int,
+        type=integer(1, LIMITS["decode_threads"]),
         default=None,
         metavar="N",
-        help="threads decoding and resizing images (default: number of CPUs)",
+        help="threads decoding and resizing images (default: one per CPU, but no more than the number whose worst "
+        "case, each decoding an image of --max-pixels at 4 bytes a pixel, fits a quarter of the memory)",
     )
     # outputs and resuming
     add(
         "--shard-size",
-        type=int,
+        type=integer(1, LIMITS["shard_size"]),
         default=10_000,
         metavar="N",
         help="input rows per images/ subfolder or per tar shard (default: 10000)",
     )
     add(
         "--subset",
-        type=int,
+        type=integer(1),
         default=None,
         metavar="N",
         help="also write DIR/train_subset<N>_seed<S>.tsv with N random gathered rows (tsv format)",
     )
-    add("--seed", type=int, default=0, metavar="S", help="random seed of --subset (default: 0)")
+    add("--seed", type=integer(0), default=0, metavar="S", help="random seed of --subset (default: 0)")
     add(
         "--retry-failed",
         action="store_true",

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 from protorkd.commands import common
+from protorkd.commands.flag_types import real
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--epoch", help="evaluate only checkpoints/epoch_N.pt (N or 'latest') and exit")
     parser.add_argument("--once", action="store_true", help="evaluate what is there now and exit")
-    parser.add_argument("--interval", type=float, default=10.0, help="seconds between scans (default: 10)")
+    parser.add_argument(
+        "--interval",
+        type=real(above=0, maximum=86400),
+        default=10.0,
+        help="seconds between scans, also while waiting for the run to create the folder (default: 10)",
+    )
     common.add_tasks_argument(parser)
     common.add_eval_data_dir_argument(parser)
     common.add_linear_features_argument(parser)
@@ -50,14 +57,22 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.eval.monitor import ALL_CSV, evaluate_single, watch
     from protorkd.eval.suite import EvalOptions, run_suite
     from protorkd.params import read_params
+    from protorkd.train.logs import without_float_noise
 
     if args.experiment_dir is None:
         _ask(args)
     experiment_dir = args.experiment_dir
     params = experiment_dir / "params.txt"
-    if not params.is_file():
+    if not params.is_file() and (args.once or args.epoch is not None):
         raise UsageError(f"{experiment_dir} has no params.txt; point watch at an experiment folder")
-    training_run = read_params(params)
+    if not params.is_file():  # started before the run, as docs/watch.md suggests: wait for it
+        log.info("waiting for %s (the run has not created its folder yet)", params)
+        while not params.is_file():
+            time.sleep(args.interval)
+    try:
+        training_run = read_params(params)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise UsageError(f"cannot read {params} ({error}); point watch at a protorkd experiment folder") from None
     root = common.eval_root(args.eval_data_dir, training_run)
     device = common.device_from(args)
     tasks = common.parse_tasks(args.tasks)
@@ -67,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     def evaluate(path: Path) -> dict[str, float]:
         loaded = common.load_model_from_checkpoint(path)
-        return run_suite(loaded.model.to(device), root, tasks=tasks, options=options).metrics
+        return without_float_noise(run_suite(loaded.model.to(device), root, tasks=tasks, options=options).metrics)
 
     if args.epoch is not None:
         if args.epoch != "latest" and not args.epoch.isdigit():

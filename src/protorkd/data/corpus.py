@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from protorkd.data.demo import ensure_demo_corpus
+from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES
+from protorkd.data.demo import demo_corpus_for
 from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS
 from protorkd.data.sampling import EpisodeSampler
 from protorkd.data.tsv import CsvCorpus, collate, read_corpus_table
@@ -85,9 +86,12 @@ def open_corpus(
     demo_seed: int = 0,
     max_bad_fraction: float | None = None,
     quoting: str = "none",
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
 ) -> Corpus:
     """The training CSV, webdataset shards, or (no `train_data`) the built-in demo corpus, generated and
-    cached on first use. A TSV with more unparsable rows than `max_bad_fraction` is a UsageError."""
+    cached on first use (only its first `dataset_size` rows when fewer than `demo_size` are used: the same rows).
+    A TSV with more unparsable rows than `max_bad_fraction` is a UsageError; captions are cut to
+    `max_caption_bytes` bytes."""
     if train_data is not None and is_webdataset(train_data, dataset_type):
         from protorkd.data.webdataset_corpus import expand_shards
 
@@ -95,8 +99,13 @@ def open_corpus(
             raise UsageError("a webdataset corpus needs --train-num-samples N (samples per epoch)")
         expand_shards(train_data)  # names no shard, or missing shards: a clear error now
         return ShardCorpus(train_data, samples_per_epoch)
-    path = Path(train_data) if train_data is not None else ensure_demo_corpus(demo_size, demo_seed) / "train.tsv"
-    table = read_corpus_table(path, img_key, caption_key, separator, dataset_size, max_bad_fraction, quoting)
+    if train_data is None:
+        path = demo_corpus_for(demo_size, dataset_size, demo_seed) / "train.tsv"
+    else:
+        path = Path(train_data)
+    table = read_corpus_table(
+        path, img_key, caption_key, separator, dataset_size, max_bad_fraction, quoting, max_caption_bytes
+    )
     return TsvCorpus(table.images, table.captions, str(path), table.lines, table.problems)
 
 
@@ -136,6 +145,7 @@ def training_batches(
     pin_memory: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
     in_memory_size: int | None = None,
     view_replay: ViewReplay | None = None,
 ) -> TrainBatches:
@@ -166,6 +176,7 @@ def training_batches(
             world_size=world_size,
             max_pixels=max_pixels,
             max_member_bytes=max_member_bytes,
+            max_caption_bytes=max_caption_bytes,
         )
         return TrainBatches(stream, None, str, stream.set_epoch, len(stream))
     options = dict(

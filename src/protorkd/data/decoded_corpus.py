@@ -23,7 +23,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from protorkd.data.images import DEFAULT_MAX_PIXELS, TooManyPixels, read_image, to_rgb
+from protorkd.data.images import DEFAULT_MAX_PIXELS, NotARegularFile, TooManyPixels, read_image, to_rgb
 from protorkd.data.tsv import CsvCorpus
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def decode_image(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> 
     """[3, size, size] uint8 (shorter side resized to `size`, bicubic; centre crop), or why it cannot be read."""
     try:
         rgb = read_image(path, max_pixels, to_rgb)
-    except TooManyPixels as reason:
+    except (TooManyPixels, NotARegularFile) as reason:
         return str(reason)
     except FileNotFoundError:
         return "missing image"

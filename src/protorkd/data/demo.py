@@ -178,6 +178,30 @@ def default_cache_root() -> Path:
     return Path(base)
 
 
+def demo_rows(demo_size: int, dataset_size: int | None) -> int:
+    """How many demo rows a run needs: `--demo-size`, or fewer when `--dataset-size` uses fewer."""
+    return min(demo_size, dataset_size) if dataset_size else demo_size
+
+
+def _demo_size_used(demo_size: int, dataset_size: int | None, seed: int) -> int:
+    """The size of the demo corpus a run reads: the whole `--demo-size` corpus when it exists, else one of only
+    the rows the run uses. Either serves: rows are drawn one after another from one generator and the held-out
+    split from another, so N rows are exactly the first N rows of a larger corpus, with the same eval/ folder."""
+    if (demo_corpus_dir(demo_size, seed) / "train.tsv").exists():
+        return demo_size
+    return demo_rows(demo_size, dataset_size)
+
+
+def demo_corpus_for(demo_size: int, dataset_size: int | None, seed: int) -> Path:
+    """The demo corpus folder a run reads, generated now if needed (only as many rows as the run uses)."""
+    return ensure_demo_corpus(_demo_size_used(demo_size, dataset_size, seed), seed)
+
+
+def demo_eval_root(demo_size: int, dataset_size: int | None, seed: int) -> Path:
+    """The held-out eval/ folder of a demo run (the one `demo_corpus_for` generates; nothing is generated here)."""
+    return demo_corpus_dir(_demo_size_used(demo_size, dataset_size, seed), seed) / "eval"
+
+
 def demo_corpus_dir(size: int, seed: int, cache_root: Path | None = None) -> Path:
     return (cache_root or default_cache_root()) / f"demo-v{CORPUS_VERSION}-n{size}-seed{seed}"
 

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -28,7 +29,7 @@ from pathlib import Path
 from protorkd import __version__
 from protorkd.data.gather_addresses import AddressPolicy
 from protorkd.data.gather_fetch import is_transient
-from protorkd.data.gather_image import DEFAULT_MAX_PIXELS
+from protorkd.data.gather_image import DEFAULT_MAX_PIXELS, decode_bytes_at_most
 from protorkd.data.gather_loop import GatherLoop, image_relpath
 from protorkd.data.gather_rows import OK, PENDING, STATE_VERSION, StateLog, iter_rows, scan_tsv
 from protorkd.data.gather_shards import shard_name, shards_spec, write_sizes
@@ -39,6 +40,33 @@ log = logging.getLogger(__name__)
 
 DEFAULT_USER_AGENT = f"Mozilla/5.0 (compatible; protorkd-gather-cc/{__version__})"
 FORMATS = ("tsv", "webdataset")
+# The staging folder of a run, marked as gather-cc's own: a folder of that name without the mark is the user's
+# and is never deleted (the run stops instead).
+STAGING = ".gather-cc-tmp"
+STAGING_MARK = ".created-by-protorkd-gather-cc"
+# Upper bounds of the settings: what each in-flight request, decode or shard may hold in memory stays bounded
+LIMITS = {
+    "concurrency": 4096,
+    "retries": 100,
+    "max_bytes": 1_000_000_000,
+    "max_pixels": 2 * DEFAULT_MAX_PIXELS,  # Pillow refuses every larger image itself
+    "max_side": 16384,
+    "shard_size": 1_000_000,
+    "decode_threads": 256,
+}
+
+
+def default_decode_threads(max_pixels: int, memory_bytes: int | None = None, cpus: int | None = None) -> int:
+    """Decoding threads such that every one decoding an image of `max_pixels` pixels at once (the worst case a
+    URL list can force: a small PNG of a huge blank image) takes at most a quarter of the machine's memory; at
+    most one per CPU."""
+    cpus = cpus or os.cpu_count() or 4
+    if memory_bytes is None:
+        try:
+            memory_bytes = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not POSIX: assume a small machine
+            memory_bytes = 4 * 2**30
+    return max(1, min(cpus, memory_bytes // 4 // decode_bytes_at_most(max_pixels)))
 
 
 def gather_cc(
@@ -76,6 +104,7 @@ def gather_cc(
         output_format,
         subset,
         timeout,
+        backoff,
         concurrency=(concurrency, 1),
         retries=(retries, 0),
         max_bytes=(max_bytes, 1),
@@ -121,14 +150,17 @@ def gather_cc(
         for index, code in enumerate(state.status):
             if code in transient and index // shard_size not in packed:
                 state.status[index] = PENDING
-    tmp_dir = out_dir / ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    tmp_dir = _fresh_staging(out_dir)
+    threads = decode_threads or default_decode_threads(max_pixels)
+    if decode_threads is None:
+        log.info("gather-cc: %d decode threads (at most one per CPU, and N images of --max-pixels decoded at once "
+                 "fit a quarter of the memory)", threads)  # fmt: skip
 
     gatherer = GatherLoop(
         tsv_path,
         out_dir,
         state,
+        staging=tmp_dir,
         webdataset=webdataset,
         shard_size=shard_size,
         num_shards=num_shards,
@@ -137,7 +169,7 @@ def gather_cc(
         fetch_options=dict(timeout=timeout, max_bytes=max_bytes, retries=retries, backoff=backoff, policy=policy),
         image_options=dict(max_side=max_side, min_side=min_side, max_pixels=max_pixels, quality=jpeg_quality),
         concurrency=concurrency,
-        workers=decode_threads or os.cpu_count() or 4,
+        workers=threads,
         user_agent=user_agent,
         progress=progress,
     )
@@ -179,7 +211,7 @@ def gather_cc(
         },
     }
     atomic_write(out_dir / "stats.json", json.dumps(stats, indent=1) + "\n")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    shutil.rmtree(tmp_dir, ignore_errors=True)  # ours: `_fresh_staging` made it
     log.info(
         "gather-cc: %d of %d rows gathered, %d failed (%s); this run %d rows in %.1f s",
         ok,
@@ -197,15 +229,39 @@ def gather_cc(
     return stats
 
 
-def _check_settings(output_format: str, subset: int | None, timeout: float, **at_least: tuple[int | None, int]) -> None:
-    """UsageError for a value a run cannot use; `at_least` maps a flag name to (value, minimum)."""
+def _fresh_staging(out_dir: Path) -> Path:
+    """An empty staging folder for half-written files, marked as gather-cc's. One a killed run left (marked) is
+    cleared; a folder of that name gather-cc did not create stops the run instead of being deleted."""
+    tmp_dir = out_dir / STAGING
+    if tmp_dir.exists():
+        if not (tmp_dir / STAGING_MARK).is_file():
+            raise UsageError(
+                f"{tmp_dir} exists but was not created by gather-cc; move it away (gather-cc stages its half-written "
+                "files there and deletes that folder when done)"
+            )
+        shutil.rmtree(tmp_dir)
+    tmp_dir.mkdir()
+    (tmp_dir / STAGING_MARK).touch()
+    return tmp_dir
+
+
+def _check_settings(
+    output_format: str, subset: int | None, timeout: float, backoff: float, **at_least: tuple[int | None, int]
+) -> None:
+    """UsageError for a value a run cannot use; `at_least` maps a flag name to (value, minimum), `LIMITS` gives
+    the maximum of some."""
     if output_format not in FORMATS:
         raise UsageError(f"--format {output_format!r}: choose one of {', '.join(FORMATS)}")
     for name, (value, low) in at_least.items():
         if value is not None and value < low:
             raise UsageError(f"--{name.replace('_', '-')} {value}: must be at least {low}")
-    if timeout <= 0:
-        raise UsageError(f"--timeout {timeout}: must be positive (seconds)")
+        high = LIMITS.get(name)
+        if value is not None and high is not None and value > high:
+            raise UsageError(f"--{name.replace('_', '-')} {value}: must be at most {high}")
+    if not (math.isfinite(timeout) and timeout > 0):  # NaN compares false: every request would time out
+        raise UsageError(f"--timeout {timeout}: must be a positive, finite number of seconds")
+    if not (math.isfinite(backoff) and backoff >= 0):
+        raise UsageError(f"--backoff {backoff}: must be a finite number of seconds, at least 0")
     if subset is not None and (subset < 1 or output_format != "tsv"):
         raise UsageError(f"--subset {subset}: needs a positive N and --format tsv")
 

@@ -18,7 +18,13 @@ from PIL import ExifTags, Image, ImageOps
 from protorkd.data.images import DEFAULT_MAX_PIXELS, to_8bit
 from protorkd.io import replace
 
-__all__ = ["DEFAULT_MAX_PIXELS", "ImageOutcome", "process_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageOutcome", "decode_bytes_at_most", "process_image"]
+
+
+def decode_bytes_at_most(max_pixels: int) -> int:
+    """The memory one decode may take: Pillow holds a decoded RGB(A) image at 4 bytes a pixel, and the
+    shrunk copies made from it are small (a JPEG is even decoded at a reduced scale); 10% on top."""
+    return max_pixels * 4 * 11 // 10
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,7 @@ def process_image(
             scale = min(1.0, max_side / long)
             image.draft("RGB", (math.ceil(stored_width * scale) * 2, math.ceil(stored_height * scale) * 2))
             image = _upright(image)
+            image.load()  # at the draft's scale, so thumbnail's own draft cannot reduce it further
             image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             image = _to_rgb(image)  # fully decoded from here on
         except Exception:  # truncated or corrupt pixel data: OSError, SyntaxError, ValueError, ...
@@ -102,8 +109,11 @@ def _exif_rotates(image: Image.Image) -> bool:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a corrupt EXIF block leaves the image as stored."""
+    """Apply the EXIF orientation; a corrupt EXIF block leaves the image as stored. The image itself when it
+    needs no turn (Pillow's exif_transpose returns a full-size copy even then: twice the memory of a decode)."""
     try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image
         return ImageOps.exif_transpose(image)
     except (ValueError, TypeError, KeyError, SyntaxError):
         return image

@@ -41,6 +41,7 @@ class GatherLoop:
         out_dir: Path,
         state: StateLog,
         *,
+        staging: Path,
         webdataset: bool,
         shard_size: int,
         num_shards: int,
@@ -53,7 +54,7 @@ class GatherLoop:
         user_agent: str,
         progress: bool,
     ) -> None:
-        self.tsv_path, self.out_dir, self.state = tsv_path, out_dir, state
+        self.tsv_path, self.out_dir, self.state, self.staging = tsv_path, out_dir, state, staging
         self.webdataset, self.shard_size, self.num_shards, self.packed = webdataset, shard_size, num_shards, packed
         self.extras = extras  # ok rows of unpacked shards -> sizes (webdataset json metadata)
         self.fetch_options, self.image_options = fetch_options, image_options
@@ -128,7 +129,7 @@ class GatherLoop:
             destination.parent.mkdir(parents=True, exist_ok=True)
             self.made_dirs.add(shard)
         work = functools.partial(
-            process_image, result.data, destination, self.out_dir / ".tmp" / f"{row.key}.jpg", **self.image_options
+            process_image, result.data, destination, self.staging / f"{row.key}.jpg", **self.image_options
         )
         return row, await asyncio.get_running_loop().run_in_executor(self.images, work)
 
@@ -191,7 +192,7 @@ class GatherLoop:
                     "meta": {"row": row.index, "key": row.key, "caption": row.caption, "url": row.url, **sizes},
                 }
             )
-        self.pack_futures.append(self.packer.submit(pack_shard, self.out_dir, shard, samples, self.out_dir / ".tmp"))
+        self.pack_futures.append(self.packer.submit(pack_shard, self.out_dir, shard, samples, self.staging))
 
     def close(self) -> None:
         self.bar.close()

@@ -17,9 +17,11 @@ each sample (65535 -> 255, 32768 -> 128). Every other mode goes through Pillow's
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -29,6 +31,8 @@ T = TypeVar("T")
 # Pillow's own decompression-bomb warning threshold (~89.5 MP); gather-cc's --max-pixels and the training
 # reader's --max-image-pixels default to it. Pillow itself refuses images above twice this.
 DEFAULT_MAX_PIXELS = 89_478_485
+# Pillow raises DecompressionBombError above twice its warning threshold: no larger limit can be honoured.
+PILLOW_MAX_PIXELS = 2 * DEFAULT_MAX_PIXELS
 # The largest webdataset member (image or caption) the training reader reads: gather-cc's --max-bytes.
 DEFAULT_MAX_MEMBER_BYTES = 20_000_000
 
@@ -72,13 +76,46 @@ class TooManyPixels(ValueError):
     """An image over the pixel limit, refused from its header before it is decoded (the reason is the text)."""
 
 
+class NotARegularFile(OSError):
+    """A path that is a FIFO, a device, a socket or a folder: reading it could wait forever (the reason is the text)."""
+
+
+_FILE_TYPES = {stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device",
+               stat.S_ISSOCK: "a socket", stat.S_ISDIR: "a folder"}  # fmt: skip
+
+
+def open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """`open(path, "rb")` for a regular file only; anything else raises NotARegularFile without blocking.
+
+    The file is opened with O_NONBLOCK (opening a FIFO for reading otherwise waits for a writer, and reading
+    /dev/stdin or a terminal waits for input), its type checked on the open descriptor (no race with a rename),
+    then switched back to blocking reads."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_TYPES.items() if test(mode)), "not a regular file")
+            raise NotARegularFile(f"not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_image(path: str, max_pixels: int, use: Callable[[Image.Image], T]) -> T:
     """`use(image)` on the decoded image at `path` while it is open. Raises TooManyPixels (checked from the
-    header, Pillow's own bomb warning silenced) and whatever Pillow raises for missing or corrupt files."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
-        image = Image.open(path)
-    with image:
+    header, Pillow's own bomb warning silenced), NotARegularFile (a FIFO, a device: never waited on) and whatever
+    Pillow raises for missing or corrupt files."""
+    handle = open_regular_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels decides below
+            image = Image.open(handle)
+    except BaseException:
+        handle.close()
+        raise
+    with handle, image:
         reason = too_many_pixels(image, max_pixels)
         if reason is not None:
             raise TooManyPixels(reason)

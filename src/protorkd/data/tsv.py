@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from protorkd.data.images import DEFAULT_MAX_PIXELS, TooManyPixels, read_image
+from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES, cut_caption
+from protorkd.data.images import DEFAULT_MAX_PIXELS, NotARegularFile, TooManyPixels, read_image
 from protorkd.errors import BadDataError, UsageError
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def read_corpus_table(
     dataset_size: int | None = None,
     max_bad_fraction: float | None = None,
     quoting: str = "none",
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
 ) -> CorpusTable:
     """The first `dataset_size` rows of a tab-separated corpus file, read without any quoting by default.
 
@@ -82,12 +84,16 @@ def read_corpus_table(
     whose field count differs from the header's, or that is not UTF-8, is kept as a bad row with its reason,
     so row numbers (and the teacher cache keyed by them) stay those of the file; blank lines are skipped.
     With `max_bad_fraction`, more bad rows than that fraction of all rows is a UsageError naming the first.
+    A caption longer than `max_caption_bytes` is cut to that many bytes (counted in the log).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"--train-data {path}: no such file (expected a {separator!r}-separated CSV)")
+    if not path.is_file():
+        raise UsageError(f"--train-data {path}: not a regular file (a FIFO or a device is never waited on)")
     table = CorpusTable([], [], [])
     quoted: list[int] = []
+    cut: list[int] = []
     with open(path, "rb") as handle:
         raw_header = handle.readline()
         header_text, problem = _decode_line(raw_header.rstrip(b"\n").rstrip(b"\r"))
@@ -127,11 +133,24 @@ def read_corpus_table(
                 table.problems[len(table.images)] = problem
             elif quoting == "none" and _looks_csv_quoted(caption):
                 quoted.append(len(table.images))
+            shortened = cut_caption(caption, max_caption_bytes)
+            if shortened is not None:
+                cut.append(len(table.images))
+                caption = shortened
             table.images.append(str(root / image) if image and not Path(image).is_absolute() else image)
             table.captions.append(caption.strip())
             table.lines.append(line_number)
     if not table.images:
         raise UsageError(f"{path}: no data rows")
+    if cut:
+        log.warning(
+            "%s: %d captions longer than %d bytes were cut to that length before tokenizing (first: %s; "
+            "--max-caption-bytes)",
+            path,
+            len(cut),
+            max_caption_bytes,
+            table.describe(path, cut[0]),
+        )
     _report_table_problems(path, table, quoted, max_bad_fraction)
     return table
 
@@ -243,7 +262,7 @@ class CsvCorpus(Dataset):
 
         try:
             read_image(self.images[index], self.max_pixels, transform)
-        except TooManyPixels as reason:
+        except (TooManyPixels, NotARegularFile) as reason:
             sample["bad"] = str(reason)
         except FileNotFoundError:
             sample["bad"] = "missing image"

@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES, cut_caption
 from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS, to_rgb, too_many_pixels
 from protorkd.errors import BadDataError, UsageError
 
@@ -158,6 +159,7 @@ class ShardStream(IterableDataset):
         drop_last: bool,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+        max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
     ) -> None:
         super().__init__()
         self.shards, self.image_transform, self.batch_size = shards, image_transform, batch_size
@@ -165,6 +167,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.resampled = rank, world_size, resampled
         self.shuffle_buffer, self.drop_last = shuffle_buffer, drop_last
         self.max_pixels, self.max_member_bytes = max_pixels, max_member_bytes
+        self.max_caption_bytes = max_caption_bytes
 
     def _shard_urls(self, epoch: int, stream: int, streams: int, rng: random.Random) -> Iterator[str]:
         if self.resampled:  # with replacement, independently per (rank, worker), forever
@@ -211,13 +214,25 @@ class ShardStream(IterableDataset):
         images: list[torch.Tensor] = []
         captions: list[str] = []
         indices: list[int] = []
-        counter = batches = 0
+        counter = batches = cut = 0
         for sample in _shuffled(samples, self.shuffle_buffer, rng):
             source = f"shard {os.path.basename(sample.get('__url__', current['url']))} key {sample.get('__key__')}"
             image, caption, problem = self._decode(sample)
             if problem is not None:
                 bad.append((source, problem))
                 continue
+            shortened = cut_caption(caption, self.max_caption_bytes)
+            if shortened is not None:
+                cut += 1
+                if cut in (1, 1000, 1_000_000):  # counted in the log without a line per sample
+                    log.warning(
+                        "%d captions longer than %d bytes cut to that length before tokenizing so far in this "
+                        "loader worker (this one: %s; --max-caption-bytes)",
+                        cut,
+                        self.max_caption_bytes,
+                        source,
+                    )
+                caption = shortened.strip()
             images.append(image)
             captions.append(caption)
             indices.append(counter * streams + stream)  # a running counter, unique across ranks and workers
@@ -308,6 +323,7 @@ def webdataset_loader(
     drop_last: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
 ) -> WebDatasetLoader:
     """Batches of `batch_size` from the shards in `urls`; one epoch is `num_samples` samples over all ranks.
 
@@ -340,6 +356,7 @@ def webdataset_loader(
         drop_last=drop_last,
         max_pixels=max_pixels,
         max_member_bytes=max_member_bytes,
+        max_caption_bytes=max_caption_bytes,
     )
     loader = DataLoader(
         dataset,

@@ -62,6 +62,9 @@ def cluster_agreement(
     """ARI and AMI (x 100) between k-means partitions of the image features and of the text features."""
     from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score
 
+    if image_features.shape[0] < 2:  # faiss cannot cluster one point, and one point has no partition to compare
+        logging.getLogger(__name__).warning("analysis: %d captioned image, no clusters to compare", len(image_features))
+        return {}
     k = max(2, min(k, image_features.shape[0]))
     image_labels = kmeans_labels(image_features, k, seed=seed)
     text_labels = kmeans_labels(text_features, k, seed=seed)

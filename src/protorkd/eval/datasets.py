@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from protorkd.data.images import open_regular_file
 from protorkd.errors import UsageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -33,8 +34,9 @@ class UnreadableImage:
 
 
 def load_image(path: Path, transform: Transform) -> torch.Tensor | UnreadableImage:
+    """The transformed image, or why it cannot be read (a FIFO or a device is refused without waiting on it)."""
     try:
-        with Image.open(path) as image:
+        with open_regular_file(path) as handle, Image.open(handle) as image:
             return transform(image)
     except Exception as error:  # PIL raises many types for corrupt, truncated or missing files
         return UnreadableImage(str(path), f"{type(error).__name__}: {error}")

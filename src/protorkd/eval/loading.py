@@ -20,6 +20,7 @@ from protorkd.checkpoint import strip_module_prefix
 from protorkd.errors import UsageError
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.open_clip_models import trained_weights_follow
 from protorkd.models.options import ModelOptions
 
 
@@ -70,7 +71,8 @@ def model_from_checkpoint(
     when the weights do not fit.
     """
     require_weights(checkpoint, path)
-    model = build_dual_encoder(options)
+    with trained_weights_follow():
+        model = build_dual_encoder(options)
     state_dict = strip_module_prefix(checkpoint["state_dict"])
     problems = weight_mismatches(model, state_dict)
     if problems:

@@ -7,6 +7,11 @@ from dataclasses import dataclass
 from protorkd.options import Rule, flag
 
 NEVER_OR_AT_LEAST_ONE = Rule("-1 (never) or at least 1", lambda value: value == -1 or value >= 1)
+# Upper bounds of the flags that size the loss' own tensors (a queue or prototypes of N x D, logits of B x N)
+MAX_QUEUE = 2**20
+MAX_PROTOTYPES = 2**18
+MAX_CLUSTERS = 1_000_000
+MAX_WIDTH = 16384
 
 
 @dataclass
@@ -51,7 +56,9 @@ class LossOptions:
         minimum=0,
     )
     # Queue-based KD (CompRess-1q, CompRess-2q, SEED)
-    queue_size: int = flag(65536, "CompRess/SEED: memory-queue length (features of past global batches)", minimum=1)
+    queue_size: int = flag(
+        65536, "CompRess/SEED: memory-queue length (features of past global batches)", minimum=1, maximum=MAX_QUEUE
+    )
     queue_init: str = flag(
         "random",
         "CompRess/SEED: how the queues start. random: ITRA's random rows (drawn from --seed), the whole queue "
@@ -70,7 +77,10 @@ class LossOptions:
     barlow_lambda: float = flag(0.0051, "BarlowTwins: weight of the off-diagonal (redundancy) term", minimum=0.0)
     # Shared-prototype KD (DINO, ProtoCPC, ProtoRKD)
     n_prototypes: int = flag(
-        65536, "DINO/ProtoCPC/ProtoRKD: learnable prototypes shared by teacher and student", minimum=1
+        65536,
+        "DINO/ProtoCPC/ProtoRKD: learnable prototypes shared by teacher and student",
+        minimum=1,
+        maximum=MAX_PROTOTYPES,
     )
     dino_teacher_temp: float = flag(0.04, "DINO/ProtoCPC/ProtoRKD: teacher (sharpening) temperature", above=0)
     dino_student_temp: float = flag(0.1, "DINO/ProtoCPC/ProtoRKD: student temperature", above=0)
@@ -108,11 +118,13 @@ class LossOptions:
         "CLIP-KD: width of the CLIP teacher's features (set from the teacher in training; 0 = no CLIP teacher, "
         "-1 = the student's joint width)",
         minimum=-1,
+        maximum=MAX_WIDTH,
     )
     clip_kd_text_teacher_dim: int = flag(
         0,
         "CLIP-KD: width of the --extra-text-teacher features (set from the teacher in training; 0 = none)",
         minimum=0,
+        maximum=MAX_WIDTH,
     )
     w_clip_kd_text_teacher: float = flag(
         1.0,
@@ -130,7 +142,12 @@ class LossOptions:
         1.0, "ProtoCLIP: weight of the external-teacher prototype loss (needs --PBT)", minimum=0.0
     )
     infonce_warmup_epoch: int = flag(0, "ProtoCLIP: epochs before this index use only InfoNCE", minimum=0)
-    k: int = flag(20000, "ProtoCLIP: number of k-means clusters (prototypes); at most the episode size", minimum=1)
+    k: int = flag(
+        20000,
+        "ProtoCLIP: number of k-means clusters (prototypes); at most the episode size",
+        minimum=1,
+        maximum=MAX_CLUSTERS,
+    )
     kmeans_max_iter: int = flag(20, "ProtoCLIP: k-means iterations", minimum=1)
     kmeans_nredo: int = flag(1, "ProtoCLIP: k-means restarts (the best objective is kept)", minimum=1)
     clustering_frequency: int = flag(
@@ -156,5 +173,5 @@ class LossOptions:
     pbt: bool = flag(False, "ProtoCLIP: prototypical back translation (required by the external teacher)", name="--PBT")
     external_teacher: str | None = flag(None, "ProtoCLIP: .npy of external teacher features, one row per corpus row")
     external_teacher_dim: int = flag(
-        64, "ProtoCLIP: width of the external teacher features (checked on load)", minimum=1
+        64, "ProtoCLIP: width of the external teacher features (checked on load)", minimum=1, maximum=MAX_WIDTH
     )

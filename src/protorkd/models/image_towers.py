@@ -56,7 +56,7 @@ IMAGE_BUILDERS: Registry = Registry("image model builder")
 
 @IMAGE_BUILDERS.register("open_clip")
 def build_open_clip_image(name: str, tag: str, image_size: int | None) -> ImageTower:
-    model = load_open_clip_model(name, tag)
+    model = load_open_clip_model(name, tag, image_size)
     visual = model.visual
     size = visual.image_size if isinstance(visual.image_size, int) else visual.image_size[0]
     cfg = getattr(visual, "preprocess_cfg", {}) or {}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from protorkd.errors import UsageError
 
 
-def load_open_clip_model(name: str, tag: str):
-    """An open_clip CLIP model on the CPU; an unknown name or tag is a UsageError that lists what exists."""
+def load_open_clip_model(name: str, tag: str, image_size: int | None = None):
+    """An open_clip CLIP model on the CPU; an unknown name or tag is a UsageError that lists what exists.
+
+    `image_size` builds the image tower for that resolution (open_clip's `force_image_size`: a ViT's position
+    embeddings are interpolated to it); a tower that cannot be built so is a UsageError naming --image-size."""
     import open_clip
 
     register_open_clip_configs()
@@ -17,8 +23,14 @@ def load_open_clip_model(name: str, tag: str):
         raise UsageError(f"unknown open_clip model {name!r}; see open_clip.list_models() (e.g. RN50, ViT-B-32)")
     pretrained = tag or None
     try:
-        return open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        return open_clip.create_model(name, pretrained=pretrained, device="cpu", force_image_size=image_size)
     except RuntimeError as error:
+        if image_size is not None and "size mismatch" in str(error):
+            raise UsageError(
+                f"--image-size {image_size}: open_clip cannot fit {name}@{pretrained}'s weights to {image_size}x"
+                f"{image_size} images (its position embeddings cannot be resized); omit --image-size to use its own "
+                "size"
+            ) from None
         if pretrained and not os.path.exists(pretrained):
             tags = [t for n, t in open_clip.list_pretrained() if n == name]
             raise UsageError(
@@ -34,3 +46,19 @@ def register_open_clip_configs() -> None:
 
     if "protorkd-tiny-clip" not in open_clip.list_models():
         open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
+
+
+@contextlib.contextmanager
+def trained_weights_follow() -> Iterator[None]:
+    """Silence open_clip's "Model initialized randomly" warning while a model is built only to receive trained
+    weights (a checkpoint's), where the warning would be false."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    root = logging.getLogger()  # open_clip warns through the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)

@@ -27,17 +27,24 @@ log = logging.getLogger(__name__)
 _CHUNK = 65536  # rows read and summed at a time: neither [N, D] nor the cache's [U, D] is held in float32
 
 
+def require_caption_ensemble_inputs(teacher: TeacherSide, *, has_rows: bool) -> None:
+    """A UsageError unless the run caches a locked text teacher's features per corpus row (--teacher text, a TSV
+    corpus): what the caption ensemble averages."""
+    if teacher is not TeacherSide.TEXT or not has_rows:
+        raise UsageError(
+            "--caption-ensemble averages a locked text teacher's cached caption features; it needs --teacher text "
+            "and a TSV corpus"
+        )
+
+
 def caption_ensemble(tower: TeacherFeatures | None, images: Sequence[str], teacher: TeacherSide) -> TeacherFeatures:
     """The locked text tower's features with each row's caption replaced by its image's caption ensemble.
 
     `images`: the corpus' image path of every row. The result has one feature per distinct image; rows that
     share a path share it. A UsageError when the run has no cached locked text tower to ensemble.
     """
-    if teacher is not TeacherSide.TEXT or tower is None:
-        raise UsageError(
-            "--caption-ensemble averages a locked text teacher's cached caption features; it needs --teacher text "
-            "and a TSV corpus"
-        )
+    require_caption_ensemble_inputs(teacher, has_rows=tower is not None)
+    assert tower is not None
     if len(images) != len(tower.rows):
         raise ValueError(f"{len(images)} image paths for the {len(tower.rows)} rows of the teacher features")
     image_ids: dict[str, int] = {}

@@ -13,7 +13,7 @@ from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.models.options import TeacherSide
-from protorkd.train.checks import check_projection_heads, check_schedule_epochs
+from protorkd.train.checks import warn_without_projection_heads
 from protorkd.train.clustering import ClusteringPhase, check_clustering_inputs, clustering_schedule
 from protorkd.train.task import Task
 
@@ -34,6 +34,7 @@ def open_run_corpus(d: DataConfig) -> Corpus:
         demo_seed=d.demo_seed,
         max_bad_fraction=d.max_bad_fraction,
         quoting=d.csv_quoting,
+        max_caption_bytes=d.max_caption_bytes,
     )
 
 
@@ -70,15 +71,26 @@ def build_batches(
         pin_memory=task.device.type == "cuda",
         max_pixels=d.max_image_pixels,
         max_member_bytes=d.max_member_bytes,
+        max_caption_bytes=d.max_caption_bytes,
         in_memory_size=in_memory_size,
         view_replay=task.teachers.view_replay,
     )
     log.info("training batches ready in %.1f s", time.perf_counter() - started)
-    check_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)
-    check_schedule_epochs(cfg)
+    warn_without_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)
     clustering_loss = task.clustering_loss
     if clustering_loss is None:
         return batches, None
     schedule = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=cfg.optim.seed)
-    check_clustering_inputs(schedule, len(batches) * cfg.optim.batch_size * state.world_size, corpus.rows)
     return batches, ClusteringPhase(schedule, clustering_loss, batches, cfg.optim.batch_size, state.is_master)
+
+
+def check_clustering_plan(cfg: Config, world_size: int, corpus: Corpus, clustering: bool) -> None:
+    """--k against the samples an episode clusters (its batches on every rank), and the external teacher
+    against the corpus: before the teacher cache is filled."""
+    if not clustering:
+        return
+    o, d = cfg.optim, cfg.data
+    schedule = clustering_schedule(cfg.loss, episode_size=d.episode_size, seed=o.seed)
+    per_process = -(-(d.episode_size if d.episode_size > 0 else corpus.rows) // world_size)
+    batches = per_process // o.batch_size  # `training_batches` drops the last incomplete batch
+    check_clustering_inputs(schedule, batches * o.batch_size * world_size, corpus.rows)

@@ -16,12 +16,22 @@ the loss, the data or the schedule; `flag(..., resumable=True)` marks the others
 save frequencies, --workers, --report-to, paths, ...), and the checkpoint must load. A mismatch is one line
 naming the differing flags. params.txt is rewritten (for changed resumable flags) only by `commit_resume`,
 once the checkpoint's state is in the model.
+
+While a process trains in an experiment folder it holds an exclusive lock on it (`ExperimentLock`, fcntl on
+`.lock`, which names its PID): a second process (another `--resume latest`, the same `--name` started twice) is
+refused in one line naming the holder, before it reads or writes anything else there. The OS drops the lock when
+the holder dies, however it dies. Holding it, a resumed run may tidy what a killed one left: the hidden
+temporaries of interrupted writes, and a torn last line of results.jsonl.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +50,7 @@ from protorkd.checkpoint import (
 from protorkd.config import Config
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
-from protorkd.io import atomic_folder
+from protorkd.io import atomic_folder, atomic_write, remove_temporaries
 from protorkd.params import describe_differences, flag_differences, read_params, resumable_flags, write_params
 
 log = logging.getLogger(__name__)
@@ -70,10 +80,57 @@ class ExperimentPaths:
     def results(self) -> Path:
         return self.root / "results.jsonl"
 
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
     def remove(self) -> None:
         import shutil
 
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class ExperimentLock:
+    """An exclusive `fcntl.flock` on `<folder>/.lock`, which holds the PID of the process holding it."""
+
+    def __init__(self, fd: int, path: Path) -> None:
+        self.fd: int | None = fd
+        self.path = path
+
+    @classmethod
+    def acquire(cls, folder: Path) -> ExperimentLock:
+        """Lock `folder` for this process, or a UsageError naming the process that holds it."""
+        path = Path(folder) / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise UsageError(
+                f"experiment {folder} is in use by {holder(path)} (it holds {path}); wait for that run to end or "
+                "stop it, then continue with --resume latest"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return cls(fd, path)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def holder(lock_path: Path) -> str:
+    """ "process 1234", as the lock file names it."""
+    try:
+        pid = Path(lock_path).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
 
 
 @dataclass
@@ -87,10 +144,16 @@ class Experiment:
     resume_path: Path | None = None
     checkpoint: dict[str, Any] | None = None
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # resumable flags that differ
+    lock: ExperimentLock | None = None  # rank 0's, from the check (an existing folder) or the creation on
 
     @property
     def start_epoch(self) -> int:
         return int(self.checkpoint["epoch"]) if self.checkpoint is not None else 0
+
+    def release(self) -> None:
+        """Let other processes use the folder (the run ended, or stopped before training)."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def default_name(cfg: Config, world_size: int) -> str:
@@ -154,16 +217,30 @@ def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
     resume checkpoint, which must load safely and agree with the command (`_check_flags`).
     """
     decision: tuple[str, bool, str | None, bool] | str | None = None
+    lock = None
     if distributed.rank() == 0:
         try:
             decision = _decide(cfg, world_size)
+            if decision[1]:  # an existing folder: nobody else may train in it while this process checks and runs
+                lock = ExperimentLock.acquire(Path(cfg.log.logs) / decision[0])
         except UsageError as error:
             decision = str(error)
     decision = distributed.broadcast_object(decision)
     if isinstance(decision, str):
         raise UsageError(decision)
     name, exists, resume_path, adopt = decision
-    experiment = Experiment(ExperimentPaths(Path(cfg.log.logs) / name), exists, adopt)
+    experiment = Experiment(ExperimentPaths(Path(cfg.log.logs) / name), exists, adopt, lock=lock)
+    try:
+        _check_resume(experiment, cfg, resume_path)
+    except BaseException:
+        experiment.release()
+        raise
+    return experiment
+
+
+def _check_resume(experiment: Experiment, cfg: Config, resume_path: str | None) -> None:
+    """The folder's params.txt and the resume checkpoint against the command (`_check_flags`)."""
+    exists, adopt = experiment.exists, experiment.adopt
     if exists and not adopt:
         try:
             stored = read_params(experiment.paths.params).to_flat_dict()
@@ -179,7 +256,6 @@ def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
             raise UsageError(f"--resume {path}: not a protorkd training checkpoint (it has no epoch and state_dict)")
         _check_flags(checkpoint.get("config") or {}, cfg, f"checkpoint {path}")
         experiment.resume_path, experiment.checkpoint = path, checkpoint
-    return experiment
 
 
 def open_experiment(experiment: Experiment, cfg: Config, resolved: dict[str, Any], *, is_master: bool) -> bool:
@@ -194,10 +270,21 @@ def open_experiment(experiment: Experiment, cfg: Config, resolved: dict[str, Any
     if experiment.exists or not is_master:
         return False
     paths.root.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(paths.root) as tmp:
-        for folder in ("checkpoints", "cache"):
-            (tmp / folder).mkdir()
-        write_params(cfg, tmp / "params.txt", resolved=resolved)
+    try:
+        with atomic_folder(paths.root) as tmp:
+            for folder in ("checkpoints", "cache"):
+                (tmp / folder).mkdir()
+            write_params(cfg, tmp / "params.txt", resolved=resolved)
+            experiment.lock = ExperimentLock.acquire(tmp)  # the folder appears locked: the rename keeps the lock
+        experiment.lock.path = paths.lock
+    except OSError as error:
+        experiment.release()
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST) and paths.lock.exists():  # lost a race to the same --name
+            raise UsageError(
+                f"experiment {paths.root} was created meanwhile by {holder(paths.lock)}; choose another --name, or "
+                "continue it with --resume latest once that run ends"
+            ) from None
+        raise
     failpoint("experiment-created")
     return True
 
@@ -230,8 +317,11 @@ def restore_state(
 
 
 def commit_resume(experiment: Experiment, cfg: Config, resolved: dict[str, Any], *, is_master: bool) -> None:
-    """The resume is validated and loaded: log it, restore an epoch_N.pt a kill skipped, record changed flags."""
+    """The resume is validated and loaded: tidy what a killed run left, log the resume, restore an epoch_N.pt a
+    kill skipped, record changed flags."""
     paths = experiment.paths
+    if is_master and experiment.exists:
+        _tidy(paths)
     if experiment.checkpoint is None:
         if experiment.exists:
             log.info(
@@ -258,6 +348,36 @@ def commit_resume(experiment: Experiment, cfg: Config, resolved: dict[str, Any],
         log.info("flags changed on resume: %s", describe_differences(experiment.changed))
         if is_master:
             write_params(cfg, paths.params, resolved=resolved)
+
+
+def _tidy(paths: ExperimentPaths) -> None:
+    """Remove the temporaries of writes a kill interrupted and a torn last line of results.jsonl (the folder is
+    locked: no other process writes in it)."""
+    removed = remove_temporaries(paths.root)
+    if removed:
+        size = sum(bytes_ for _, bytes_ in removed) / 2**20
+        names = ", ".join(str(path.relative_to(paths.root)) for path, _ in removed[:3])
+        log.info("removed %d temporary files (%.1f MB) of interrupted writes: %s", len(removed), size, names)
+    repair_results(paths.results)
+
+
+def repair_results(results: Path) -> None:
+    """Cut a torn last line (a crash during an append: no newline) off results.jsonl, with a log line, so the
+    next evaluation's line starts on a line of its own."""
+    if not results.is_file():
+        return
+    data = results.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    atomic_write(results, data[:keep])
+    torn = data[keep:].decode("utf-8", errors="replace")
+    log.warning(
+        "%s: removed a torn last line that an interrupted write left (%d bytes: %.60s...)",
+        results,
+        len(data) - keep,
+        torn,
+    )
 
 
 def evaluated_epochs(results: Path) -> set[int]:

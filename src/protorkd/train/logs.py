@@ -1,4 +1,9 @@
-"""out.log, results.jsonl, tensorboard and (optionally) wandb."""
+"""out.log, results.jsonl, tensorboard and (optionally) wandb.
+
+Metrics in out.log, results.jsonl and the watch CSV are percentages (`top1`, `R@5`, ...: 0-100) and are
+written with 12 significant digits (`without_float_noise`): 100 * 0.169 is stored as 16.9, not
+16.900000000000002. CLIP_benchmark's result files (`eval --output`) keep its fractions (`acc1`: 0-1).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,12 @@ def setup_file_logging(path: Path) -> logging.Handler:
     if root.level > logging.INFO or root.level == logging.NOTSET:
         root.setLevel(logging.INFO)
     return handler
+
+
+def without_float_noise(metrics: dict[str, float]) -> dict[str, float]:
+    """Every value to 12 significant digits: the binary noise of a percentage computed as 100 * fraction goes,
+    every digit a metric can mean stays (float64 holds about 16)."""
+    return {key: float(f"{value:.12g}") for key, value in metrics.items()}
 
 
 class MetricWriter:
@@ -58,7 +69,8 @@ class MetricWriter:
             self.wandb.log(values, step=step)
 
     def results(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
-        append_line(self.results_path, json.dumps({"epoch": epoch, "step": step, **metrics}))  # fsynced
+        line = {"epoch": epoch, "step": step, **without_float_noise(metrics)}
+        append_line(self.results_path, json.dumps(line))  # fsynced
         self.scalars({f"eval/{key}": value for key, value in metrics.items()}, step)
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from protorkd.config import Config
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
 from protorkd.failpoints import failpoint
+from protorkd.interrupts import Terminated, signals_held
 from protorkd.losses import clamp_logit_scales
 from protorkd.train.clustering import EpisodeFeatures
 from protorkd.train.experiment import evaluated_epochs
@@ -46,6 +47,14 @@ def train(cfg: Config) -> TrainResult:
         run = build_run(cfg, state, device)
         try:
             return _train(run)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (`protorkd.interrupts`): a clean stop
+            log.warning(
+                "stopped by %s; every finished epoch is saved in %s: continue with the same command plus "
+                "--resume latest",
+                "SIGTERM" if isinstance(interrupt, Terminated) else "Ctrl-C (SIGINT)",
+                run.paths.checkpoints,
+            )
+            raise
         finally:
             run.close()
     finally:
@@ -225,11 +234,13 @@ def _save_checkpoints(run: Run, completed: int) -> None:
     }
     if run.scaler is not None:
         payload["scaler"] = run.scaler.state_dict()
-    # latest first: a run killed between the two writes still resumes with `--resume latest`
-    save_checkpoint(run.paths.checkpoints / "epoch_latest.pt", payload)
-    failpoint("checkpoint-latest")
-    if completed % run.cfg.log.save_frequency == 0 or completed == run.cfg.optim.epochs:
-        save_checkpoint(run.paths.checkpoints / f"epoch_{completed}.pt", payload)
+    # latest first: a run killed between the two writes still resumes with `--resume latest`. Ctrl-C or SIGTERM
+    # during the writes stops the run right after them (a signal would otherwise cut a write short, or be lost).
+    with signals_held():
+        save_checkpoint(run.paths.checkpoints / "epoch_latest.pt", payload)
+        failpoint("checkpoint-latest")
+        if completed % run.cfg.log.save_frequency == 0 or completed == run.cfg.optim.epochs:
+            save_checkpoint(run.paths.checkpoints / f"epoch_{completed}.pt", payload)
     failpoint("checkpoint-saved")
 
 
@@ -243,7 +254,7 @@ def _evaluate(run: Run, completed: int) -> dict[str, float]:
     metrics = run_suite(run.task.model, plan.root, tasks=due, options=options).metrics
     if metrics:
         log.info(
-            "epoch %d evaluation (%.1f s): %s",
+            "epoch %d evaluation (%.1f s; accuracies and recalls in percent): %s",
             completed,
             time.time() - started,
             "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())),

@@ -5,7 +5,8 @@ resolved once into a typed value: the teacher side (`TeacherSide`), the corpus k
 `ShardCorpus`), the precision (`Precision`), the separate teachers' feature widths (passed to the loss, never
 written into the config), what the loss needs from the run (`LossNeeds`), the learning-rate schedule and the
 evaluation plan. What one batch becomes is the `Task`'s (`train.task`), built here once. Every check a user
-can fail runs before the experiment folder is created, or removes it again.
+can fail runs before the experiment folder is created and before any teacher feature is computed; the
+experiment folder is locked for this process from the check on (`train.experiment.ExperimentLock`).
 """
 
 from __future__ import annotations
@@ -22,20 +23,26 @@ import torch
 
 from protorkd import __version__, distributed
 from protorkd.checkpoint import LATEST
-from protorkd.config import Config, default_eval_root
+from protorkd.config import AUTOMATIC_WARMUP, WARMUP_STEPS, Config, default_eval_root
 from protorkd.data.corpus import Corpus, ShardCorpus, TrainBatches
 from protorkd.distributed import DistState
 from protorkd.errors import UsageError
 from protorkd.eval.features import FeatureCache
 from protorkd.glibc_malloc import set_mmap_threshold
-from protorkd.losses import LossNeeds, build_auxiliary_losses, loss_components, main_loss
+from protorkd.losses import loss_components, main_loss
 from protorkd.models.build import build_dual_encoder
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
-from protorkd.train.checks import check_auxiliary_inputs, check_batch_fits, check_teacher_views
+from protorkd.train.checks import (
+    check_batch_fits,
+    check_before_teachers,
+    check_image_size,
+    check_teacher_views,
+    loss_needs,
+)
 from protorkd.train.clustering import ClusteringPhase
-from protorkd.train.data import build_batches, in_memory_image_size, open_run_corpus
+from protorkd.train.data import build_batches, check_clustering_plan, in_memory_image_size, open_run_corpus
 from protorkd.train.experiment import (
     Experiment,
     ExperimentPaths,
@@ -96,6 +103,7 @@ class Run:
     eval_plan: EvalPlan
     writer: MetricWriter
     guard: DivergenceGuard  # stops on a non-finite loss, warns on a jump
+    experiment: Experiment  # holds the folder's lock (rank 0) until `close`
     start_epoch: int = 0
     eval_cache: FeatureCache = field(default_factory=FeatureCache)  # frozen-text zero-shot classifiers
     log_handler: logging.Handler | None = None
@@ -105,6 +113,7 @@ class Run:
         if self.log_handler is not None:
             logging.getLogger().removeHandler(self.log_handler)
             self.log_handler.close()
+        self.experiment.release()
 
 
 @dataclass
@@ -119,23 +128,24 @@ class _Checked:
 
 
 def _check_before_creating(cfg: Config, state: DistState) -> _Checked:
-    """Open the corpus, check a resume against its folder, build the model: everything a user can get wrong
-    before the experiment folder exists (nothing is created here)."""
+    """Open the corpus, build the model, check the flags against the loss, the teachers and the data, then check
+    a resume against its folder (locking it): everything a user can get wrong before the experiment folder exists
+    and before any teacher runs (nothing is created here)."""
     started = time.perf_counter()
     corpus = open_run_corpus(cfg.data)
     corpus_seconds = time.perf_counter() - started  # generating the demo corpus on first use included
-    check_batch_fits(corpus.rows, cfg.data.episode_size, state.world_size, cfg.optim.batch_size)
-    experiment = prepare_experiment(cfg, state.world_size)  # checks a resume (flags, checkpoint); creates nothing
+    check_batch_fits(corpus.rows, cfg.data.episode_size, state.world_size, cfg.optim.batch_size, cfg.optim.accum_freq)
     model = build_dual_encoder(cfg.model)
-    loss_components(cfg.loss.loss, cfg.loss.loss_weights)  # bad names or weights fail here; built once widths are known
-    auxiliary_needs = LossNeeds()
-    for auxiliary in build_auxiliary_losses(cfg.loss).values():
-        auxiliary_needs = auxiliary_needs | auxiliary.needs
-    check_auxiliary_inputs(auxiliary_needs, model, cfg.model.teacher_side)
+    check_image_size(model, cfg.model.image_size)
+    loss_components(cfg.loss.loss, cfg.loss.loss_weights)  # bad names or weights fail here
+    needs = loss_needs(cfg, model)
+    check_before_teachers(cfg, corpus, model, needs)
     check_teacher_views(cfg, model, streamed=isinstance(corpus, ShardCorpus))
+    check_clustering_plan(cfg, state.world_size, corpus, needs.clustering)
     eval_root = default_eval_root(cfg)
     if eval_root is not None and not eval_root.is_dir():
         raise UsageError(f"--eval-data-dir {eval_root}: no such folder")
+    experiment = prepare_experiment(cfg, state.world_size)  # locks an existing folder, checks a resume; creates nothing
     return _Checked(corpus, corpus_seconds, experiment, model, eval_root)
 
 
@@ -169,13 +179,28 @@ def _wrap_for_training(cfg: Config, state: DistState, task: Task) -> None:
     task.train_model = train_model
 
 
+def warmup_steps(warmup: int, total_steps: int) -> int:
+    """--warmup, or for the automatic -1: WARMUP_STEPS, at most a tenth of the run's steps (at least 1)."""
+    if warmup != AUTOMATIC_WARMUP:
+        return warmup
+    return max(1, min(WARMUP_STEPS, total_steps // 10))
+
+
 def _schedules(cfg: Config, steps_per_epoch: int, eval_root: Path | None) -> tuple[GroupSchedule, EvalPlan]:
     """The learning rates as a function of the step, and which evaluations run after which epoch."""
     o, e = cfg.optim, cfg.eval
+    total = steps_per_epoch * o.epochs
+    warmup = warmup_steps(o.warmup, total)
+    if warmup >= total:
+        log.warning("--warmup %d is at least the run's %d steps: the learning rate never reaches --lr", warmup, total)
+    else:
+        log.info("learning rate: %d warm-up steps of %d, then cosine decay", warmup, total)
+    if eval_root is None:
+        log.info("no evaluation: give --eval-data-dir ROOT (layout: docs/data.md) to evaluate during training")
     schedule = group_schedule(
         lr=o.lr,
         lr_text=o.lr_text,
-        warmup=o.warmup,
+        warmup=warmup,
         steps_per_epoch=steps_per_epoch,
         epochs=o.epochs,
         lit_start_epoch=cfg.loss.lit_start_epoch,
@@ -199,6 +224,15 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         logging.getLogger().setLevel(logging.WARNING)  # one copy of the progress lines
     # --- validate everything a user can get wrong before the experiment folder exists
     checked = _check_before_creating(cfg, state)
+    try:
+        return _build_checked(cfg, state, device, checked)
+    except BaseException:
+        checked.experiment.release()  # the run never started: the folder is free again
+        raise
+
+
+def _build_checked(cfg: Config, state: DistState, device: torch.device, checked: _Checked) -> Run:
+    """`build_run` once every check passed: create (or continue) the folder, then build the run in it."""
     corpus, experiment, paths = checked.corpus, checked.experiment, checked.experiment.paths
     precision = Precision.resolve(cfg.optim.precision, device)
     malloc = set_mmap_threshold(cfg.optim.malloc_mmap_threshold_mb) if device.type == "cpu" else "not a CPU run"
@@ -265,6 +299,7 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         eval_plan=eval_plan,
         writer=writer,
         guard=DivergenceGuard(paths.checkpoints / LATEST),
+        experiment=experiment,
         start_epoch=start_epoch,
         log_handler=handler,
     )

@@ -35,7 +35,6 @@ from protorkd.data.images import read_image
 from protorkd.data.mixup import Mixup, mix_images, run_mixup
 from protorkd.data.transforms import train_transform
 from protorkd.distributed import DistState
-from protorkd.errors import UsageError
 from protorkd.losses import build_loss
 from protorkd.losses.base import ClusteringLoss, LossInputs, LossModule, LossNeeds
 from protorkd.models.dual_encoder import DualEncoder
@@ -44,7 +43,6 @@ from protorkd.models.options import TeacherSide
 from protorkd.precision import Precision
 from protorkd.teachers.caption_ensemble import caption_ensemble
 from protorkd.teachers.features import Teachers, ViewRecipe, load_teachers, teacher_definitions
-from protorkd.train.checks import check_teacher_inputs
 
 log = logging.getLogger(__name__)
 
@@ -240,13 +238,7 @@ def build_task(
         teachers.tower = caption_ensemble(teachers.tower, rows, teacher)
     log.info("teacher features ready in %.1f s", time.perf_counter() - started)
     loss = build_loss(cfg.loss.loss, cfg.loss, model.embed_dim, teacher_dims=teachers.dims, seed=cfg.optim.seed)
-    needs = loss.needs
-    if isinstance(corpus, ShardCorpus) and (needs.row_ids or needs.teacher_features):
-        raise UsageError(
-            f"--loss {cfg.loss.loss} needs corpus rows (cached teacher features or per-row clusters), which "
-            "streamed webdataset shards do not have; use a TSV corpus (--dataset-type csv)"
-        )
-    check_teacher_inputs(needs, teachers.keys, cfg.loss.loss)
+    needs = loss.needs  # checked against the run before the teachers ran (`checks.check_before_teachers`)
     images_trained = teacher is not TeacherSide.IMAGE or teachers.tower is None
     mixup = run_mixup(cfg.data.mixup_alpha, cfg.data.mixup_prob, cfg.optim.seed, loss_name=cfg.loss.loss,
                       loss_accepts=needs.accepts_mixup, images_trained=images_trained)  # fmt: skip
@@ -296,14 +288,9 @@ def _load_teachers(
 ) -> Teachers:
     """Every locked teacher's features, computed once (the master first, then the others read its cache)."""
     definitions = teacher_definitions(cfg.model)
-    if isinstance(corpus, ShardCorpus):  # streamed samples have no rows to key a cache by: teachers run online
-        if any(key is not None for _, key in definitions):
-            raise UsageError(
-                f"--loss {cfg.loss.loss} with separate teachers needs a TSV corpus (cached features are keyed by "
-                "row); use --dataset-type csv"
-            )
-        return Teachers()
-    if not definitions:
+    # streamed samples have no rows to key a cache by: the student's towers run online (separate teachers were
+    # refused by `checks.check_before_teachers`)
+    if isinstance(corpus, ShardCorpus) or not definitions:
         return Teachers()
     teachers = Teachers()
     if state.is_master:
