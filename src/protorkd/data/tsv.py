@@ -68,6 +68,7 @@ def read_corpus_table(
     dataset_size: int | None = None,
     max_bad_fraction: float | None = None,
     quoting: str = "none",
+    flag: str = "--train-data",
 ) -> CorpusTable:
     """The first `dataset_size` rows of a tab-separated corpus file, read without any quoting by default.
 
@@ -78,10 +79,11 @@ def read_corpus_table(
     whose field count differs from the header's, or that is not UTF-8, is kept as a bad row with its reason,
     so row numbers (and the teacher cache keyed by them) stay those of the file; blank lines are skipped.
     With `max_bad_fraction`, more bad rows than that fraction of all rows is a UsageError naming the first.
+    `flag` names the flag that gave the file, in the error for a missing one.
     """
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--train-data {path}: no such file (expected a {separator!r}-separated CSV)")
+        raise UsageError(f"{flag} {path}: no such file (expected a {separator!r}-separated CSV)")
     table = CorpusTable([], [], [])
     quoted: list[int] = []
     with open(path, "rb") as handle:
@@ -280,10 +282,12 @@ class BadSampleCounter:
                 f"{self.max_fraction}); first: {first}. Fix or remove these rows, or raise --max-bad-fraction"
             )
 
-    def report(self, epoch: int) -> None:
+    def report(self, epoch: int | str) -> None:
+        """WARNINGs naming the skipped samples (the first 20) of `epoch` (a number, or what else was read)."""
         if not self.bad:
             return
-        log.warning("epoch %d: skipped %d unreadable samples of %d", epoch, len(self.bad), self.seen)
+        where = f"epoch {epoch}" if isinstance(epoch, int) else epoch
+        log.warning("%s: skipped %d unreadable samples of %d", where, len(self.bad), self.seen)
         for index, reason in self.bad[:20]:
             log.warning("  skipped %s: %s", self.describe(index), reason)
         if len(self.bad) > 20:

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 from protorkd.errors import UsageError
 
+LOCAL_DIR = "local-dir:"  # open_clip's prefix for a model folder (e.g. a `protorkd export`): config + weights
+
 
 def load_open_clip_model(name: str, tag: str):
-    """An open_clip CLIP model on the CPU; an unknown name or tag is a UsageError that lists what exists."""
+    """An open_clip CLIP model on the CPU; an unknown name or tag is a UsageError that lists what exists.
+
+    `name` is an open_clip architecture, `hf-hub:ORG/REPO`, or `local-dir:FOLDER` (an open_clip model folder
+    such as `protorkd export` writes: its config and weights, `tag` unused)."""
     import open_clip
 
     register_open_clip_configs()
+    if name.startswith(LOCAL_DIR):
+        folder = Path(name.removeprefix(LOCAL_DIR))
+        if not (folder / "open_clip_config.json").is_file():
+            raise UsageError(f"{name}: no open_clip_config.json in {folder} (expected a `protorkd export` folder)")
+        if tag:
+            raise UsageError(f"{name} holds its own weights; drop the tag {tag!r}")
+        return open_clip.create_model(name, device="cpu")
     if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
         raise UsageError(f"unknown open_clip model {name!r}; see open_clip.list_models() (e.g. RN50, ViT-B-32)")
     pretrained = tag or None
@@ -34,3 +48,15 @@ def register_open_clip_configs() -> None:
 
     if "protorkd-tiny-clip" not in open_clip.list_models():
         open_clip.add_model_config(Path(__file__).parent / "open_clip_configs")
+
+
+def open_clip_config(name: str) -> dict[str, Any] | None:
+    """The open_clip model config (`embed_dim`, `vision_cfg`, `text_cfg`, ...) of an architecture name or a
+    `local-dir:` folder; None when it cannot be read without a download (`hf-hub:`)."""
+    import open_clip
+
+    register_open_clip_configs()
+    if name.startswith(LOCAL_DIR):
+        config = json.loads((Path(name.removeprefix(LOCAL_DIR)) / "open_clip_config.json").read_text())
+        return config["model_cfg"]
+    return open_clip.get_model_config(name)

@@ -32,15 +32,17 @@ import torch
 from protorkd import distributed
 from protorkd.checkpoint import (
     LATEST,
+    is_weights_only,
     load_checkpoint,
+    load_model_state,
     resolve_resume,
     restore_numbered_checkpoint,
-    strip_module_prefix,
 )
 from protorkd.config import Config
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
 from protorkd.io import atomic_folder
+from protorkd.models.options import ModelOptions
 from protorkd.params import describe_differences, flag_differences, read_params, resumable_flags, write_params
 
 log = logging.getLogger(__name__)
@@ -177,6 +179,11 @@ def prepare_experiment(cfg: Config, world_size: int) -> Experiment:
         checkpoint = load_checkpoint(path)
         if not {"epoch", "state_dict"} <= set(checkpoint):
             raise UsageError(f"--resume {path}: not a protorkd training checkpoint (it has no epoch and state_dict)")
+        if is_weights_only(checkpoint):
+            raise UsageError(
+                f"--resume {path}: it holds weights only (epoch_N.pt; the optimizer and loss state live in "
+                f"epoch_latest.pt); resume from {path.parent / LATEST}, or start a new run from these weights"
+            )
         _check_flags(checkpoint.get("config") or {}, cfg, f"checkpoint {path}")
         experiment.resume_path, experiment.checkpoint = path, checkpoint
     return experiment
@@ -206,6 +213,7 @@ def restore_state(
     experiment: Experiment,
     *,
     model: torch.nn.Module,
+    model_options: ModelOptions,
     loss: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
@@ -213,12 +221,13 @@ def restore_state(
     """Load the resume checkpoint into the run's objects; returns the epochs already done (0 without one).
 
     The flags were checked against the checkpoint, so a state that still does not fit (a checkpoint edited
-    by hand, or written by another protorkd version) is a one-line UsageError, not a traceback."""
+    by hand, or written by another protorkd version), or a locked tower whose source now holds other weights,
+    is a one-line UsageError, not a traceback."""
     checkpoint = experiment.checkpoint
     if checkpoint is None:
         return 0
     try:
-        model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+        load_model_state(model, checkpoint, model_options, where=f"--resume {experiment.resume_path}")
         loss.load_state_dict(checkpoint.get("loss_state", {}))
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and "scaler" in checkpoint:

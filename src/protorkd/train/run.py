@@ -340,7 +340,9 @@ def build_run(cfg: Config, state: DistState, device: torch.device) -> Run:
         roles, lr=o.lr, weight_decay=o.wd, betas=(o.beta1, o.beta2), eps=o.eps, device_type=device.type
     )
     scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" and precision == "amp" else None
-    start_epoch = restore_state(experiment, model=model, loss=loss, optimizer=optimizer, scaler=scaler)
+    start_epoch = restore_state(
+        experiment, model=model, model_options=cfg.model, loss=loss, optimizer=optimizer, scaler=scaler
+    )
     commit_resume(experiment, cfg, resolved, is_master=state.is_master)  # only now may params.txt change
     train_model: torch.nn.Module = model
     if state.distributed:
