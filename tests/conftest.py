@@ -89,3 +89,28 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+def _train_run(corpus: Path, logs: Path, name: str, *flags: str) -> Path:
+    """One short `protorkd train` run on `corpus`, evaluated on its held-out split; returns the run folder."""
+    from protorkd.cli import main
+
+    args = ["train", "--train-data", str(corpus / "train.tsv"), "--eval-data-dir", str(corpus / "eval")]
+    common = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--report-to", "", "--linear-frequency", "0"]
+    assert main([*args, "--logs", str(logs), "--name", name, *common, "--retrieval-frequency", "0", *flags]) == 0
+    return logs / name
+
+
+@pytest.fixture(scope="session")
+def demo_student_run(tiny_corpus, tmp_path_factory) -> Path:
+    """One epoch of the demo's own model shape: the tiny-cnn image student under a locked MiniLM text teacher
+    (every model flag at its default)."""
+    return _train_run(tiny_corpus, tmp_path_factory.mktemp("demo_student"), "demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_run(tiny_corpus, tmp_path_factory) -> Path:
+    """One epoch of a tiny open_clip CLIP (`protorkd-tiny-clip` towers), both towers trained with InfoNCE."""
+    towers = ["--image-model-builder", "open_clip", "--image-model", "protorkd-tiny-clip", "--teacher", "none"]
+    towers += ["--text-model-builder", "open_clip", "--text-model", "protorkd-tiny-clip", "--zeroshot-frequency", "0"]
+    return _train_run(tiny_corpus, tmp_path_factory.mktemp("tiny_clip"), "clip", *towers)

@@ -210,9 +210,13 @@ def load(path: str | Path, *, device: str | torch.device = "cpu") -> tuple[torch
     if kind == "open_clip":
         import open_clip
 
-        name = f"local-dir:{path}"
-        model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
-        return model.eval(), preprocess, open_clip.get_tokenizer(name)
+        from protorkd.models.open_clip_models import LOCAL_DIR, quiet_root_logger
+
+        name = f"{LOCAL_DIR}{path.resolve()}"
+        with quiet_root_logger():
+            model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+            tokenizer = open_clip.get_tokenizer(name)
+        return model.eval(), preprocess, tokenizer
     from protorkd.data.transforms import eval_transform
     from protorkd.models.encoder import Encoder
 

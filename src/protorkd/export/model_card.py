@@ -106,9 +106,12 @@ def render_card(facts: CardFacts, *, export_format: str) -> str:
     if facts.results:
         lines += [f"From {facts.results_source}; percentages except `l2` and the feature statistics.", ""]
         lines += ["| metric | value | protocol |", "|---|---|---|"]
+        shown_protocols = set()
         for key, value in sorted(facts.results.items()):
             shown = "nan" if isinstance(value, float) and math.isnan(value) else f"{value:.4g}"
-            lines.append(f"| `{key}` | {shown} | {protocol(key)} |")
+            words = protocol(key)
+            lines.append(f"| `{key}` | {shown} | {'' if words in shown_protocols else words} |")
+            shown_protocols.add(words)
     else:
         lines.append("The run has no evaluation for this epoch (`protorkd eval --checkpoint ...` adds one).")
     lines += ["", "## Use", ""]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from protorkd.io import atomic_folder
 from protorkd.loading import ONNX_MANIFEST, OPEN_CLIP_CONFIG
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.encoder import Encoder
-from protorkd.models.open_clip_models import LOCAL_DIR
+from protorkd.models.open_clip_models import LOCAL_DIR, quiet_root_logger
 from protorkd.models.text_towers import HuggingFaceTower, OpenCLIPTextTower, SentenceTransformerTower, TextTower
 
 IMAGE_GRAPH, TEXT_GRAPH = "image_encoder.onnx", "text_encoder.onnx"
@@ -73,11 +74,15 @@ def _export(module: nn.Module, inputs: tuple, names: list[str], path: Path, sequ
 
     batch = torch.export.Dim("batch")
     length = torch.export.Dim("length")
-    shapes = tuple({0: batch, 1: length} if sequence else {0: batch} for _ in names)
-    torch.onnx.export(
-        module, inputs, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
-        output_names=["features"], verbose=False, report=False,
-    )  # fmt: skip
+    shapes: tuple = tuple({0: batch, 1: length} if sequence else {0: batch} for _ in names)
+    if isinstance(module, _TextGraph):
+        shapes = (shapes,)  # its forward takes the tensors as *args
+    with quiet_root_logger(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's notes on axis names and tracing
+        torch.onnx.export(
+            module, inputs, str(path), dynamo=True, dynamic_shapes=shapes, input_names=names,
+            output_names=["features"], verbose=False, report=False,
+        )  # fmt: skip
 
 
 @torch.no_grad()
@@ -182,8 +187,9 @@ def open_clip_folder_to_onnx(folder: Path, out: Path) -> dict[str, float]:
     import open_clip
 
     name = f"{LOCAL_DIR}{Path(folder).resolve()}"
-    model = open_clip.create_model(name, device="cpu")
-    tokenizer = open_clip.get_tokenizer(name)
+    with quiet_root_logger():
+        model = open_clip.create_model(name, device="cpu")
+        tokenizer = open_clip.get_tokenizer(name)
     config = json.loads((Path(folder) / OPEN_CLIP_CONFIG).read_text())
     readme = Path(folder) / "README.md"
     text = readme.read_text() if readme.is_file() else "# exported model\n"

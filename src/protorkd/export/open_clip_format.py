@@ -39,7 +39,7 @@ from protorkd.io import atomic_folder
 from protorkd.loading import OPEN_CLIP_CONFIG
 from protorkd.models.dual_encoder import DualEncoder
 from protorkd.models.encoder import CLIP_INIT_LOGIT_SCALE
-from protorkd.models.open_clip_models import LOCAL_DIR, open_clip_config
+from protorkd.models.open_clip_models import LOCAL_DIR, open_clip_config, quiet_root_logger
 from protorkd.models.options import ModelOptions
 
 WEIGHTS = "open_clip_model.safetensors"
@@ -137,8 +137,9 @@ def check_export(model: DualEncoder, folder: Path, *, tolerance: float = TOLERAN
     import open_clip
 
     name = f"{LOCAL_DIR}{folder}"
-    loaded = open_clip.create_model(name, device="cpu").eval()
-    tokenizer = open_clip.get_tokenizer(name)
+    with quiet_root_logger():
+        loaded = open_clip.create_model(name, device="cpu").eval()
+        tokenizer = open_clip.get_tokenizer(name)
     size = model.image_preprocess.image_size
     images = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     ours_image = model.encode_image(images)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,3 +63,16 @@ def open_clip_config(name: str) -> dict[str, Any] | None:
         config = json.loads((Path(name.removeprefix(LOCAL_DIR)) / "open_clip_config.json").read_text())
         return config["model_cfg"]
     return open_clip.get_model_config(name)
+
+
+@contextlib.contextmanager
+def quiet_root_logger() -> Iterator[None]:
+    """Only WARNING and up from the root logger inside the block: open_clip logs every step of loading a model
+    there at INFO, and torch's ONNX exporter every optimisation pass."""
+    root = logging.getLogger()
+    before = root.level
+    root.setLevel(max(before, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(before)

@@ -1,0 +1,161 @@
+"""`protorkd export --format open_clip`: plain open_clip, in a process without protorkd, reproduces our embeddings.
+
+Three students: the demo's shape (tiny-cnn under a locked MiniLM teacher, one trained epoch), a tiny open_clip
+CLIP (one trained epoch), and a timm image tower with an MLP head beside an open_clip text tower with a linear
+head (random weights, written as a checkpoint: what is tested is the mapping of towers and heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import protorkd
+from protorkd.checkpoint import save_checkpoint, weights_payload
+from protorkd.cli import build_parser, main
+from protorkd.config import Config, config_from_namespace
+from protorkd.models.build import build_dual_encoder
+from protorkd.models.options import ModelOptions
+from tests.conftest import TINY_TOWERS
+
+READER = Path(__file__).resolve().parents[1] / "support" / "open_clip_reader.py"
+TEXTS = ["a red circle on a blue background", "two small green squares", "nothing, really!"]
+TIMM_STUDENT = ModelOptions(
+    image_model_builder="timm",
+    image_model="test_resnet",
+    image_size=48,
+    image_head_n_layers=2,
+    head_hidden_dim=256,  # twice the joint width: timm's MLP projection
+    text_model_builder="open_clip",
+    text_model="protorkd-tiny-clip",
+    text_head_n_layers=1,
+    joint_projection_dim=128,
+    teacher="none",
+)
+
+
+def write_checkpoint(options: ModelOptions, folder: Path, *, seed: int = 0) -> Path:
+    """A weights checkpoint (as `epoch_N.pt`) of randomly initialised towers, BatchNorm statistics included."""
+    torch.manual_seed(seed)
+    model = build_dual_encoder(options).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = folder / "epoch_1.pt"
+    payload = weights_payload(model, options, epoch=1, name=folder.name, config=Config(model=options).to_flat_dict())
+    save_checkpoint(path, payload)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exports(demo_student_run, tiny_clip_run, tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """{student: (what was exported, the export folder)}."""
+    base = tmp_path_factory.mktemp("exports")
+    timm_checkpoint = write_checkpoint(TIMM_STUDENT, base)
+    found = {}
+    for name, model in (("demo", demo_student_run), ("clip", tiny_clip_run), ("timm", timm_checkpoint)):
+        assert main(["export", str(model), "--out", str(base / name)]) == 0
+        found[name] = (model, base / name)
+    return found
+
+
+def _eval_images(corpus: Path, count: int = 3) -> list[Path]:
+    return sorted((corpus / "eval" / "shapes" / "test").rglob("*.jpg"))[:count]
+
+
+def test_open_clip_reads_each_export_without_protorkd_and_reproduces_our_embeddings(exports, tiny_corpus, tmp_path):
+    files = _eval_images(tiny_corpus)
+    ours, images = {}, {}
+    for name, (model_path, folder) in exports.items():
+        model, preprocess, tokenizer = protorkd.load(model_path)
+        size = model.model.image_preprocess.image_size
+        images[str(folder)] = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            pixels = torch.stack([preprocess(Image.open(path)) for path in files])
+            ours[name] = {
+                "image": model.encode_image(images[str(folder)], normalize=True),
+                "text": model.encode_text(tokenizer(TEXTS), normalize=True),
+                "files": pixels,
+                "file_features": model.encode_image(pixels, normalize=True),
+                "logit_scale": model.logit_scale.detach(),
+            }
+    torch.save({"images": images, "texts": TEXTS, "files": [str(p) for p in files]}, tmp_path / "inputs.pt")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    folders = [str(folder) for _, folder in exports.values()]
+    command = [sys.executable, str(READER), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), *folders]
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    theirs = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name, (_, folder) in exports.items():
+        for key in ("image", "text", "file_features"):
+            difference = (theirs[str(folder)][key] - ours[name][key]).abs().max().item()
+            assert difference <= 1e-5, f"{name} {key}: {difference}"
+        assert torch.allclose(theirs[str(folder)]["files"], ours[name]["files"], atol=1e-6), name  # preprocessing
+        assert torch.equal(theirs[str(folder)]["logit_scale"].reshape(()), ours[name]["logit_scale"].reshape(()))
+
+
+def test_the_learned_temperature_travels_with_the_export(exports):
+    model_path, folder = exports["clip"]
+    latest = torch.load(model_path / "checkpoints" / "epoch_latest.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "open_clip_model.safetensors")
+    assert weights["logit_scale"].item() == pytest.approx(latest["loss_state"]["logit_scale"].item(), abs=1e-7)
+    assert weights["logit_scale"].item() != pytest.approx(2.6592600, abs=1e-4)  # it moved from CLIP's init
+
+
+def test_an_export_holds_safetensors_open_clip_files_and_a_model_card(exports, demo_student_run):
+    _, folder = exports["demo"]
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors", "config.json", "timm/config.json",
+            "tokenizer.json", "tokenizer_config.json"} <= set(names)  # fmt: skip
+    assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]  # never a pickle
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    assert set(config) == {"model_cfg", "preprocess_cfg"} and config["preprocess_cfg"]["size"] == 64
+    card = (folder / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "open_clip" and front["base_model"] == ["sentence-transformers/all-MiniLM-L6-v2"]
+    facts = front["protorkd"]
+    assert facts["loss"] == "InfoNCE" and facts["epochs"] == 1 and "custom:tiny-cnn" in facts["student"]
+    assert facts["teachers"] == ["sbert:all-MiniLM-L6-v2 (the locked text tower)"]
+    stored = torch.load(demo_student_run / "checkpoints" / "epoch_1.pt", weights_only=True)["config"]
+    assert facts["data"] == stored["train_data"]
+    # the command trains exactly this run: parsed back, it is the checkpoint's config
+    words = shlex.split(facts["command"])
+    assert words[:2] == ["protorkd", "train"]
+    parsed = config_from_namespace(build_parser(["train"]).parse_args(words[1:]))
+    assert parsed.to_flat_dict() == stored
+    # the final evaluation, each metric with its protocol
+    final = json.loads((demo_student_run / "results.jsonl").read_text().splitlines()[-1])
+    row = next(line for line in card.splitlines() if line.startswith("| `zeroshot/shapes/top1` |"))
+    assert f"| {final['zeroshot/shapes/top1']:.4g} |" in row
+    assert "CLIP's prompt ensemble" in next(line for line in card.splitlines() if line.startswith("| `zeroshot/"))
+
+
+def test_a_moved_export_is_written_again_with_its_own_paths(exports, tmp_path):
+    _, folder = exports["demo"]
+    assert main(["export", str(folder), "--out", str(tmp_path / "moved")]) == 0
+    config = (tmp_path / "moved" / "open_clip_config.json").read_text()
+    assert str(folder) not in config and str(tmp_path / "moved") in config
+    model, _, tokenizer = protorkd.load(tmp_path / "moved")
+    original, _, _ = protorkd.load(folder)
+    with torch.no_grad():
+        assert torch.equal(model.encode_text(tokenizer(TEXTS)), original.encode_text(tokenizer(TEXTS)))
+
+
+def test_a_tower_open_clip_cannot_express_is_refused_in_one_line_naming_onnx(tmp_path, capsys):
+    checkpoint = write_checkpoint(TINY_TOWERS, tmp_path)  # micro-cnn + the hashed-words tiny-text tower
+    assert main(["export", str(checkpoint), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "custom:tiny-text" in error and "--format onnx" in error
+    assert not (tmp_path / "out").exists()
