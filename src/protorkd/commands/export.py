@@ -39,6 +39,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="open_clip: open_clip's hub layout (config + safetensors), loadable without protorkd; onnx: an image "
         "and a text graph with a dynamic batch (default: open_clip)",
     )
+    parser.add_argument(
+        "--hub-id",
+        metavar="USER/REPO",
+        help="open_clip format: lay the folder out for this Hugging Face Hub repository, so that once uploaded "
+        "(docs/export.md) open_clip loads it as hf-hub:USER/REPO (default: a folder open_clip loads as "
+        "local-dir:DIR)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -121,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
 
     kind = model_kind(args.model)
     refuse_existing(args.out)
+    if args.hub_id and (args.format != "open_clip" or kind != "checkpoint"):
+        raise UsageError("--hub-id lays out an open_clip export of a checkpoint or run folder (--format open_clip)")
+    if args.hub_id and args.hub_id.count("/") != 1:
+        raise UsageError(f"--hub-id {args.hub_id!r}: expected USER/REPO")
     if kind == "open_clip" and args.format == "open_clip":
         relocate_open_clip(args.model, args.out)
     elif kind == "open_clip":
@@ -131,9 +142,8 @@ def run(args: argparse.Namespace) -> int:
         loaded = load_model_from_checkpoint(checkpoint_path(args.model))
         facts = card_facts(loaded)
         if args.format == "open_clip":
-            differences = write_open_clip(
-                loaded.model, loaded.model_options, args.out, logit_scale=loaded.logit_scale, facts=facts
-            )
+            differences = write_open_clip(loaded.model, loaded.model_options, args.out, logit_scale=loaded.logit_scale,
+                                          facts=facts, hub_id=args.hub_id)  # fmt: skip
         else:
             differences = onnx_format.checkpoint_to_onnx(loaded.model, args.out, logit_scale=loaded.logit_scale,
                                                          facts=facts)  # fmt: skip

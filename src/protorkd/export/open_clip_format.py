@@ -102,15 +102,40 @@ def _source_config(name: str) -> dict[str, Any]:
     return json.loads(json.dumps(config))  # a deep copy
 
 
-def config_for(form: OpenCLIPModel, folder: Path) -> dict[str, Any]:
-    """open_clip_config.json for the export at `folder`: the folder's own files named by its absolute path."""
+def config_for(form: OpenCLIPModel, folder: Path, hub_id: str | None = None) -> dict[str, Any]:
+    """open_clip_config.json for the export at `folder`: the folder's own files named by its absolute path, or,
+    for a Hugging Face Hub repository `hub_id`, by Hub names (`hub_layout`)."""
     model_cfg = json.loads(json.dumps(form.model_cfg))
     folder = folder.resolve()
     if form.vision.files:
-        model_cfg["vision_cfg"]["timm_model_name"] = f"{LOCAL_DIR}{folder / TIMM_FOLDER}"
+        model_cfg["vision_cfg"]["timm_model_name"] = (
+            f"hf-hub:{hub_id}" if hub_id else f"{LOCAL_DIR}{folder / TIMM_FOLDER}"
+        )
     if form.text.hf_files is not None:
-        model_cfg["text_cfg"]["hf_model_name"] = str(folder)
+        if hub_id:
+            model_cfg["text_cfg"]["hf_model_name"] = model_cfg["text_cfg"]["hf_tokenizer_name"] = form.text.hub_id
+        else:
+            model_cfg["text_cfg"]["hf_model_name"] = str(folder)
     return {"model_cfg": model_cfg, "preprocess_cfg": form.preprocess_cfg}
+
+
+def check_hub_layout(form: OpenCLIPModel, hub_id: str) -> None:
+    """Refuse (one line) a model whose Hub layout would need two root config.json files."""
+    if form.text.hf_files is not None and form.text.hub_id is None:
+        raise UsageError(
+            f"--hub-id {hub_id}: the text tower's Hugging Face config comes from a local folder, which a Hub "
+            "repository cannot name; publish that model on the Hub first, or share the folder without --hub-id"
+        )
+
+
+def hub_layout(form: OpenCLIPModel, folder: Path, hub_id: str) -> None:
+    """Turn a checked export folder into the layout of the Hub repository `hub_id`: timm reads a configuration
+    from the repository's root config.json (`hf-hub:` names hold no subfolder), and the Hugging Face text tower's
+    config and tokenizer come from the repository it was downloaded from."""
+    if form.vision.files:
+        (folder / TIMM_FOLDER / "config.json").replace(folder / "config.json")
+        (folder / TIMM_FOLDER).rmdir()
+    (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config_for(form, folder, hub_id), indent=2) + "\n")
 
 
 def write_files(form: OpenCLIPModel, folder: Path) -> None:
@@ -158,21 +183,45 @@ def check_export(model: DualEncoder, folder: Path, *, tolerance: float = TOLERAN
 
 
 def write_open_clip(
-    model: DualEncoder, options: ModelOptions, out: Path, *, logit_scale: float | None, facts: CardFacts
+    model: DualEncoder,
+    options: ModelOptions,
+    out: Path,
+    *,
+    logit_scale: float | None,
+    facts: CardFacts,
+    hub_id: str | None = None,
 ) -> dict[str, float]:
     """Write the open_clip export of `model` to `out` (a new or empty folder), checked, with its model card;
-    returns the check's largest feature differences."""
+    with `hub_id` (`USER/REPO`) laid out for that Hugging Face Hub repository (`hub_layout`). Returns the
+    check's largest feature differences."""
     model = model.float().eval()
     form = open_clip_form(model, options, logit_scale=logit_scale)
+    if hub_id:
+        check_hub_layout(form, hub_id)
     out = Path(out).resolve()
     with atomic_folder(out) as tmp:
         write_files(form, tmp)
-        differences = check_export(model, tmp)
-        notes = [*form.vision.notes, *form.text.notes, PATHS_NOTE, checked_note(differences, "open_clip")]
+        differences = check_export(model, tmp)  # read from the folder itself, before any Hub names
+        where = hub_note(form, hub_id) if hub_id else PATHS_NOTE
+        notes = [*form.vision.notes, *form.text.notes, where, checked_note(differences, "open_clip")]
         card = render_card(dataclasses.replace(facts, notes=[*facts.notes, *notes]), export_format="open_clip")
-        (tmp / "README.md").write_text(card)
-        (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(config_for(form, out), indent=2) + "\n")
+        (tmp / "README.md").write_text(card if not hub_id else card.replace("local-dir:PATH/TO/THIS/FOLDER",
+                                                                            f"hf-hub:{hub_id}"))  # fmt: skip
+        if hub_id:
+            hub_layout(form, tmp, hub_id)
+        else:
+            (tmp / OPEN_CLIP_CONFIG).write_text(json.dumps(config_for(form, out), indent=2) + "\n")
     return differences
+
+
+def hub_note(form: OpenCLIPModel, hub_id: str) -> str:
+    source = (
+        f" The text tower's Hugging Face config and tokenizer come from {form.text.hub_id}." if form.text.hub_id else ""
+    )
+    return (
+        f"This folder is laid out for the Hugging Face Hub repository {hub_id}: once uploaded there, "
+        f"`open_clip.create_model_and_transforms('hf-hub:{hub_id}')` loads it.{source}"
+    )
 
 
 PATHS_NOTE = (

@@ -15,13 +15,20 @@ and anything else are `NotExpressible`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from protorkd.export.vision import ONNX_INSTEAD, NotExpressible, head_layers
-from protorkd.models.text_towers import HuggingFaceTower, OpenCLIPTextTower, SentenceTransformerTower, TextTower
+from protorkd.models.text_towers import (
+    MINILM_NAMES,
+    HuggingFaceTower,
+    OpenCLIPTextTower,
+    SentenceTransformerTower,
+    TextTower,
+)
 
 HF_POOLERS = {"mean": "mean_pooler", "cls": "cls_pooler", "cls_before_pooler": "cls_last_hidden_state_pooler"}
 SBERT_POOLERS = {"mean": "mean_pooler", "cls": "cls_last_hidden_state_pooler"}
@@ -37,6 +44,7 @@ class TextPart:
     state: dict[str, torch.Tensor]
     model_cfg: dict[str, Any] = field(default_factory=dict)
     hf_files: tuple[Any, Any] | None = None  # (config with save_pretrained, tokenizer with save_pretrained)
+    hub_id: str | None = None  # the Hugging Face Hub repository the HF tower's config comes from, if any
     notes: list[str] = field(default_factory=list)  # how the tower is expressed, for the model card
 
 
@@ -104,7 +112,7 @@ def _hf_text(tower: SentenceTransformerTower | HuggingFaceTower, head: nn.Module
     }
     text_cfg = {
         "hf_model_name": None,  # the export folder's path, filled in by the writer
-        "hf_tokenizer_name": _hub_id(tower),
+        "hf_tokenizer_name": _hub_id(tower) or tower.name.split(":", 1)[1],
         "hf_proj_type": None,
         "hf_pooler_type": pooler,
         "context_length": int(length),
@@ -120,13 +128,18 @@ def _hf_text(tower: SentenceTransformerTower | HuggingFaceTower, head: nn.Module
             "features (`encode_text(..., normalize=True)`, what every evaluation uses) agree, unnormalised ones "
             "differ by that scale."
         )
-    return TextPart(text_cfg, state, hf_files=(model.config, tokenizer), notes=notes)
+    hub_id = _hub_id(tower)
+    return TextPart(text_cfg, state, hf_files=(model.config, tokenizer), hub_id=hub_id, notes=notes)
 
 
-def _hub_id(tower: TextTower) -> str:
-    """The hub id a Hugging Face / sentence-transformers tower came from (`all-MiniLM-L6-v2` is a
-    sentence-transformers model), or its name when it is a local folder."""
+def _hub_id(tower: TextTower) -> str | None:
+    """The Hub repository a Hugging Face / sentence-transformers tower came from (`all-MiniLM-L6-v2`, also when
+    read from its offline copy, is `sentence-transformers/all-MiniLM-L6-v2`), None for a local folder."""
     name = tower.name.split(":", 1)[1]
+    if name in MINILM_NAMES:
+        return MINILM_NAMES[-1]
+    if Path(name).exists():
+        return None
     if isinstance(tower, SentenceTransformerTower) and "/" not in name:
         return f"sentence-transformers/{name}"
     return name
