@@ -10,10 +10,12 @@ empty texts); more than --max-bad-fraction of them stops with the first ones nam
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
 from protorkd.commands import common
+from protorkd.config import OptimConfig
 
 TABLE_SUFFIXES = (".tsv", ".csv")
 
@@ -44,7 +46,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("auto", "fp32", "amp", "amp_bf16", "bf16"),
+        choices=next(f for f in dataclasses.fields(OptimConfig) if f.name == "precision").metadata["choices"],
         default="fp32",
         help="fp32; amp / amp_bf16: fp16 / bf16 autocast; bf16: bf16 weights; auto: the fastest the device "
         "computes natively (default: fp32)",

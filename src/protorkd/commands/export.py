@@ -51,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def _teachers(loaded: LoadedCheckpoint) -> tuple[list[str], list[str]]:
     """(the run's teachers in words, the hub ids among them)."""
+    from protorkd.export.text import hub_id_of
+
     options = loaded.model_options
     teachers, hub = [], []
     lock_image, lock_text = options.locks
@@ -60,8 +62,8 @@ def _teachers(loaded: LoadedCheckpoint) -> tuple[list[str], list[str]]:
     ):
         if locked:
             teachers.append(f"{builder}:{name}{'@' + tag if tag else ''} (the locked {role})")
-            if builder in ("sbert", "huggingface") and not Path(name).exists():
-                hub.append(name if "/" in name or builder == "huggingface" else f"sentence-transformers/{name}")
+            if builder in ("sbert", "huggingface") and hub_id_of(loaded.model.text_tower):
+                hub.append(hub_id_of(loaded.model.text_tower))
     if options.clip_teacher_model:
         tag = f"@{options.clip_teacher_tag}" if options.clip_teacher_tag else ""
         teachers.append(f"open_clip:{options.clip_teacher_model}{tag} (CLIP-KD teacher)")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from protorkd.export.vision import ONNX_INSTEAD, NotExpressible, head_layers
+from protorkd.export.vision import ONNX_INSTEAD, NotExpressible, head_layers, linear_head, model_extras
 from protorkd.models.text_towers import (
     MINILM_NAMES,
     HuggingFaceTower,
@@ -112,7 +112,7 @@ def _hf_text(tower: SentenceTransformerTower | HuggingFaceTower, head: nn.Module
     }
     text_cfg = {
         "hf_model_name": None,  # the export folder's path, filled in by the writer
-        "hf_tokenizer_name": _hub_id(tower) or tower.name.split(":", 1)[1],
+        "hf_tokenizer_name": hub_id_of(tower) or tower.name.split(":", 1)[1],
         "hf_proj_type": None,
         "hf_pooler_type": pooler,
         "context_length": int(length),
@@ -128,11 +128,11 @@ def _hf_text(tower: SentenceTransformerTower | HuggingFaceTower, head: nn.Module
             "features (`encode_text(..., normalize=True)`, what every evaluation uses) agree, unnormalised ones "
             "differ by that scale."
         )
-    hub_id = _hub_id(tower)
+    hub_id = hub_id_of(tower)
     return TextPart(text_cfg, state, hf_files=(model.config, tokenizer), hub_id=hub_id, notes=notes)
 
 
-def _hub_id(tower: TextTower) -> str | None:
+def hub_id_of(tower: TextTower) -> str | None:
     """The Hub repository a Hugging Face / sentence-transformers tower came from (`all-MiniLM-L6-v2`, also when
     read from its offline copy, is `sentence-transformers/all-MiniLM-L6-v2`), None for a local folder."""
     name = tower.name.split(":", 1)[1]
@@ -157,17 +157,12 @@ def _open_clip_text(tower: OpenCLIPTextTower, head: nn.Module, source_cfg: dict[
     for key in ("logit_bias",):  # SigLIP-style models: part of the model, kept
         if key in model.state_dict():
             state[key] = model.state_dict()[key].detach().clone()
-    layers = head_layers(head)
-    if len(layers) > 1:
-        raise NotExpressible(f"an MLP text head on the open_clip tower {tower.name} has no open_clip form; "
-                             f"{ONNX_INSTEAD}")  # fmt: skip
-    notes = []
-    if layers:
+    linear, notes = linear_head(head, "text", tower.name), []
+    if linear is not None:
         prefix = "text.text_projection" if custom else "text_projection"
-        _fold_text_projection(state, text_cfg, layers[0], prefix, tower.name)
+        _fold_text_projection(state, text_cfg, linear, prefix, tower.name)
         notes.append(f"The linear text head is folded into the text projection of {tower.name} (with a bias).")
-    extras = {k: v for k, v in source_cfg.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")}
-    return TextPart(text_cfg, state, model_cfg=extras, notes=notes)
+    return TextPart(text_cfg, state, model_cfg=model_extras(source_cfg), notes=notes)
 
 
 def _fold_text_projection(state: dict, text_cfg: dict, linear: nn.Linear, prefix: str, name: str) -> None:

@@ -53,6 +53,19 @@ def head_layers(head: nn.Module) -> list[nn.Module]:
     return list(head)
 
 
+def linear_head(head: nn.Module, side: str, tower: str) -> nn.Linear | None:
+    """A head that an open_clip tower's projection can take in: identity (None) or one Linear; an MLP is refused."""
+    layers = head_layers(head)
+    if len(layers) > 1:
+        raise NotExpressible(f"an MLP {side} head on the open_clip tower {tower} has no open_clip form; {ONNX_INSTEAD}")
+    return layers[0] if layers else None
+
+
+def model_extras(source_cfg: dict[str, Any]) -> dict[str, Any]:
+    """An open_clip config's model-level keys (quick_gelu, custom_text, init_logit_bias, ...)."""
+    return {k: v for k, v in source_cfg.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")}
+
+
 # ----------------------------------------------------------------------------------------------- tiny-cnn
 
 
@@ -240,16 +253,11 @@ def open_clip_vision(tower: ImageTower, head: nn.Module, source_cfg: dict[str, A
     visual = tower.backbone
     state = {f"visual.{k}": v.detach().clone() for k, v in visual.state_dict().items()}
     vision_cfg = dict(source_cfg["vision_cfg"])
-    layers = head_layers(head)
-    if len(layers) > 1:
-        raise NotExpressible(f"an MLP image head on the open_clip tower {tower.name} has no open_clip form; "
-                             f"{ONNX_INSTEAD}")  # fmt: skip
-    notes = []
-    if layers:
-        _fold_linear_head(visual, state, vision_cfg, layers[0], tower.name)
+    linear, notes = linear_head(head, "image", tower.name), []
+    if linear is not None:
+        _fold_linear_head(visual, state, vision_cfg, linear, tower.name)
         notes.append(f"The linear image head is folded into the output projection of {tower.name}.")
-    extras = {k: v for k, v in source_cfg.items() if k not in ("embed_dim", "vision_cfg", "text_cfg")}
-    return VisionPart(vision_cfg, state, model_cfg=extras, notes=notes)
+    return VisionPart(vision_cfg, state, model_cfg=model_extras(source_cfg), notes=notes)
 
 
 def _fold_linear_head(visual: nn.Module, state: dict, vision_cfg: dict, linear: nn.Linear, name: str) -> None:
