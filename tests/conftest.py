@@ -114,3 +114,34 @@ def tiny_clip_run(tiny_corpus, tmp_path_factory) -> Path:
     towers = ["--image-model-builder", "open_clip", "--image-model", "protorkd-tiny-clip", "--teacher", "none"]
     towers += ["--text-model-builder", "open_clip", "--text-model", "protorkd-tiny-clip", "--zeroshot-frequency", "0"]
     return _train_run(tiny_corpus, tmp_path_factory.mktemp("tiny_clip"), "clip", *towers)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_student_run, tmp_path_factory) -> Path:
+    """`protorkd export` (open_clip format) of `demo_student_run`."""
+    from protorkd.cli import main
+
+    out = tmp_path_factory.mktemp("demo_export") / "demo"
+    assert main(["export", str(demo_student_run), "--out", str(out)]) == 0
+    return out
+
+
+def write_checkpoint(options: ModelOptions, folder: Path, *, seed: int = 0) -> Path:
+    """A weights checkpoint (as `epoch_N.pt`, its flags stored) of randomly initialised towers, BatchNorm
+    statistics included: for tests about loading and mapping weights, not about training."""
+    import torch
+
+    from protorkd.checkpoint import save_checkpoint, weights_payload
+    from protorkd.config import Config
+    from protorkd.models.build import build_dual_encoder
+
+    torch.manual_seed(seed)
+    model = build_dual_encoder(options).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = folder / "epoch_1.pt"
+    payload = weights_payload(model, options, epoch=1, name=folder.name, config=Config(model=options).to_flat_dict())
+    save_checkpoint(path, payload)
+    return path

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import protorkd
 from protorkd.checkpoint import prune_checkpoints, save_checkpoint
 from protorkd.cli import main
-from protorkd.loading import load_model_from_checkpoint
+from protorkd.loading import checkpoint_path, load_model_from_checkpoint
 from protorkd.models.text_towers import build_text_tower
 from protorkd.params import read_params, train_command
 
@@ -22,19 +22,21 @@ TEXTS = ["a red circle", "two green squares on a black background"]
 
 
 def test_load_gives_open_clips_interface_for_a_checkpoint_and_its_run_folder(demo_student_run):
-    model, preprocess, tokenizer = protorkd.load(demo_student_run / "checkpoints" / "epoch_1.pt")
-    same, _, _ = protorkd.load(demo_student_run)  # the run folder: its latest checkpoint
-    evaluated = load_model_from_checkpoint(demo_student_run / "checkpoints" / "epoch_1.pt").model
+    assert checkpoint_path(demo_student_run) == demo_student_run / "checkpoints" / "epoch_latest.pt"
+    model, preprocess, tokenizer = protorkd.load(demo_student_run)
+    evaluated = model.model  # the DualEncoder evaluation reads, loaded from the same checkpoint
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         raw = model.encode_image(images)  # open_clip's default: not normalised
         assert not torch.allclose(raw.norm(dim=-1), torch.ones(2))
         assert torch.equal(model.encode_image(images, normalize=True), F.normalize(raw, dim=-1))
         assert torch.equal(model.encode_image(images, normalize=True), evaluated.encode_image(images))
-        assert torch.equal(same.encode_image(images), raw)
         text = model.encode_text(tokenizer(TEXTS), normalize=True)
         assert torch.equal(text, evaluated.encode_texts(TEXTS))
     assert preprocess.__class__.__name__ == "Compose" and text.shape == (2, 384)
+    assert model.logit_scale.item() == pytest.approx(  # the loss's learned temperature
+        torch.load(demo_student_run / "checkpoints" / "epoch_latest.pt", weights_only=True)["logit_scale"].item()
+    )
 
 
 def test_a_checkpoint_names_its_locked_teacher_tower_by_source_and_sha256(demo_student_run):

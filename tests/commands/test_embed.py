@@ -13,6 +13,15 @@ from PIL import Image
 
 import protorkd
 from protorkd.cli import main
+from tests.conftest import TINY_TOWERS, write_checkpoint
+
+DIM = 64  # the tiny towers' joint width
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    """micro-cnn + tiny-text, random weights: embed reads any model protorkd.load reads."""
+    return write_checkpoint(TINY_TOWERS, tmp_path_factory.mktemp("embed_model"))
 
 
 def embed_cli(*args: str) -> int:
@@ -34,17 +43,17 @@ def image_folder(tiny_corpus, tmp_path):
 
 
 def test_image_rows_are_encode_image_of_each_file_and_the_broken_one_is_skipped_and_named(
-    demo_student_run, image_folder, tmp_path, caplog
+    model_path, image_folder, tmp_path, caplog
 ):
     out = tmp_path / "out" / "images.npy"
     with caplog.at_level(logging.WARNING):
-        assert embed_cli("--model", str(demo_student_run), "--images", str(image_folder), "--out", str(out),
+        assert embed_cli("--model", str(model_path), "--images", str(image_folder), "--out", str(out),
                          "--max-bad-fraction", "0.5") == 0  # fmt: skip
     rows = np.load(out)
     ids = out.with_suffix(".ids.txt").read_text().splitlines()
     good = sorted(p for p in image_folder.rglob("*.jpg") if p.name != "broken.jpg")
-    assert ids == [p.relative_to(image_folder).as_posix() for p in good] and rows.shape == (3, 384)
-    model, preprocess, _ = protorkd.load(demo_student_run)
+    assert ids == [p.relative_to(image_folder).as_posix() for p in good] and rows.shape == (3, DIM)
+    model, preprocess, _ = protorkd.load(model_path)
     with torch.no_grad():
         expected = model.encode_image(torch.stack([preprocess(Image.open(p)) for p in good]), normalize=True)
     assert np.abs(rows - expected.numpy()).max() <= 1e-6
@@ -54,40 +63,36 @@ def test_image_rows_are_encode_image_of_each_file_and_the_broken_one_is_skipped_
     assert any("broken.jpg" in m and "unreadable image" in m for m in skipped)
 
 
-def test_more_unreadable_inputs_than_the_bad_fraction_stop_in_one_line(
-    demo_student_run, image_folder, tmp_path, capsys
-):
+def test_more_unreadable_inputs_than_the_bad_fraction_stop_in_one_line(model_path, image_folder, tmp_path, capsys):
     out = tmp_path / "images.npy"
-    assert embed_cli("--model", str(demo_student_run), "--images", str(image_folder), "--out", str(out)) == 2
+    assert embed_cli("--model", str(model_path), "--images", str(image_folder), "--out", str(out)) == 2
     error = capsys.readouterr().err.strip()
     assert len(error.splitlines()) == 1 and "1 of 4 samples" in error and "broken.jpg" in error
     assert not out.exists()
 
 
-def test_text_rows_are_encode_text_of_each_line_and_empty_lines_are_skipped(demo_student_run, tmp_path):
+def test_text_rows_are_encode_text_of_each_line_and_empty_lines_are_skipped(model_path, tmp_path):
     texts = tmp_path / "texts.txt"
     texts.write_text("a red circle\n\ntwo green squares on a blue field\n")
     out = tmp_path / "texts.npy"
-    assert embed_cli("--model", str(demo_student_run), "--texts", str(texts), "--out", str(out),
+    assert embed_cli("--model", str(model_path), "--texts", str(texts), "--out", str(out),
                      "--max-bad-fraction", "0.5") == 0  # fmt: skip
     assert out.with_suffix(".ids.txt").read_text().splitlines() == ["1", "3"]  # line numbers
-    model, _, tokenizer = protorkd.load(demo_student_run)
+    model, _, tokenizer = protorkd.load(model_path)
     with torch.no_grad():
         expected = model.encode_text(tokenizer(["a red circle", "two green squares on a blue field"]), normalize=True)
     assert np.abs(np.load(out) - expected.numpy()).max() <= 1e-6
 
 
-def test_a_corpus_tsv_is_embedded_by_row_with_its_missing_images_counted(
-    demo_student_run, tiny_corpus, tmp_path, caplog
-):
+def test_a_corpus_tsv_is_embedded_by_row_with_its_missing_images_counted(model_path, tiny_corpus, tmp_path, caplog):
     rows = (tiny_corpus / "train.tsv").read_text().splitlines()
     table = tmp_path / "corpus.tsv"
     missing = "filepath\ttitle\n" + rows[1] + "\n" + "nowhere.jpg\ta lost image\n" + rows[2] + "\n"
     table.write_text(missing.replace("images/", str(tiny_corpus / "images") + "/"))
     out = tmp_path / "corpus.npy"
     with caplog.at_level(logging.WARNING):
-        assert embed_cli("--model", str(demo_student_run), "--images", str(table), "--out", str(out),
+        assert embed_cli("--model", str(model_path), "--images", str(table), "--out", str(out),
                          "--max-bad-fraction", "0.5") == 0  # fmt: skip
     assert out.with_suffix(".ids.txt").read_text().splitlines() == ["1", "3"]  # row numbers
-    assert np.load(out).shape == (2, 384)
+    assert np.load(out).shape == (2, DIM)
     assert any("row 2 (line 3)" in r.getMessage() and "missing image" in r.getMessage() for r in caplog.records)

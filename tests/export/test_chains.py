@@ -30,7 +30,8 @@ def clip_export(tiny_clip_run, tmp_path_factory) -> Path:
 def test_an_export_is_the_clip_kd_teacher_of_the_next_run(clip_export, tiny_corpus, tmp_path):
     teacher = f"local-dir:{clip_export}"
     args = ["train", "--train-data", str(tiny_corpus / "train.tsv"), "--logs", str(tmp_path), "--name", "next"]
-    args += [*TINY_MODEL_ARGS, "--batch-size", "16", "--epochs", "2", "--keep-checkpoints", "1", "--teacher", "none"]
+    args += [*TINY_MODEL_ARGS, "--batch-size", "16", "--epochs", "2", "--episode-size", "32", "--keep-checkpoints", "1"]
+    args += ["--teacher", "none"]
     args += ["--loss", "CLIP-KD", "--clip-teacher-model", teacher, "--clip-teacher-images", "cached"]
     assert main(args) == 0
     run = tmp_path / "next"
@@ -68,7 +69,7 @@ def test_an_export_is_the_starting_weights_of_an_open_clip_student(clip_export):
 
 
 def test_clip_benchmarks_own_cli_scores_the_demo_export_as_protorkd_eval_does(
-    demo_student_run, tiny_corpus, tmp_path, monkeypatch, capsys
+    demo_student_run, demo_export, tiny_corpus, tmp_path, monkeypatch
 ):
     """CLIP_benchmark 1.6.2's `clip_benchmark eval` (its `main` with its own argument parsing, model loading,
     dataset and metric code) on the export, against `protorkd eval` on the checkpoint. It runs in this process
@@ -80,8 +81,6 @@ def test_clip_benchmarks_own_cli_scores_the_demo_export_as_protorkd_eval_does(
 
     monkeypatch.setattr(zeroshot_classification, "float", lambda x: builtins.float(np.asarray(x).item()), raising=False)
     run = shutil.copytree(demo_student_run, tmp_path / "run")  # `protorkd eval` appends to its results.jsonl
-    export = tmp_path / "export"
-    assert main(["export", str(run), "--out", str(export)]) == 0
     checkpoint = run / "checkpoints" / "epoch_1.pt"
     eval_args = ["--checkpoint", str(checkpoint), "--eval-data-dir", str(tiny_corpus / "eval"), "--tasks", "zeroshot"]
     assert main(["eval", *eval_args, "--device", "cpu", "--workers", "0", "--no-cache"]) == 0
@@ -93,7 +92,7 @@ def test_clip_benchmarks_own_cli_scores_the_demo_export_as_protorkd_eval_does(
     (tmp_path / "templates.json").write_text(json.dumps({"imagenet_sketch": templates}))
     argv = [
         "eval", "--dataset", "imagenet_sketch", "--dataset_root", str(tiny_corpus / "eval" / "shapes" / "test"),
-        "--task", "zeroshot_classification", "--model", f"local-dir:{export}", "--pretrained", "",
+        "--task", "zeroshot_classification", "--model", f"local-dir:{demo_export}", "--pretrained", "",
         "--custom_classname_file", str(tmp_path / "classes.json"),
         "--custom_template_file", str(tmp_path / "templates.json"),
         "--no_amp", "--num_workers", "0", "--batch_size", "64", "--output", str(tmp_path / "theirs.json"),

@@ -11,8 +11,7 @@ import torch
 
 import protorkd
 from protorkd.cli import main
-from tests.conftest import TINY_TOWERS
-from tests.export.test_open_clip_format import write_checkpoint
+from tests.conftest import TINY_TOWERS, write_checkpoint
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
 pytest.importorskip("onnxscript", reason="the onnx extra is not installed (torch's exporter needs onnxscript)")

@@ -8,7 +8,8 @@
   an epoch, from scratch in the same folder (its teacher cache, possibly half filled, is kept and resumed);
   an experiment that does not exist yet is started (as open_clip does), so one command serves the first
   launch and every requeue of a preemptible job.
-* `--resume PATH` starts from any checkpoint (into a new `--name`, or the same one).
+* `--resume PATH` starts from any training checkpoint, an `epoch_latest.pt` (into a new `--name`, or the same
+  one); an `epoch_N.pt` holds weights only and is refused in one line.
 
 Before anything is written, `prepare_experiment` checks the command against the folder: its params.txt and
 the checkpoint's config must agree on every flag a resume may not change (anything that changes the model,
