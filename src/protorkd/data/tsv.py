@@ -197,7 +197,8 @@ class CsvCorpus(Dataset):
     def describe(self, index: int) -> str:
         """Where a row comes from, as a user can find it: file, row and line number."""
         line = self.lines[index] if self.lines is not None else index + 2
-        return f"{self.source} row {index + 1} (line {line}): {self.images[index]}"
+        where = f"{self.source} row {index + 1} (line {line})"
+        return f"{where}: {self.images[index]}" if self.images[index] else where  # texts only: no image
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
         """`key` is a row, or (epoch, position, row) from EpisodeSampler: then the augmentation is seeded by

@@ -117,10 +117,13 @@ def write_onnx(
     tokenizer_files: Any | None,
     tokenizer_note: str,
     card: Callable[[str], str],
+    dynamic_length: bool = True,
 ) -> dict[str, float]:
     """Write the two graphs of `model` (with open_clip's `encode_image` / `encode_text(..., normalize)`) to
     `out`, checked under onnxruntime; `tokenizer_files` (with `save_pretrained`) go in too when given, and
-    `tokenizer_note` says in the manifest how to make the text graph's inputs; `card(check_note)` is the README."""
+    `tokenizer_note` says in the manifest how to make the text graph's inputs; `card(check_note)` is the README.
+    `dynamic_length=False` fixes the token length to the traced one (open_clip's text transformers add a
+    positional embedding of their context length: their tokenizers always pad to it)."""
     for package in ("onnx", "onnxscript", "onnxruntime"):
         try:
             __import__(package)
@@ -132,12 +135,16 @@ def write_onnx(
     names, tensors, keys = _token_inputs(tokenizer(PROBE_TEXTS[:2]))
     with atomic_folder(Path(out).resolve()) as tmp:
         _export(_ImageGraph(model), (images,), ["images"], tmp / IMAGE_GRAPH, sequence=False)
-        _export(_TextGraph(model, keys), tensors, names, tmp / TEXT_GRAPH, sequence=keys is not None)
+        _export(_TextGraph(model, keys), tensors, names, tmp / TEXT_GRAPH, sequence=keys is not None and dynamic_length)
         if tokenizer_files is not None:
             tokenizer_files.save_pretrained(tmp)
         manifest = {
             "image_encoder": {"file": IMAGE_GRAPH, "inputs": ["images"], "shape": ["batch", 3, size, size]},
-            "text_encoder": {"file": TEXT_GRAPH, "inputs": names, "shape": ["batch", "length"]},
+            "text_encoder": {
+                "file": TEXT_GRAPH,
+                "inputs": names,
+                "shape": ["batch", "length" if keys is not None and dynamic_length else tensors[0].shape[1]],
+            },
             "output": "features [batch, D], L2-normalised joint embeddings",
             "preprocess": preprocess,
             "tokenizer": tokenizer_note,
@@ -178,8 +185,8 @@ def checkpoint_to_onnx(
     def card(check: str) -> str:
         return render_card(dataclasses.replace(facts, notes=[*facts.notes, check]), export_format="onnx")
 
-    return write_onnx(encoder, encoder.tokenizer, out, preprocess=spec, tokenizer_files=files,
-                      tokenizer_note=note, card=card)  # fmt: skip
+    return write_onnx(encoder, encoder.tokenizer, out, preprocess=spec, tokenizer_files=files, tokenizer_note=note,
+                      card=card, dynamic_length=not isinstance(model.text_tower, OpenCLIPTextTower))  # fmt: skip
 
 
 def open_clip_folder_to_onnx(folder: Path, out: Path) -> dict[str, float]:
