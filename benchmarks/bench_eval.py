@@ -37,7 +37,7 @@ PUBLISHED_MINILM = {"STS12": 72.37, "STS13": 80.60, "STS15": 85.39, "STS16": 78.
 
 def _model(checkpoint: str | None):
     if checkpoint:
-        from protorkd.commands.common import load_model_from_checkpoint
+        from protorkd.loading import load_model_from_checkpoint
 
         return load_model_from_checkpoint(Path(checkpoint)).model
     from protorkd.models.build import build_dual_encoder

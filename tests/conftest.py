@@ -89,3 +89,62 @@ def shared_data(name: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present")
     return path
+
+
+def _train_run(corpus: Path, logs: Path, name: str, *flags: str) -> Path:
+    """One short `protorkd train` run on `corpus`, evaluated on its held-out split; returns the run folder."""
+    from protorkd.cli import main
+
+    args = ["train", "--train-data", str(corpus / "train.tsv"), "--eval-data-dir", str(corpus / "eval")]
+    common = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--report-to", "", "--linear-frequency", "0"]
+    assert main([*args, "--logs", str(logs), "--name", name, *common, "--retrieval-frequency", "0", *flags]) == 0
+    return logs / name
+
+
+@pytest.fixture(scope="session")
+def demo_student_run(tiny_corpus, tmp_path_factory) -> Path:
+    """One epoch of the demo's own model shape: the tiny-cnn image student under a locked MiniLM text teacher
+    (every model flag at its default)."""
+    return _train_run(tiny_corpus, tmp_path_factory.mktemp("demo_student"), "demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_run(tiny_corpus, tmp_path_factory) -> Path:
+    """One epoch of a tiny open_clip CLIP (`protorkd-tiny-clip` towers), both towers trained with InfoNCE."""
+    towers = ["--image-model-builder", "open_clip", "--image-model", "protorkd-tiny-clip", "--teacher", "none"]
+    towers += ["--text-model-builder", "open_clip", "--text-model", "protorkd-tiny-clip", "--zeroshot-frequency", "0"]
+    # a CLIP student keeps its towers' own projections (no extra head): exactly open_clip's model (a linear head's
+    # bias after a ViT has no exact open_clip form; docs/export.md)
+    towers += ["--image-head-n-layers", "0"]
+    return _train_run(tiny_corpus, tmp_path_factory.mktemp("tiny_clip"), "clip", *towers)
+
+
+@pytest.fixture(scope="session")
+def demo_export(demo_student_run, tmp_path_factory) -> Path:
+    """`protorkd export` (open_clip format) of `demo_student_run`."""
+    from protorkd.cli import main
+
+    out = tmp_path_factory.mktemp("demo_export") / "demo"
+    assert main(["export", str(demo_student_run), "--out", str(out)]) == 0
+    return out
+
+
+def write_checkpoint(options: ModelOptions, folder: Path, *, seed: int = 0) -> Path:
+    """A weights checkpoint (as `epoch_N.pt`, its flags stored) of randomly initialised towers, BatchNorm
+    statistics included: for tests about loading and mapping weights, not about training."""
+    import torch
+
+    from protorkd.checkpoint import save_checkpoint, weights_payload
+    from protorkd.config import Config
+    from protorkd.models.build import build_dual_encoder
+
+    torch.manual_seed(seed)
+    model = build_dual_encoder(options).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = folder / "epoch_1.pt"
+    payload = weights_payload(model, options, epoch=1, name=folder.name, config=Config(model=options).to_flat_dict())
+    save_checkpoint(path, payload)
+    return path

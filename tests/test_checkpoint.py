@@ -63,8 +63,11 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(tmp_path, keep):
 def test_a_kill_between_the_two_checkpoint_files_is_repaired_from_the_latest(tmp_path):
     from protorkd.checkpoint import restore_numbered_checkpoint
 
-    save_checkpoint(tmp_path / "epoch_latest.pt", {"epoch": 2, "state_dict": {"w": torch.arange(3.0)}})
+    latest = {"epoch": 2, "state_dict": {"w": torch.arange(3.0)}, "optimizer": {"state": {}}, "loss_state": {}}
+    save_checkpoint(tmp_path / "epoch_latest.pt", latest)
     assert restore_numbered_checkpoint(tmp_path, 2) == tmp_path / "epoch_2.pt"
-    assert (tmp_path / "epoch_2.pt").read_bytes() == (tmp_path / "epoch_latest.pt").read_bytes()
+    restored = load_checkpoint(tmp_path / "epoch_2.pt")  # the weights; the training state stays in the latest
+    assert set(restored) == {"epoch", "state_dict", "version"} and restored["epoch"] == 2
+    assert torch.equal(restored["state_dict"]["w"], torch.arange(3.0))
     assert restore_numbered_checkpoint(tmp_path, 2) is None  # already there: left alone
     assert sorted(p.name for p in tmp_path.iterdir()) == ["epoch_2.pt", "epoch_latest.pt"]

@@ -38,14 +38,15 @@ def test_every_flag_has_help_and_parses_back():
 def test_every_numeric_flag_has_an_allowed_range():
     import dataclasses
 
-    from protorkd.config import GROUPS, _base_type, _field_types
+    from protorkd.config import GROUPS, _field_types
+    from protorkd.options import base_type
 
     unbounded = {"target_temperature"}  # any real: <= 0 means hard labels
     missing = []
     for group in GROUPS.values():
         hints = _field_types(group)
         for f in dataclasses.fields(group):
-            if _base_type(hints[f.name])[0] in (int, float) and f.metadata.get("rule") is None:
+            if base_type(hints[f.name])[0] in (int, float) and f.metadata.get("rule") is None:
                 missing.append(f.name)
     assert sorted(missing) == sorted(unbounded)
 
@@ -86,6 +87,7 @@ def test_the_flags_a_resume_may_change_are_exactly_the_documented_ones():
         "name",
         "resume",
         "save_frequency",
+        "keep_checkpoints",
         "report_to",
         "wandb_project",
         "log_every_n_steps",

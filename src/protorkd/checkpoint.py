@@ -1,8 +1,15 @@
 """Checkpoints are plain dicts of tensors, numbers and strings, written atomically, never unpickled as objects.
 
-Keys: epoch (completed epochs), name, state_dict (model), loss_state (loss parameters and buffers),
-optimizer, scaler (when used), version, config (the user's flags as a flat dict). Loadable with
-`torch.load(path, weights_only=True)`.
+Two kinds, both loadable with `torch.load(path, weights_only=True)`:
+
+* weights (`epoch_N.pt`, `weights_payload`): epoch (completed epochs), name, config (the user's flags as a
+  flat dict), version, state_dict (the model without its rebuildable locked towers), locked_towers (each left
+  out tower's source and sha256: `models.locked`), logit_scale (the loss's learned temperature, when it has one).
+* training (`epoch_latest.pt`, `training_payload`): the weights plus what only a resume needs: loss_state
+  (loss parameters and buffers), optimizer, scaler (when used).
+
+A checkpoint written before locked towers were left out holds every tower and the training state in each
+`epoch_N.pt`; it still loads (`load_model_state`) and resumes.
 
 The random state is not stored: every epoch reseeds everything from (seed, epoch, rank) before it draws
 anything (see `train.loop`), which is what makes a resumed run identical to an uninterrupted one.
@@ -17,13 +24,99 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 
 from protorkd import __version__
 from protorkd.errors import UsageError
-from protorkd.io import atomic_path, copy_file
+from protorkd.io import atomic_path
+from protorkd.models.locked import check_locked_towers, locked_tower_records, without_towers
+from protorkd.models.options import ModelOptions
 
 LATEST = "epoch_latest.pt"
 NEVER_UNPICKLES = "protorkd loads only plain dicts of tensors, numbers and strings and never unpickles objects"
+TRAINING_STATE = ("loss_state", "optimizer", "scaler")  # what only `epoch_latest.pt` holds
+NUMBERED = re.compile(r"epoch_(\d+)\.pt")
+
+
+def learned_logit_scale(loss: nn.Module) -> torch.Tensor | None:
+    """The loss's learned log temperature (the first parameter named `logit_scale`), as open_clip's models
+    hold it; None for a loss without one."""
+    for name, parameter in loss.named_parameters():
+        if name.rsplit(".", 1)[-1] == "logit_scale":
+            return parameter.detach().reshape(())
+    return None
+
+
+def weights_payload(
+    model: nn.Module,
+    options: ModelOptions,
+    *,
+    epoch: int,
+    name: str,
+    config: dict[str, Any],
+    logit_scale: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """What `epoch_N.pt` holds: the model's weights without its rebuildable locked towers (named by source and
+    sha256 under "locked_towers"), the epoch, the run's name and flags, and the learned temperature."""
+    locked = locked_tower_records(model, options)
+    payload = {
+        "epoch": epoch,
+        "name": name,
+        "config": config,
+        "state_dict": without_towers(model.state_dict(), locked),
+        "locked_towers": locked,
+    }
+    if logit_scale is not None:
+        payload["logit_scale"] = logit_scale.detach().cpu()
+    return payload
+
+
+def training_payload(
+    weights: dict[str, Any],
+    *,
+    loss: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+) -> dict[str, Any]:
+    """What `epoch_latest.pt` holds: `weights` plus the state only a resume needs (loss, optimizer, scaler)."""
+    payload = {**weights, "loss_state": loss.state_dict(), "optimizer": optimizer.state_dict()}
+    if scaler is not None:
+        payload["scaler"] = scaler.state_dict()
+    return payload
+
+
+def load_model_state(model: nn.Module, checkpoint: dict[str, Any], options: ModelOptions, *, where: str) -> None:
+    """Load a checkpoint's weights into `model` (built from `options`): its recorded locked towers are checked
+    against the rebuilt ones (source and sha256), every other weight must fit exactly. One-line UsageError."""
+    locked = checkpoint.get("locked_towers") or {}
+    check_locked_towers(model, locked, options, where=where)
+    state_dict = strip_module_prefix(checkpoint["state_dict"])
+    expected = without_towers(model.state_dict(), locked)
+    problems = weight_mismatches(expected, state_dict)
+    if problems:
+        raise UsageError(f"{where}: {'; '.join(problems)}")
+    model.load_state_dict(state_dict, strict=False)
+
+
+def weight_mismatches(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Missing, unexpected and wrongly shaped weights of `state_dict` against `expected` (empty when it fits)."""
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    return problems
+
+
+def is_weights_only(checkpoint: dict[str, Any]) -> bool:
+    """A weights checkpoint (`epoch_N.pt`): no optimizer state to resume from."""
+    return "optimizer" not in checkpoint
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -78,11 +171,32 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
 
 
 def restore_numbered_checkpoint(checkpoint_dir: Path, epoch: int) -> Path | None:
-    """After a kill between epoch_latest.pt and epoch_N.pt, copy the former to the latter (atomically).
+    """After a kill between epoch_latest.pt and epoch_N.pt, write the latter from the former's weights.
 
     Returns the restored path, or None when there was nothing to restore."""
     latest, numbered = Path(checkpoint_dir) / LATEST, Path(checkpoint_dir) / f"epoch_{epoch}.pt"
     if numbered.exists() or not latest.is_file():
         return None
-    copy_file(latest, numbered)
+    checkpoint = load_checkpoint(latest)
+    save_checkpoint(numbered, {k: v for k, v in checkpoint.items() if k not in (*TRAINING_STATE, "version")})
     return numbered
+
+
+def numbered_checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """[(epoch, path)] of the `epoch_N.pt` files in `checkpoint_dir`, by epoch."""
+    found = []
+    for path in Path(checkpoint_dir).glob("epoch_*.pt"):
+        match = NUMBERED.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def prune_checkpoints(checkpoint_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` most recent `epoch_N.pt` (keep 0: delete none); returns the deleted paths."""
+    if keep <= 0:
+        return []
+    deleted = [path for _, path in numbered_checkpoints(checkpoint_dir)[:-keep]]
+    for path in deleted:
+        path.unlink(missing_ok=True)
+    return deleted

@@ -27,6 +27,8 @@ COMMANDS = {
     "eval": "protorkd.commands.eval",
     "watch": "protorkd.commands.watch",
     "elevater": "protorkd.commands.elevater",
+    "export": "protorkd.commands.export",
+    "embed": "protorkd.commands.embed",
     "gather-cc": "protorkd.commands.gather_cc",
 }
 

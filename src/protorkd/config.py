@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from protorkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from protorkd.errors import UsageError
 from protorkd.losses.options import LossOptions
 from protorkd.models.options import ModelOptions
-from protorkd.options import Rule, flag, violation
+from protorkd.options import Rule, base_type, flag, violation
 
 REPORT_TARGET_NAMES = ("tensorboard", "wandb", "all")
 REPORT_TARGETS = Rule(
@@ -270,6 +269,13 @@ class LogConfig:
     save_frequency: int = flag(
         1, "write checkpoints/epoch_N.pt every N epochs (and at the last)", minimum=1, resumable=True
     )
+    keep_checkpoints: int = flag(
+        0,
+        "keep only the N most recent checkpoints/epoch_N.pt (0 = keep all, as ProtoCLIP; `watch` cannot "
+        "evaluate an epoch deleted before it got to it)",
+        minimum=0,
+        resumable=True,
+    )
     report_to: str = flag(
         "tensorboard", "comma-separated: tensorboard, wandb, all, or '' for none", rule=REPORT_TARGETS, resumable=True
     )
@@ -324,28 +330,8 @@ def _field_types(group_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(group_cls)
 
 
-def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(the scalar type, whether None is allowed) of an annotation like `int | None`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
-
-
 def flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
-def _parse_value(text: str, annotation: Any) -> Any:
-    scalar, optional = _base_type(annotation)
-    if optional and text == "None":
-        return None
-    if scalar is bool:
-        if text not in ("True", "False"):
-            raise ValueError(f"expected True or False, got {text!r}")
-        return text == "True"
-    return scalar(text)
 
 
 def _add_fields(
@@ -364,7 +350,7 @@ def _add_fields(
     arg_group = parser.add_argument_group(title) if listed else parser.add_argument_group()
     hints = _field_types(group_cls)
     for f in fields:
-        scalar, optional = _base_type(hints[f.name])
+        scalar, optional = base_type(hints[f.name])
         rule = f.metadata.get("rule")
         text = f.metadata.get("help", "")
         allowed = [rule.describe] if rule is not None else []

@@ -148,12 +148,6 @@ def atomic_write(path: Path, data: str | bytes, encoding: str = "utf-8") -> None
             handle.write(data)
 
 
-def copy_file(source: Path, path: Path) -> None:
-    """Copy `source` to `path` atomically (the copy appears complete or not at all)."""
-    with atomic_path(Path(path)) as tmp:
-        shutil.copyfile(source, tmp)
-
-
 def append_line(path: Path, line: str) -> None:
     """Append one line (a newline is added) and fsync: a later crash can only tear a line written after it.
 

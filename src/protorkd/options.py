@@ -9,10 +9,17 @@ finite (`violation`), and a flag whose value sets how much memory a run takes ha
 
 from __future__ import annotations
 
+import ast
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# params.txt: the user's flags as `name: value` lines, then this line and the facts the run derived
+RESOLVED_HEADER = "# resolved by protorkd (facts of the run, not flags)"
 
 
 @dataclass(frozen=True)
@@ -83,3 +90,43 @@ def violation(metadata: Any, value: Any) -> str | None:
     if rule is not None and not rule.ok(value):
         return f"must be {rule.describe}"
     return None
+
+
+def base_type(annotation: Any) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of an annotation like `int | None`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def parse_value(text: str, annotation: Any) -> Any:
+    """A flag value as params.txt writes it (strings with repr(), so tabs and newlines survive) -> its value."""
+    scalar, optional = base_type(annotation)
+    if optional and text == "None":
+        return None
+    if scalar is str:
+        return ast.literal_eval(text)
+    if scalar is bool:
+        if text not in ("True", "False"):
+            raise ValueError(f"expected True or False, got {text!r}")
+        return text == "True"
+    return scalar(text)
+
+
+def read_flag_values(path: Path, hints: dict[str, Any]) -> dict[str, Any]:
+    """The values of the flags named in `hints` ({field name: annotation}) among params.txt's `name: value`
+    lines; the resolved section and other names are skipped. A malformed line is a ValueError naming it."""
+    values: dict[str, Any] = {}
+    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line == RESOLVED_HEADER:
+            break
+        if not line.strip():
+            continue
+        name, sep, text = line.partition(": ")
+        if not sep:
+            raise ValueError(f"{path}:{line_number}: expected 'name: value', got {line!r}")
+        if name in hints:
+            values[name] = parse_value(text, hints[name])
+    return values

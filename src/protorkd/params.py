@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from protorkd.config import GROUPS, Config, _base_type, _field_types, _fields, _parse_value, flag_name
+from protorkd.config import GROUPS, Config, _field_types, _fields, flag_name
 from protorkd.io import atomic_write
+from protorkd.options import RESOLVED_HEADER, read_flag_values
 
 
 def resumable_flags() -> set[str]:
@@ -37,9 +38,6 @@ def describe_differences(differences: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{flag_name(fields[name])} {old!r} -> {new!r}" for name, (old, new) in differences.items())
 
 
-RESOLVED_HEADER = "# resolved by protorkd (facts of the run, not flags)"
-
-
 def write_params(config: Config, path: Path, resolved: dict[str, Any] | None = None) -> None:
     """params.txt: one `name: value` line per flag as the user gave it, sorted by name (the original's format),
     then, after a `# resolved ...` line, the facts the run derived (experiment name, world size, version...).
@@ -59,27 +57,28 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def train_command(config: Config) -> str:
+    """`protorkd train` with every flag of `config` that differs from its default: the command that trains
+    exactly this run (params.txt holds the same flags, all of them)."""
+    import shlex
+
+    parts = ["protorkd", "train"]
+    fields = _fields()
+    for name, value in config.to_flat_dict().items():
+        f = fields[name]
+        if value == f.default:
+            continue
+        flag = flag_name(f)
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + flag.removeprefix("--"))
+        else:
+            parts += [flag, shlex.quote(str(value))]
+    return " ".join(parts)
+
+
 def read_params(path: Path) -> Config:
     """Read params.txt back into the same Config (the resolved section and unknown names are ignored)."""
     hints: dict[str, Any] = {}
     for group_cls in GROUPS.values():
         hints.update(_field_types(group_cls))
-    values: dict[str, Any] = {}
-    for line_number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if line == RESOLVED_HEADER:
-            break
-        if not line.strip():
-            continue
-        name, sep, text = line.partition(": ")
-        if not sep:
-            raise ValueError(f"{path}:{line_number}: expected 'name: value', got {line!r}")
-        if name not in hints:
-            continue
-        scalar, _ = _base_type(hints[name])
-        if scalar is str and text != "None":
-            import ast
-
-            values[name] = ast.literal_eval(text)
-        else:
-            values[name] = _parse_value(text, hints[name])
-    return Config.from_flat_dict(values)
+    return Config.from_flat_dict(read_flag_values(path, hints))

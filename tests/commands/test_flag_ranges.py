@@ -9,8 +9,9 @@ import math
 import pytest
 
 from protorkd.cli import main
-from protorkd.config import GROUPS, Config, _base_type, _field_types, validate_config
+from protorkd.config import GROUPS, Config, _field_types, validate_config
 from protorkd.errors import UsageError
+from protorkd.options import base_type as _base_type
 
 
 @pytest.mark.parametrize(

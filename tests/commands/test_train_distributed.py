@@ -47,7 +47,7 @@ def test_two_process_gloo_run_exits_0_with_identical_weights(tiny_corpus, tmp_pa
     assert "model parameters identical on all 2 ranks" in log_text
     params = (tmp_path / "ddp" / "params.txt").read_text()
     assert "world_size: 2" in params
-    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert checkpoint["epoch"] == 2
     # 96 rows / (8 per process x 2 processes) = 6 steps per epoch
     assert checkpoint["optimizer"]["state"][0]["step"] == 12

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from protorkd import failpoints
 from protorkd.cli import main
 from protorkd.losses import LOSSES
 from protorkd.models.build import build_dual_encoder
@@ -79,7 +80,7 @@ def test_every_loss_trains_from_the_cli(name, tiny_corpus, tmp_path, tiny_clip_c
     )
     line = last_step_line(out_log(tmp_path, "run"))
     assert "step 6/6" in line and " loss " in line and "nan" not in line
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert checkpoint["optimizer"]["state"][0]["step"] == 6
 
 
@@ -169,11 +170,17 @@ def test_protoclip_logs_clustering_and_resume_restores_the_clusters(tiny_corpus,
     assert "epoch 1 clustering of 96 samples (extraction pass over this episode), k 8" in log_text
     for stat in ("image/kmeans_error", "text/empty_clusters", "image_text_ari", "image_text_ami", "seconds_kmeans"):
         assert f" {stat} " in log_text
-    first = tmp_path / "full" / "checkpoints" / "epoch_1.pt"
-    assert main(train_args(tiny_corpus, tmp_path, "resumed", *common, "--resume", str(first))) == 0
-    assert "clustering of" not in out_log(tmp_path, "resumed")
-    full = torch.load(tmp_path / "full/checkpoints/epoch_2.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed/checkpoints/epoch_2.pt", weights_only=True)
+    failpoints.arm("checkpoint-saved=1:raise")  # the run stops after epoch 1's checkpoints
+    try:
+        with pytest.raises(RuntimeError, match="failpoint checkpoint-saved"):
+            main(train_args(tiny_corpus, tmp_path, "resumed", *common))
+    finally:
+        failpoints.arm("")
+    log_before = out_log(tmp_path, "resumed")
+    assert main(train_args(tiny_corpus, tmp_path, "resumed", *common, "--resume", "latest")) == 0
+    assert "clustering of" not in out_log(tmp_path, "resumed").removeprefix(log_before)
+    full = torch.load(tmp_path / "full/checkpoints/epoch_latest.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/checkpoints/epoch_latest.pt", weights_only=True)
     assert full["loss_state"]["text_labels"].numel() == 96
     for key, value in full["loss_state"].items():
         assert torch.equal(value, resumed["loss_state"][key]), key
@@ -190,7 +197,7 @@ def test_protoclip_labels_every_sample_of_each_episode_by_its_position(tiny_corp
     for epoch in (1, 2):
         assert f"epoch {epoch} clustering of 64 samples (extraction pass over this episode)" in log_text
         assert f"epoch {epoch}: 100.0 % of the 64 samples trained on had a prototype label" in log_text
-    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_2.pt", weights_only=True)["loss_state"]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "epoch_latest.pt", weights_only=True)["loss_state"]
     assert bool(state["keyed_by_position"]) and state["text_labels"].numel() == 64
     assert int(state["text_labels"].min()) >= 0 and int(state["image_labels"].min()) >= 0
     assert " proto_loss 0 " not in last_step_line(log_text)

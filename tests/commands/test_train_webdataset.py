@@ -48,7 +48,7 @@ def test_training_from_webdataset_shards(tiny_corpus, tmp_path):
     log_text = (tmp_path / "wds" / "out.log").read_text()
     assert "webdataset shards, 96 samples per epoch" in log_text
     assert "skipped shard 00000.tar key 000000005: unreadable image" in log_text
-    checkpoint = torch.load(tmp_path / "wds" / "checkpoints" / "epoch_2.pt", weights_only=True)
+    checkpoint = torch.load(tmp_path / "wds" / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert checkpoint["optimizer"]["state"][0]["step"] == 12  # 96 samples / 16 per batch x 2 epochs
     assert "zeroshot/shapes/top1" in (tmp_path / "wds" / "results.jsonl").read_text()
 

@@ -223,7 +223,7 @@ def test_loading_a_trained_checkpoint_does_not_say_initialized_randomly(caplog):
     import logging
     from pathlib import Path
 
-    from protorkd.eval.loading import model_from_checkpoint
+    from protorkd.loading import model_from_checkpoint
     from protorkd.models.build import build_dual_encoder
     from protorkd.models.options import ModelOptions
 

@@ -1,31 +1,30 @@
-"""What `protorkd eval`, `elevater` and `watch` share: their common flags, checkpoint loading, the data root.
+"""What `protorkd eval`, `elevater`, `watch`, `embed` and `export` share: their common flags, the training
+run behind a checkpoint, the data root.
 
-App code: it reads a checkpoint's experiment params.txt (`protorkd.config`) to cross-check the model
-flags stored in the checkpoint, and asks `config.default_eval_root` for a run's default data root. The
-model itself is rebuilt by the library (`protorkd.eval.loading`).
+App code: a checkpoint's model is loaded by the library (`protorkd.loading`); this module turns the flags
+the checkpoint stores (or its experiment's params.txt) into the app's `Config`, and asks
+`config.default_eval_root` for a run's default data root.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from protorkd.checkpoint import load_checkpoint
 from protorkd.commands.flag_types import integer
 from protorkd.config import Config, default_eval_root
 from protorkd.distributed import resolve_device
 from protorkd.errors import UsageError
-from protorkd.eval.loading import model_from_checkpoint, model_options_from_flat, option_differences, require_weights
 from protorkd.eval.records import LINEAR_FEATURES
 from protorkd.eval.suite import TASK_NAMES
-from protorkd.models.dual_encoder import DualEncoder
-from protorkd.models.options import ModelOptions
 from protorkd.params import read_params
+
+if TYPE_CHECKING:
+    from protorkd.loading import LoadedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -109,75 +108,17 @@ def device_from(args: argparse.Namespace) -> torch.device:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 
-@dataclass
-class LoadedCheckpoint:
-    model: DualEncoder
-    model_options: ModelOptions
-    epoch: int | None
-    name: str
-    experiment_dir: Path | None  # set when the checkpoint sits in `<experiment>/checkpoints/`
-    config_source: str
-    train_config: dict[str, Any]  # every flag of the training run (stored config, else params.txt)
-
-    def training_run(self) -> Config | None:
-        """The training run's config (None when neither the checkpoint nor params.txt holds one)."""
-        return Config.from_flat_dict(self.train_config, strict=False) if self.train_config else None
-
-
-def experiment_of(checkpoint_path: Path) -> Path | None:
-    """`<experiment>` for `<experiment>/checkpoints/epoch_N.pt` when that folder holds a params.txt."""
-    folder = Path(checkpoint_path).resolve().parent
-    if folder.name == "checkpoints" and (folder.parent / "params.txt").is_file():
-        return folder.parent
-    return None
-
-
-def load_model_from_checkpoint(path: Path) -> LoadedCheckpoint:
-    """The checkpoint's model with its weights, in eval mode on the CPU.
-
-    The model flags come from the config stored in the checkpoint, else from its experiment's params.txt;
-    when both exist they must agree (a checkpoint beside the wrong params.txt is refused, naming both).
-    """
-    path = Path(path)
-    checkpoint = load_checkpoint(path)
-    require_weights(checkpoint, path)
-    experiment = experiment_of(path)
-    params_path = experiment / "params.txt" if experiment else None
-    stored = None
-    if isinstance(checkpoint.get("config"), dict):
+def training_run(loaded: LoadedCheckpoint) -> Config | None:
+    """The training run's config: the one stored in the checkpoint, else its experiment's params.txt (None
+    when neither exists)."""
+    if loaded.train_config:
+        return Config.from_flat_dict(loaded.train_config, strict=False)
+    if loaded.experiment_dir is not None:
         try:
-            stored = model_options_from_flat(checkpoint["config"])
-        except (TypeError, ValueError) as error:
-            raise UsageError(f"{path}: cannot read its stored config ({error})") from error
-    from_params, params_values = None, {}
-    if params_path is not None:
-        try:
-            params_config = read_params(params_path)
-            from_params, params_values = params_config.model, params_config.to_flat_dict()
+            return read_params(loaded.experiment_dir / "params.txt")
         except (ValueError, SyntaxError) as error:
-            raise UsageError(f"cannot read {params_path}: {error}") from error
-    if stored is None and from_params is None:
-        raise UsageError(
-            f"{path} stores no config and has no experiment params.txt beside it "
-            "(expected <experiment>/checkpoints/<file>.pt); pass the tower flags instead"
-        )
-    if stored is not None and from_params is not None and option_differences(stored, from_params):
-        raise UsageError(
-            f"checkpoint {path} does not match {params_path}: " + "; ".join(option_differences(stored, from_params))
-        )
-    options = stored or from_params
-    source = f"{path} (stored config)" if stored is not None else str(params_path)
-    model = model_from_checkpoint(checkpoint, options, path=path, source=source)
-    epoch = checkpoint.get("epoch")
-    return LoadedCheckpoint(
-        model,
-        options,
-        int(epoch) if epoch is not None else None,
-        str(checkpoint.get("name") or (experiment.name if experiment else path.stem)),
-        experiment,
-        source,
-        dict(checkpoint.get("config") or params_values),
-    )
+            raise UsageError(f"cannot read {loaded.experiment_dir / 'params.txt'}: {error}") from error
+    return None
 
 
 def eval_root(explicit: Path | None, training_run: Config | None) -> Path:

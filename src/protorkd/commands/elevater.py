@@ -210,8 +210,10 @@ def run(args: argparse.Namespace) -> int:
     selected = _select(args, definitions)
     metadata = load_zeroshot_metadata(args.zeroshot_metadata) if args.zeroshot_metadata else None
 
+    from protorkd.loading import load_model_from_checkpoint
+
     device = common.device_from(args)
-    loaded = common.load_model_from_checkpoint(args.checkpoint)
+    loaded = load_model_from_checkpoint(args.checkpoint)
     model = loaded.model.to(device)
     transform = eval_transform(model.image_preprocess)
 

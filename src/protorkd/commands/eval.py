@@ -106,12 +106,14 @@ class _Model:
 
 def _load_model(args: argparse.Namespace, tower_flags: dict) -> _Model:
     if args.checkpoint is not None:
+        from protorkd.loading import load_model_from_checkpoint
+
         if tower_flags:
             raise UsageError(
                 "--checkpoint rebuilds the model from its own config; drop the tower flags "
                 f"({', '.join('--' + k.replace('_', '-') for k in sorted(tower_flags))})"
             )
-        loaded = common.load_model_from_checkpoint(args.checkpoint)
+        loaded = load_model_from_checkpoint(args.checkpoint)
         log.info("model from %s (epoch %s, config: %s)", args.checkpoint, loaded.epoch, loaded.config_source)
         return _Model(
             loaded.model,
@@ -119,7 +121,7 @@ def _load_model(args: argparse.Namespace, tower_flags: dict) -> _Model:
             str(args.checkpoint),
             loaded.epoch,
             loaded.experiment_dir,
-            loaded.training_run(),
+            common.training_run(loaded),
         )
     from protorkd.models.build import build_dual_encoder
 

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.errors import UsageError
     from protorkd.eval.monitor import ALL_CSV, evaluate_single, watch
     from protorkd.eval.suite import EvalOptions, run_suite
+    from protorkd.loading import load_model_from_checkpoint
     from protorkd.params import read_params
     from protorkd.train.logs import without_float_noise
 
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     def evaluate(path: Path) -> dict[str, float]:
-        loaded = common.load_model_from_checkpoint(path)
+        loaded = load_model_from_checkpoint(path)
         return without_float_noise(run_suite(loaded.model.to(device), root, tasks=tasks, options=options).metrics)
 
     if args.epoch is not None:

@@ -17,6 +17,7 @@ each sample (65535 -> 255, 32768 -> 128). Every other mode goes through Pillow's
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import warnings
@@ -97,7 +98,9 @@ def open_regular_file(path: str | os.PathLike) -> BinaryIO:
             kind = next((name for test, name in _FILE_TYPES.items() if test(mode)), "not a regular file")
             raise NotARegularFile(f"not a regular file ({kind})")
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
+        raw = io.FileIO(fd, "rb", closefd=True)
+        raw.name = os.fspath(path)  # errors name the file, not a descriptor number that differs from call to call
+        return io.BufferedReader(raw)
     except BaseException:
         os.close(fd)
         raise

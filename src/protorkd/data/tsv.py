@@ -74,6 +74,7 @@ def read_corpus_table(
     max_bad_fraction: float | None = None,
     quoting: str = "none",
     max_caption_bytes: int = DEFAULT_MAX_CAPTION_BYTES,
+    flag: str = "--train-data",
 ) -> CorpusTable:
     """The first `dataset_size` rows of a tab-separated corpus file, read without any quoting by default.
 
@@ -84,13 +85,14 @@ def read_corpus_table(
     whose field count differs from the header's, or that is not UTF-8, is kept as a bad row with its reason,
     so row numbers (and the teacher cache keyed by them) stay those of the file; blank lines are skipped.
     With `max_bad_fraction`, more bad rows than that fraction of all rows is a UsageError naming the first.
-    A caption longer than `max_caption_bytes` is cut to that many bytes (counted in the log).
+    A caption longer than `max_caption_bytes` is cut to that many bytes (counted in the log). `flag` names the
+    flag that gave the file, in the error for a missing one.
     """
     path = Path(path)
     if not path.exists():
-        raise UsageError(f"--train-data {path}: no such file (expected a {separator!r}-separated CSV)")
+        raise UsageError(f"{flag} {path}: no such file (expected a {separator!r}-separated CSV)")
     if not path.is_file():
-        raise UsageError(f"--train-data {path}: not a regular file (a FIFO or a device is never waited on)")
+        raise UsageError(f"{flag} {path}: not a regular file (a FIFO or a device is never waited on)")
     table = CorpusTable([], [], [])
     quoted: list[int] = []
     cut: list[int] = []
@@ -222,7 +224,8 @@ class CsvCorpus(Dataset):
     def describe(self, index: int) -> str:
         """Where a row comes from, as a user can find it: file, row and line number."""
         line = self.lines[index] if self.lines is not None else index + 2
-        return f"{self.source} row {index + 1} (line {line}): {self.images[index]}"
+        where = f"{self.source} row {index + 1} (line {line})"
+        return f"{where}: {self.images[index]}" if self.images[index] else where  # texts only: no image
 
     def __getitem__(self, key: int | tuple[int, int, int]) -> dict:
         """`key` is a row, or (epoch, position, row) from EpisodeSampler: then the augmentation is seeded by
@@ -320,10 +323,12 @@ class BadSampleCounter:
                 f"{self.max_fraction}); first: {first}. Fix or remove these rows, or raise --max-bad-fraction"
             )
 
-    def report(self, epoch: int) -> None:
+    def report(self, epoch: int | str) -> None:
+        """WARNINGs naming the skipped samples (the first 20) of `epoch` (a number, or what else was read)."""
         if not self.bad:
             return
-        log.warning("epoch %d: skipped %d unreadable samples of %d", epoch, len(self.bad), self.seen)
+        where = f"epoch {epoch}" if isinstance(epoch, int) else epoch
+        log.warning("%s: skipped %d unreadable samples of %d", where, len(self.bad), self.seen)
         for index, reason in self.bad[:20]:
             log.warning("  skipped %s: %s", self.describe(index), reason)
         if len(self.bad) > 20:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import UnreadableImage
 from protorkd.io import atomic_path, atomic_write
+from protorkd.models.locked import update_digest
 from protorkd.precision import Precision
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,7 @@ def weights_fingerprint(*modules: nn.Module | None) -> str:
         if module is None:
             digest.update(f"<none {index}>".encode())
             continue
-        for name, tensor in module.state_dict().items():
-            if not isinstance(tensor, torch.Tensor):
-                continue
-            digest.update(f"{index}.{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            data = tensor.detach().to("cpu").contiguous()
-            if data.dtype == torch.bfloat16:
-                data = data.view(torch.int16)
-            digest.update(data.numpy().tobytes())
+        update_digest(digest, module.state_dict(), prefix=f"{index}.")
     return digest.hexdigest()
 
 

@@ -41,6 +41,22 @@ PERCENT_METRICS = {
     "image_text_cluster_ami",
 }
 LINEAR_FEATURES = ("joint", "backbone")  # what the linear probe reads (--linear-features)
+# the protocol behind each task's flat keys, in words (docs/evaluation.md has each in full)
+PROTOCOLS = {
+    "zeroshot": "zero-shot classification: CLIP's prompt ensemble, logits 100 x cosine (CLIP_benchmark "
+    "zeroshot_classification)",
+    "linear_joint": "linear probe on normalised joint features: CLIP paper A.3 L2 search, as CLIP_benchmark "
+    "linear_probe",
+    "linear_backbone": "linear probe on the image tower's features (ProtoCLIP's probe), CLIP paper A.3 L2 search",
+    "retrieval": "zero-shot retrieval, every caption of each image (CLIP_benchmark zeroshot_retrieval)",
+    "sts": "STS: Spearman x 100 of cosine similarities (SimCSE's SentEval protocol)",
+    "analysis": "feature analysis (ProtoCLIP's): modality gap, feature spread, image/text cluster agreement",
+}
+
+
+def protocol(key: str) -> str:
+    """The protocol of a flat metric key `task/dataset/metric`, in words."""
+    return PROTOCOLS.get(key.split("/", 1)[0], "see docs/evaluation.md")
 
 
 def metric_key(task: str, dataset: str, metric: str) -> str:

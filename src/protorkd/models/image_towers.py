@@ -13,14 +13,22 @@ import torch
 import torch.nn as nn
 
 from protorkd.errors import UsageError
-from protorkd.models.open_clip_models import load_open_clip_model
-from protorkd.models.tiny import CUSTOM_IMAGE_ARCHS
+from protorkd.models.open_clip_models import load_open_clip_model, open_clip_config
+from protorkd.models.tiny import CUSTOM_IMAGE_ARCHS, TIMM_FORMS
 from protorkd.registry import Registry
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TimmForm:
+    """How timm builds a backbone: a registered architecture and the arguments it was created with."""
+
+    architecture: str
+    model_args: dict
 
 
 @dataclass(frozen=True)
@@ -32,12 +40,20 @@ class Preprocess:
 
 
 class ImageTower(nn.Module):
-    def __init__(self, backbone: nn.Module, output_dim: int, preprocess: Preprocess, name: str) -> None:
+    def __init__(
+        self,
+        backbone: nn.Module,
+        output_dim: int,
+        preprocess: Preprocess,
+        name: str,
+        timm_form: TimmForm | None = None,
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.output_dim = output_dim
         self.preprocess = preprocess
         self.name = name
+        self.timm_form = timm_form  # set when the backbone is a timm model (what `protorkd export` writes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.backbone(images)
@@ -66,7 +82,18 @@ def build_open_clip_image(name: str, tag: str, image_size: int | None) -> ImageT
         tuple(cfg.get("std", OPENAI_STD)),
         cfg.get("interpolation", "bicubic"),
     )
-    return ImageTower(visual, visual.output_dim, preprocess, f"open_clip:{name}")
+    return ImageTower(visual, _output_dim(visual, name), preprocess, f"open_clip:{name}")
+
+
+def _output_dim(visual: nn.Module, name: str) -> int:
+    """An open_clip visual's output width: its `output_dim`, else (open_clip's timm towers have none) the
+    model's joint width from its config."""
+    if getattr(visual, "output_dim", None):
+        return int(visual.output_dim)
+    config = open_clip_config(name)
+    if config is None:
+        raise UsageError(f"cannot tell the output width of the open_clip image tower {name}")
+    return int(config["embed_dim"])
 
 
 @IMAGE_BUILDERS.register("timm")
@@ -91,7 +118,8 @@ def build_timm_image(name: str, tag: str, image_size: int | None) -> ImageTower:
     preprocess = Preprocess(
         image_size or config["input_size"][-1], tuple(config["mean"]), tuple(config["std"]), config["interpolation"]
     )
-    return ImageTower(model, model.num_features, preprocess, f"timm:{name}")
+    form = TimmForm(name, {k: v for k, v in kwargs.items() if k == "img_size"})
+    return ImageTower(model, model.num_features, preprocess, f"timm:{name}", form)
 
 
 @IMAGE_BUILDERS.register("torchvision")
@@ -137,7 +165,8 @@ def build_custom_image(name: str, tag: str, image_size: int | None) -> ImageTowe
     if tag:
         model.load_state_dict(torch.load(tag, map_location="cpu", weights_only=True))
     preprocess = Preprocess(image_size or default_size, OPENAI_MEAN, OPENAI_STD, "bilinear")
-    return ImageTower(model, model.output_dim, preprocess, f"custom:{name}")
+    form = TimmForm(*TIMM_FORMS[name]) if name in TIMM_FORMS else None
+    return ImageTower(model, model.output_dim, preprocess, f"custom:{name}", form)
 
 
 def build_image_tower(builder: str, name: str, tag: str = "", image_size: int | None = None) -> ImageTower:

@@ -3,7 +3,7 @@
 `tiny-cnn` (~1.2M parameters): a 4x4 stride-4 patchify stem followed by depthwise-separable blocks,
 which trains to high zero-shot accuracy on the demo corpus in a couple of CPU minutes.
 `resnet9-tiny` (~0.9M parameters): Page's ResNet-9 at 3/8 width for 32 px photos (the CIFAR-10 proxy).
-`tiny-vit`: a small ViT built from timm's VisionTransformer, for code paths that need a transformer.
+`tiny-vit`: timm's ViT-Tiny shrunk (`TINY_VIT_ARGS`), for code paths that need a transformer.
 `tiny-text`: a hashed word-embedding text tower (no download, no tokenizer files) for fast tests.
 """
 
@@ -112,13 +112,17 @@ def resnet9_tiny() -> tuple[nn.Module, int]:
     return ResNet9(), 32
 
 
+# tiny-vit is timm's ViT-Tiny with these arguments: `protorkd export` names it so (open_clip's timm tower)
+TINY_VIT_ARCHITECTURE = "vit_tiny_patch16_224"
+TINY_VIT_ARGS = {"img_size": 64, "patch_size": 8, "embed_dim": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0}
+TIMM_FORMS = {"tiny-vit": (TINY_VIT_ARCHITECTURE, TINY_VIT_ARGS)}  # custom architectures that are timm models
+
+
 @CUSTOM_IMAGE_ARCHS.register("tiny-vit")
 def tiny_vit() -> tuple[nn.Module, int]:
-    from timm.models.vision_transformer import VisionTransformer
+    import timm
 
-    model = VisionTransformer(
-        img_size=64, patch_size=8, embed_dim=128, depth=4, num_heads=4, mlp_ratio=2.0, num_classes=0
-    )
+    model = timm.create_model(TINY_VIT_ARCHITECTURE, pretrained=False, num_classes=0, **TINY_VIT_ARGS)
     model.output_dim = 128
     return model, 64
 

@@ -9,7 +9,6 @@ student. A CLIP teacher is two definitions (its image and its text tower) of the
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,9 +16,8 @@ import torch
 import torch.nn as nn
 
 from protorkd.models.image_towers import ImageTower, build_image_tower
+from protorkd.models.locked import named_weights
 from protorkd.models.text_towers import TextTower, build_text_tower
-
-NAMED_WEIGHT_BUILDERS = ("sbert", "huggingface")  # the model name identifies the weights
 
 
 @dataclass(frozen=True)
@@ -59,30 +57,6 @@ class TeacherDef:
     @property
     def needs_tower_for_spec(self) -> bool:
         return named_weights(self.builder, self.model, self.tag) is None
-
-
-def named_weights(builder: str, model: str, tag: str) -> str | None:
-    """A name for pretrained weights (file digest, tag or hub id), None for randomly initialised ones."""
-    if tag and os.path.isfile(tag):
-        return "file:" + file_digest(tag)
-    if tag:
-        return "tag:" + tag
-    if builder in NAMED_WEIGHT_BUILDERS:
-        return "hub:" + model
-    return None
-
-
-def file_digest(path: str, block: int = 4 << 20) -> str:
-    """sha256 of a file's size, first and last 4 MiB: cheap even for multi-GB checkpoints."""
-    digest = hashlib.sha256()
-    size = os.path.getsize(path)
-    digest.update(str(size).encode())
-    with open(path, "rb") as handle:
-        digest.update(handle.read(block))
-        if size > block:
-            handle.seek(max(block, size - block))
-            digest.update(handle.read(block))
-    return digest.hexdigest()[:16]
 
 
 def weights_fingerprint(module: nn.Module) -> str:

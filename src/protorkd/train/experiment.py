@@ -8,7 +8,8 @@
   an epoch, from scratch in the same folder (its teacher cache, possibly half filled, is kept and resumed);
   an experiment that does not exist yet is started (as open_clip does), so one command serves the first
   launch and every requeue of a preemptible job.
-* `--resume PATH` starts from any checkpoint (into a new `--name`, or the same one).
+* `--resume PATH` starts from any training checkpoint, an `epoch_latest.pt` (into a new `--name`, or the same
+  one); an `epoch_N.pt` holds weights only and is refused in one line.
 
 Before anything is written, `prepare_experiment` checks the command against the folder: its params.txt and
 the checkpoint's config must agree on every flag a resume may not change (anything that changes the model,
@@ -42,15 +43,17 @@ import torch
 from protorkd import distributed
 from protorkd.checkpoint import (
     LATEST,
+    is_weights_only,
     load_checkpoint,
+    load_model_state,
     resolve_resume,
     restore_numbered_checkpoint,
-    strip_module_prefix,
 )
 from protorkd.config import Config
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
 from protorkd.io import atomic_folder, atomic_write, remove_temporaries
+from protorkd.models.options import ModelOptions
 from protorkd.params import describe_differences, flag_differences, read_params, resumable_flags, write_params
 
 log = logging.getLogger(__name__)
@@ -254,6 +257,11 @@ def _check_resume(experiment: Experiment, cfg: Config, resume_path: str | None) 
         checkpoint = load_checkpoint(path)
         if not {"epoch", "state_dict"} <= set(checkpoint):
             raise UsageError(f"--resume {path}: not a protorkd training checkpoint (it has no epoch and state_dict)")
+        if is_weights_only(checkpoint):
+            raise UsageError(
+                f"--resume {path}: it holds weights only (epoch_N.pt; the optimizer and loss state live in "
+                f"epoch_latest.pt); resume from {path.parent / LATEST}, or start a new run from these weights"
+            )
         _check_flags(checkpoint.get("config") or {}, cfg, f"checkpoint {path}")
         experiment.resume_path, experiment.checkpoint = path, checkpoint
 
@@ -293,6 +301,7 @@ def restore_state(
     experiment: Experiment,
     *,
     model: torch.nn.Module,
+    model_options: ModelOptions,
     loss: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
@@ -300,12 +309,13 @@ def restore_state(
     """Load the resume checkpoint into the run's objects; returns the epochs already done (0 without one).
 
     The flags were checked against the checkpoint, so a state that still does not fit (a checkpoint edited
-    by hand, or written by another protorkd version) is a one-line UsageError, not a traceback."""
+    by hand, or written by another protorkd version), or a locked tower whose source now holds other weights,
+    is a one-line UsageError, not a traceback."""
     checkpoint = experiment.checkpoint
     if checkpoint is None:
         return 0
     try:
-        model.load_state_dict(strip_module_prefix(checkpoint["state_dict"]))
+        load_model_state(model, checkpoint, model_options, where=f"--resume {experiment.resume_path}")
         loss.load_state_dict(checkpoint.get("loss_state", {}))
         optimizer.load_state_dict(checkpoint["optimizer"])
         if scaler is not None and "scaler" in checkpoint:

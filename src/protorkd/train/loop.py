@@ -14,7 +14,13 @@ import torch
 from tqdm import tqdm
 
 from protorkd import distributed
-from protorkd.checkpoint import save_checkpoint
+from protorkd.checkpoint import (
+    learned_logit_scale,
+    prune_checkpoints,
+    save_checkpoint,
+    training_payload,
+    weights_payload,
+)
 from protorkd.config import Config
 from protorkd.data.tsv import BadSampleCounter
 from protorkd.eval.suite import EvalOptions, run_suite
@@ -224,23 +230,23 @@ def _optimizer_step(run: Run, epoch: int, step: int) -> torch.Tensor:
 
 
 def _save_checkpoints(run: Run, completed: int) -> None:
-    payload = {
-        "epoch": completed,
-        "name": run.paths.root.name,
-        "state_dict": run.task.model.state_dict(),
-        "loss_state": run.task.loss.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "config": run.cfg.to_flat_dict(),
-    }
-    if run.scaler is not None:
-        payload["scaler"] = run.scaler.state_dict()
+    weights = weights_payload(
+        run.task.model,
+        run.cfg.model,
+        epoch=completed,
+        name=run.paths.root.name,
+        config=run.cfg.to_flat_dict(),
+        logit_scale=learned_logit_scale(run.task.loss),
+    )
+    payload = training_payload(weights, loss=run.task.loss, optimizer=run.optimizer, scaler=run.scaler)
     # latest first: a run killed between the two writes still resumes with `--resume latest`. Ctrl-C or SIGTERM
     # during the writes stops the run right after them (a signal would otherwise cut a write short, or be lost).
     with signals_held():
         save_checkpoint(run.paths.checkpoints / "epoch_latest.pt", payload)
         failpoint("checkpoint-latest")
         if completed % run.cfg.log.save_frequency == 0 or completed == run.cfg.optim.epochs:
-            save_checkpoint(run.paths.checkpoints / f"epoch_{completed}.pt", payload)
+            save_checkpoint(run.paths.checkpoints / f"epoch_{completed}.pt", weights)
+            prune_checkpoints(run.paths.checkpoints, run.cfg.log.keep_checkpoints)
     failpoint("checkpoint-saved")
 
 

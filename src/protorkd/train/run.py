@@ -273,7 +273,9 @@ def _build_checked(cfg: Config, state: DistState, device: torch.device, checked:
         raise
     # --- optimizer, resume, wrappers
     optimizer, scaler = _optimizer(cfg, task)
-    start_epoch = restore_state(experiment, model=task.model, loss=task.loss, optimizer=optimizer, scaler=scaler)
+    start_epoch = restore_state(
+        experiment, model=task.model, model_options=cfg.model, loss=task.loss, optimizer=optimizer, scaler=scaler
+    )
     commit_resume(experiment, cfg, resolved, is_master=state.is_master)  # only now may params.txt change
     _wrap_for_training(cfg, state, task)
     writer = MetricWriter(
