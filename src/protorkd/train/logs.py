@@ -57,8 +57,9 @@ class MetricWriter:
         if self.wandb:
             self.wandb.log(values, step=step)
 
-    def results(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
-        append_line(self.results_path, json.dumps({"epoch": epoch, "step": step, **metrics}))  # fsynced
+    def results(self, metrics: dict[str, float], *, epoch: int, step: int, **fields: str) -> None:
+        """One results.jsonl line: epoch, step, `fields` (what the evaluation ran in), the metrics."""
+        append_line(self.results_path, json.dumps({"epoch": epoch, "step": step, **fields, **metrics}))  # fsynced
         self.scalars({f"eval/{key}": value for key, value in metrics.items()}, step)
 
     def close(self) -> None:
