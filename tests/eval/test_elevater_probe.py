@@ -305,3 +305,12 @@ def test_the_subsets_follow_the_toolkits_one_shot_and_patchcamelyon_rules(name, 
         return list(range(len(labels))) if k < 0 else sample_few_shot(labels, 3, k, 7)
 
     assert (search, final, merge) == (subset(search_shots), subset(final_shots), toolkit_merge)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Batches of a few images: thread-pool synchronisation would cost more than the work (both sides)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

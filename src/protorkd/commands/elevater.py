@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
                 info.update(prompts_from=source, templates=len(templates))
             else:
                 train = read_split(layout, spec, "train")
-                classnames, templates, source = _prompts(spec, test, metadata)
+                text_head = args.probe == "toolkit" and args.linear_features == "joint"  # the toolkit's init
+                classnames, templates, source = _prompts(spec, test, metadata) if text_head else ([], [], "")
                 metrics = elevater.evaluate_linear_probe(
                     model,
                     train,
@@ -289,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
                     seeds=seeds,
                     features=args.linear_features,
                     probe=args.probe,
-                    text_prompts=(classnames, templates),
+                    text_prompts=(classnames, templates) if text_head else None,
                     full_search_shots=spec.full_search_shots,
                     batch_size=args.batch_size,
                     workers=args.workers,
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
                     probe=args.probe,
                     train_images_available=len(train),
                 )
-                if args.probe == "toolkit" and args.linear_features == "joint":
+                if text_head:
                     info.update(head_initialised_by=source, templates=len(templates))
             info.update(metrics=metrics, seconds=round(time.time() - started, 2))
             atomic_write(out / f"{spec.name}.json", to_json(info))

@@ -350,11 +350,11 @@ def select(root: Path, names: list[str] | None) -> list[ClassificationSpec | Ret
     present = discover(root)
     if names is None:
         return present
-    by_name = {spec.name.lower(): spec for spec in present}
     chosen = []
     for name in names:
-        if name.lower() in by_name:
-            chosen.append(by_name[name.lower()])
+        matching = [spec for spec in present if spec.name.lower() == name.lower()]  # a folder can be both kinds
+        if matching:
+            chosen.extend(matching)
             continue
         spec = DATASETS.get(name) if name in DATASETS else None
         if spec is None:

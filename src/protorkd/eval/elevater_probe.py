@@ -34,6 +34,7 @@ optimum); a fit that does not converge is reported.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections import Counter
@@ -135,6 +136,15 @@ def metric_score(metric: str, probabilities: torch.Tensor, targets: torch.Tensor
     return 0.0 if math.isnan(value) else value
 
 
+@functools.cache
+def toolkit_epochs(rows: int, batch_size: int, epochs: int) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The batches of row numbers of each epoch of a toolkit run: `create_dataloader` makes a fresh loader per
+    run, shuffling with a generator seeded 0, so every run sees the same orders; they come from a DataLoader
+    itself, so they are the toolkit's on this torch whatever draws its sampler makes."""
+    loader = DataLoader(range(rows), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
+    return tuple(tuple(loader) for _ in range(epochs))
+
+
 @dataclass
 class HeadRun:
     """One `train_task`: the evaluation split's score after each epoch, and its softmax scores after the last."""
@@ -177,16 +187,11 @@ def train_toolkit_head(
             layer.weight.copy_(text_head.to(layer.weight))
             layer.bias.zero_()
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=MOMENTUM, weight_decay=weight_decay, nesterov=False)
-    # create_dataloader: a fresh loader per run, shuffling with a generator seeded 0; the loader itself (over
-    # row numbers) so each epoch's order is the toolkit's on this torch, whatever draws its sampler makes
-    loader = DataLoader(
-        range(len(train_x)), batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)
-    )
     y = train_y.float() if multilabel else train_y.long()
     run = HeadRun()
-    for _ in range(epochs):
+    for batches in toolkit_epochs(len(train_x), batch_size, epochs):
         norm.train()
-        for batch in loader:
+        for batch in batches:
             if len(batch) == 1:  # train_one: `if images.shape[0] == 1: continue`
                 continue
             batch = batch.to(device)
