@@ -31,7 +31,7 @@ SOLVERS = ("torch", "sklearn")
 SINGLE_THREAD_ELEMENTS = 1 << 24  # CPU feature matrices up to this size are solved on one thread
 EIGENVALUE_FLOOR = 1e-6  # the whitening floor, relative to the largest eigenvalue of the feature covariance
 CONSTANT_TOLERANCE = 4.0  # a dimension is constant when its std <= this many float eps of its magnitude
-ROW_BLOCK = 1 << 16  # rows per block when statistics are accumulated in float64
+ROW_BLOCK = 1 << 13  # rows per block when statistics are accumulated in float64 (16 MB at D = 256)
 BLOCK_ELEMENTS = 1 << 24  # rows x classes of one block of logits (64 MB in float32)
 Params = tuple[torch.Tensor, torch.Tensor]  # (weight [C, D], bias [C])
 Fit = Callable[[float, Params | None], Params]  # (l2, warm start) -> parameters
@@ -69,7 +69,7 @@ class Standardizer:
         n = train.shape[0]
         mean = sum(block.sum(dim=0) for block in _blocks(train)) / n
         variance = sum((block - mean).pow(2).sum(dim=0) for block in _blocks(train)) / n
-        magnitude = train.abs().amax(dim=0).double()
+        magnitude = torch.stack([block.abs().amax(dim=0) for block in _blocks(train)]).amax(dim=0)
         std = variance.sqrt()
         constant = std <= CONSTANT_TOLERANCE * torch.finfo(train.dtype).eps * magnitude
         return cls(mean, torch.where(constant, torch.ones_like(std), std))
