@@ -12,7 +12,8 @@
   interleaved for --rounds rounds (torch, sklearn, torch, ...), each round's seconds, test top-1 and chosen
   L2, then the speed ratio of the medians; then CLIP_benchmark's protocol on the same features (its CLI
   default, and with --linear-val-proportion 0.2), for the gap between the two protocols.
-  --save-features writes the features, --features reuses them.
+  --save-features writes the features, --features reuses them, --train-per-class N keeps N training
+  images per class.
 - sts: STS of all-MiniLM-L6-v2 against its published MTEB scores (docs/evaluation.md).
 The model is --checkpoint, or the default demo student (untrained: tiny-cnn image tower, MiniLM text tower).
 """
@@ -212,6 +213,9 @@ def main() -> None:
         "--linear-features", choices=("joint", "backbone"), default="joint", help="features the probe reads"
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the linear probe (default 2)")
+    parser.add_argument(
+        "--train-per-class", type=int, help="linear probe: only the first N training images of each class"
+    )
     args = parser.parse_args()
     if args.threads:
         from threadpoolctl import threadpool_limits
@@ -243,6 +247,10 @@ def main() -> None:
             features = linear_features(model, args.shared_data, device, args.batch_size, args.workers, joint)
         if args.save_features:
             torch.save(features, args.save_features)
+        if args.train_per_class:
+            labels = features["train_y"]
+            keep = torch.cat([torch.nonzero(labels == c)[: args.train_per_class, 0] for c in labels.unique()])
+            features = {**features, "train_x": features["train_x"][keep], "train_y": labels[keep]}
         report(bench_linear(features, device, args.rounds))
     if "sts" in parts:
         report(bench_sts(args.shared_data, device, args.batch_size))

@@ -389,6 +389,8 @@ def validate_config(cfg: Config) -> None:
 
         if importlib.util.find_spec("wandb") is None:
             raise UsageError("--report-to wandb needs `pip install wandb` (or protorkd[wandb])")
+    if cfg.eval.zeroshot_metadata and not Path(cfg.eval.zeroshot_metadata).is_file():
+        raise UsageError(f"--zeroshot-metadata {cfg.eval.zeroshot_metadata}: no such file")
 
 
 def default_eval_root(cfg: Config) -> Path | None:

@@ -79,8 +79,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--per-class",
         action="store_true",
-        help="with --output: also write each classification result's per-class recall as "
-        "DIR/<result file name>.per_class.csv",
+        help="with --output: also write each classification result's per-class recall beside its result "
+        "file, as DIR/<its name, .per_class.csv for .json>",
     )
     group.add_argument(
         "--cache-dir",

@@ -136,7 +136,8 @@ def clip_benchmark_linear_probe(
     device: torch.device | str = "cpu",
 ):
     """CLIP_benchmark's linear probe (module docstring): a `linear_probe.ProbeResult` whose metrics are
-    `ranking.accuracy_metrics` of the test logits and `weight_decay`, `epochs`, `seed`, `fewshot_k`."""
+    `ranking.accuracy_metrics` of the test logits and the chosen `weight_decay`, its settings `epochs`, `seed`,
+    `fewshot_k`."""
     from protorkd.eval.linear_probe import ProbeResult
 
     train_labels, test_labels = train_labels.long(), test_labels.long()
@@ -198,11 +199,5 @@ def clip_benchmark_linear_probe(
     if int(test_labels.max()) >= n_classes:  # a class seen only in test: it can never be predicted
         missing = int(test_labels.max()) + 1 - n_classes
         test_logits = torch.cat([test_logits, torch.full((len(test_logits), missing), -math.inf)], dim=1)
-    metrics = {
-        **accuracy_metrics(test_logits, test_labels),
-        "weight_decay": weight_decay,
-        "epochs": float(epochs),
-        "seed": float(seed),
-        "fewshot_k": float(fewshot_k),
-    }
-    return ProbeResult(metrics, test_logits)
+    metrics = {**accuracy_metrics(test_logits, test_labels), "weight_decay": weight_decay}
+    return ProbeResult(metrics, test_logits, {"epochs": epochs, "seed": seed, "fewshot_k": fewshot_k})

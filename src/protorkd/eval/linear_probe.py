@@ -131,10 +131,12 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.T
 
 @dataclass
 class ProbeResult:
-    """A linear probe's metrics (accuracies in %, plus what the protocol chose) and its test logits [M, C]."""
+    """A linear probe's metrics (accuracies in %, plus what the protocol chose), its test logits [M, C], and
+    the protocol's fixed settings its records carry (CLIP_benchmark's `epochs`, `seed`, `fewshot_k`)."""
 
     metrics: dict[str, float]
     test_logits: torch.Tensor
+    settings: dict[str, int] = field(default_factory=dict)
 
 
 def cv_linear_probe(
@@ -193,4 +195,5 @@ def cv_linear_probe(
             correct += topk_hits((x_val @ fold_weight.T + fold_bias).cpu(), y_val.cpu(), (1,))[1].sum().item()
         test_logits = (scaler(test_features.float().to(device)) @ weight.T + bias).cpu()
     metrics = accuracy_metrics(test_logits, test_labels)
-    return ProbeResult({**metrics, "cv_top1": 100.0 * correct / len(y_train), "l2": choice.l2}, test_logits)
+    settings = {"folds": len(splits), "seed": seed, "fewshot_k": -1}
+    return ProbeResult({**metrics, "cv_top1": 100.0 * correct / len(y_train), "l2": choice.l2}, test_logits, settings)

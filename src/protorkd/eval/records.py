@@ -49,7 +49,6 @@ PERCENT_METRICS = {
 }
 LINEAR_FEATURES = ("joint", "backbone")  # what the linear probe reads (--linear-features)
 LINEAR_PROTOCOLS = ("clip_benchmark", "cv")  # how it is trained (--linear-protocol); ELEVATER's is "elevater"
-INTEGER_METRICS = {"epochs", "seed", "fewshot_k"}  # CLIP_benchmark writes these as integers
 
 
 def linear_names(protocol: str, features: str) -> tuple[str, str, str]:
@@ -90,7 +89,7 @@ class TaskResult:
     per_class: Any = None  # intervals.ClassBreakdown
     class_names: list[str] = field(default_factory=list)
     precision: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)  # fixed fields of the file's metrics (normalized, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # the protocol's settings in the file (epochs, normalized, ...)
 
 
 @dataclass
@@ -118,7 +117,7 @@ def clip_benchmark_metrics(
     mean_per_class_recall. A linear probe (`linear_probe*`): the same names after `prefix` (`lp_acc1` for
     CLIP_benchmark's own protocol on joint features, `linear_names`). zeroshot_retrieval:
     image_retrieval_recall@K (text->image), text_retrieval_recall@K (image->text). Other metrics keep our
-    name, as a fraction when ours is a percentage; `epochs`, `seed`, `fewshot_k` are integers. Each metric
+    name, as a fraction when ours is a percentage. Each metric
     of `intervals` gets `<name>_ci95_low` / `_ci95_high` (fractions) beside it.
     """
     out: dict[str, Any] = {}
@@ -135,7 +134,7 @@ def clip_benchmark_metrics(
             name = f"{RETRIEVAL_METRICS[direction]}@{k}"
         else:
             name = key
-        out[name] = int(value) if key in INTEGER_METRICS else value
+        out[name] = value
         if key in intervals:
             low, high = intervals[key]
             out[f"{name}_ci95_low"], out[f"{name}_ci95_high"] = low / 100.0, high / 100.0

@@ -300,8 +300,14 @@ def _linear(run: _Run) -> list[DatasetScore]:
     scores = []
     for spec in run.classification(with_train=True):
         started = time.time()
-        train, _ = _linear_features(run, spec, spec.train_split)
+        train, train_classes = _linear_features(run, spec, spec.train_split)
         test, classes = _linear_features(run, spec, spec.test_split)
+        if train_classes != classes:  # labels are positions in these lists: they must be the same list
+            only = sorted(set(train_classes) ^ set(classes))
+            raise UsageError(
+                f"{spec.name}: its {spec.train_split} and {spec.test_split} splits have different class folders "
+                f"({', '.join(only[:3]) or 'in another order'}); give both the same classes"
+            )
         result = protocol(train["features"], train["labels"], test["features"], test["labels"], run)
         intervals, per_class = classification_extras(result.test_logits, test["labels"])
         images = len(train["labels"]) + len(test["labels"])
@@ -317,7 +323,7 @@ def _linear(run: _Run) -> list[DatasetScore]:
                 intervals=intervals,
                 per_class=per_class,
                 class_names=list(classes),
-                extra={"normalized": o.linear_features == "joint"},
+                extra={**result.settings, "normalized": o.linear_features == "joint"},
             )
         )
     return scores
@@ -337,10 +343,9 @@ def _clip_benchmark_protocol(train_x, train_y, test_x, test_y, run: _Run) -> Pro
 
 
 def _cv_protocol(train_x, train_y, test_x, test_y, run: _Run) -> ProbeResult:
-    result = cv_linear_probe(
+    return cv_linear_probe(
         train_x, train_y, test_x, test_y, solver=run.options.linear_solver, device=run.options.device
     )
-    return ProbeResult({**result.metrics, "fewshot_k": -1.0, "seed": 0.0}, result.test_logits)
 
 
 LINEAR_PROTOCOL_RUNNERS: Registry[Callable[..., ProbeResult]] = Registry("linear-probe protocol")
