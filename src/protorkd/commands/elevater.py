@@ -20,10 +20,10 @@ from pathlib import Path
 
 from protorkd.commands import common
 from protorkd.errors import UsageError
+from protorkd.eval.elevater import PROBES
 
 log = logging.getLogger(__name__)
 MODES = ("zeroshot", "linear_probe")
-PROBES = ("toolkit", "lbfgs")  # eval.elevater.PROBES, without importing torch for --help
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -136,7 +136,7 @@ def metric_score(metric: str, probabilities: torch.Tensor, targets: torch.Tensor
     return 0.0 if math.isnan(value) else value
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4)
 def toolkit_epochs(rows: int, batch_size: int, epochs: int) -> tuple[tuple[torch.Tensor, ...], ...]:
     """The batches of row numbers of each epoch of a toolkit run: `create_dataloader` makes a fresh loader per
     run, shuffling with a generator seeded 0, so every run sees the same orders; they come from a DataLoader
