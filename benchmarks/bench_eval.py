@@ -7,10 +7,13 @@
 - zero-shot CIFAR-10 (cifar10_jpg test, 10,000 images): images/s of the whole task (classifier included).
 - COCO retrieval: images/s on coco_mini_captions (159 images, 795 captions), and the blocked recall@K on
   COCO val2017's real size (5,000 images x 25,014 captions, random unit features), seconds.
-- linear probe on CIFAR-10 features (5,000 train / 10,000 test; joint by default): the whole protocol
-  (coarse-to-fine search, 5 folds, refit) with the torch L-BFGS solver and with sklearn (the reference),
+- linear probe on CIFAR-10 features (5,000 train / 10,000 test; joint by default): the cv protocol's whole
+  run (coarse-to-fine search, 5 folds, refit) with the torch L-BFGS solver and with sklearn (the reference),
   interleaved for --rounds rounds (torch, sklearn, torch, ...), each round's seconds, test top-1 and chosen
-  L2, then the speed ratio of the medians. --save-features writes the features, --features reuses them.
+  L2, then the speed ratio of the medians; then CLIP_benchmark's protocol on the same features (its CLI
+  default, and with --linear-val-proportion 0.2), for the gap between the two protocols.
+  --save-features writes the features, --features reuses them, --train-per-class N keeps N training
+  images per class.
 - sts: STS of all-MiniLM-L6-v2 against its published MTEB scores (docs/evaluation.md).
 The model is --checkpoint, or the default demo student (untrained: tiny-cnn image tower, MiniLM text tower).
 """
@@ -115,21 +118,34 @@ def linear_features(model, shared: Path, device, batch_size: int, workers: int, 
 
 
 def bench_linear(features: dict[str, torch.Tensor], device, rounds: int) -> list[tuple]:
-    """The whole probe with each solver, interleaved (torch, sklearn, torch, ...): the ratio of medians."""
-    from protorkd.eval.linear_probe import linear_probe
+    """The cv probe with each solver, interleaved (torch, sklearn, torch, ...): the ratio of medians; then
+    CLIP_benchmark's protocol on the same features."""
+    from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
+    from protorkd.eval.linear_probe import cv_linear_probe
 
     args = (features["train_x"], features["train_y"], features["test_x"], features["test_y"])
-    linear_probe(*args, solver="torch", device=device)  # warm-up: CUDA context, LAPACK, first-call costs
+    cv_linear_probe(*args, solver="torch", device=device)  # warm-up: CUDA context, LAPACK, first-call costs
     shape = f"{len(features['train_y'])} train / {len(features['test_y'])} test x {features['train_x'].shape[1]}"
     rows, seconds = [], {"torch": [], "sklearn": []}
     for round_index in range(rounds):
         for solver in ("torch", "sklearn"):
-            result, elapsed = _time(lambda solver=solver: linear_probe(*args, solver=solver, device=device))
+            result, elapsed = _time(lambda solver=solver: cv_linear_probe(*args, solver=solver, device=device))
             seconds[solver].append(elapsed)
-            detail = f"top1 {result['top1']:.2f}, l2 {result['l2']:.3g}, cv top1 {result['cv_top1']:.2f}"
-            rows.append((f"round {round_index + 1}: linear probe, {solver} [{shape}]", f"{elapsed:.2f} s", detail))
-    torch_median, sklearn_median = (float(np.median(seconds[solver])) for solver in ("torch", "sklearn"))
-    rows.append(("linear probe speed, sklearn / torch (medians)", f"{sklearn_median / torch_median:.0f}x", ""))
+            m = result.metrics
+            detail = f"top1 {m['top1']:.2f}, l2 {m['l2']:.3g}, cv top1 {m['cv_top1']:.2f}"
+            rows.append((f"round {round_index + 1}: cv probe, {solver} [{shape}]", f"{elapsed:.2f} s", detail))
+    if rounds:
+        torch_median, sklearn_median = (float(np.median(seconds[solver])) for solver in ("torch", "sklearn"))
+        rows.append(("cv probe speed, sklearn / torch (medians)", f"{sklearn_median / torch_median:.1f}x", ""))
+    for proportion in (None, 0.2):
+        result, elapsed = _time(
+            lambda proportion=proportion: clip_benchmark_linear_probe(*args, val_proportion=proportion, device=device)
+        )
+        m = result.metrics
+        name = "CLIP_benchmark's probe" + (f", val_proportion {proportion}" if proportion else " (its CLI default)")
+        rows.append(
+            (f"{name} [{shape}]", f"{elapsed:.2f} s", f"top1 {m['top1']:.2f}, weight decay {m['weight_decay']:.3g}")
+        )
     return rows
 
 
@@ -197,6 +213,9 @@ def main() -> None:
         "--linear-features", choices=("joint", "backbone"), default="joint", help="features the probe reads"
     )
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the linear probe (default 2)")
+    parser.add_argument(
+        "--train-per-class", type=int, help="linear probe: only the first N training images of each class"
+    )
     args = parser.parse_args()
     if args.threads:
         from threadpoolctl import threadpool_limits
@@ -228,6 +247,10 @@ def main() -> None:
             features = linear_features(model, args.shared_data, device, args.batch_size, args.workers, joint)
         if args.save_features:
             torch.save(features, args.save_features)
+        if args.train_per_class:
+            labels = features["train_y"]
+            keep = torch.cat([torch.nonzero(labels == c)[: args.train_per_class, 0] for c in labels.unique()])
+            features = {**features, "train_x": features["train_x"][keep], "train_y": labels[keep]}
         report(bench_linear(features, device, args.rounds))
     if "sts" in parts:
         report(bench_sts(args.shared_data, device, args.batch_size))

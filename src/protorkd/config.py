@@ -19,6 +19,8 @@ from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES, MAX_CAPTION_BYTES
 from protorkd.data.images import DEFAULT_MAX_MEMBER_BYTES, DEFAULT_MAX_PIXELS, PILLOW_MAX_PIXELS
 from protorkd.distributed import DEFAULT_TIMEOUT_MINUTES
 from protorkd.errors import UsageError
+from protorkd.eval.features import EVAL_PRECISIONS
+from protorkd.eval.records import LINEAR_PROTOCOLS
 from protorkd.losses.options import LossOptions
 from protorkd.models.options import ModelOptions
 from protorkd.options import Rule, base_type, flag, violation
@@ -246,6 +248,33 @@ class EvalConfig:
     nlp_eval_frequency: int = flag(
         0, "STS evaluation every N epochs and after the last (0 = never, -1 = after the last only)", **FREQUENCY
     )
+    eval_precision: str = flag(
+        "auto",
+        "precision of the evaluations' forward passes: fp32, amp (fp16 autocast, CUDA), amp_bf16, or auto = amp "
+        "on a GPU (CLIP_benchmark's default) and fp32 on the CPU; recorded in results.jsonl",
+        EVAL_PRECISIONS,
+        resumable=True,
+    )
+    linear_protocol: str = flag(
+        "clip_benchmark",
+        "linear-probe protocol: clip_benchmark (CLIP_benchmark's own: AdamW, 10 epochs) or cv (L-BFGS, L2 by "
+        "5-fold cross-validation); docs/evaluation.md",
+        LINEAR_PROTOCOLS,
+        resumable=True,
+    )
+    zeroshot_metadata: str | None = flag(
+        None,
+        "JSON {dataset: {classes, templates}} overriding the zero-shot class names and prompts (as protorkd eval)",
+        resumable=True,
+    )
+
+    def suite_options(self) -> dict[str, Any]:
+        """The `eval.suite.EvalOptions` fields these flags set (training's evaluations)."""
+        return {
+            "precision": self.eval_precision,
+            "linear_protocol": self.linear_protocol,
+            "zeroshot_metadata": Path(self.zeroshot_metadata) if self.zeroshot_metadata else None,
+        }
 
 
 @dataclass
@@ -420,6 +449,8 @@ def validate_config(cfg: Config) -> None:
 
         if importlib.util.find_spec("wandb") is None:
             raise UsageError("--report-to wandb needs `pip install wandb` (or protorkd[wandb])")
+    if cfg.eval.zeroshot_metadata and not Path(cfg.eval.zeroshot_metadata).is_file():
+        raise UsageError(f"--zeroshot-metadata {cfg.eval.zeroshot_metadata}: no such file")
 
 
 def default_eval_root(cfg: Config) -> Path | None:

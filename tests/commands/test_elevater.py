@@ -98,40 +98,48 @@ def test_zeroshot_prompts_are_the_toolkits_and_a_class_count_mismatch_is_refused
     assert "the toolkit lists 10 classes for cifar-10 but the dataset has 3" in capsys.readouterr().err
 
 
+def _colour_names(tmp_path: Path) -> str:
+    """A --zeroshot-metadata file naming the 3 classes of the tiny caltech101, cifar10 and voc2007 (the toolkit
+    lists 102, 10 and 20): the toolkit's head starts from the text embeddings of these names."""
+    metadata = tmp_path / "names.json"
+    colours = {"classes": ["red", "green", "blue"]}
+    metadata.write_text(json.dumps({name: colours for name in ("caltech101", "cifar10", "voc2007")}))
+    return str(metadata)
+
+
 def test_few_shot_linear_probe_averages_seeds_and_separates_colours(elevater_root, tiny_checkpoint, tmp_path):
     results = tmp_path / "probe"
-    assert (
-        elevater(
-            tiny_checkpoint,
-            elevater_root,
-            "--mode",
-            "linear_probe",
-            "--num-shots",
-            "2",
-            "--seeds",
-            "0,1",
-            "--results-dir",
-            str(results),
-        )
-        == 0
-    )
+    args = ["--mode", "linear_probe", "--num-shots", "2", "--seeds", "0,1", "--results-dir", str(results)]
+    assert elevater(tiny_checkpoint, elevater_root, *args, "--probe", "lbfgs") == 0
     rows = {row["dataset"]: row for row in read_csv(results / "summary.csv")}
     assert [rows[name]["seeds"] for name in DATASETS] == ["2"] * 4
     # one colour per class: frozen random CNN features are linearly separable, so every metric is perfect
     assert [float(rows[name]["score"]) for name in DATASETS] == [100.0] * 4
     voc = json.loads((results / "voc2007.json").read_text())
     assert voc["num_shots"] == 2 and voc["seeds"] == [0, 1] and {"seed0/score", "seed1/score"} <= set(voc["metrics"])
+    assert voc["probe"] == "lbfgs" and voc["metrics"]["converged"] == 1.0
     records = [json.loads(p.read_text()) for p in sorted((results / "clip_benchmark").iterdir())]
     assert [r["dataset"] for r in records] == [f"elevater/{name}" for name in DATASETS]
-    assert {r["task"] for r in records} == {"linear_probe"} and records[1]["metrics"]["lp_acc1"] == 1.0
+    # ELEVATER's split and search with our solver, named as such: never CLIP_benchmark's lp_acc1
+    assert {r["task"] for r in records} == {"linear_probe_elevater_lbfgs"}
+    assert records[1]["metrics"]["lp_elevater_lbfgs_acc1"] == 1.0 and records[1]["precision"] == "fp32"
     assert records[0]["num_shots"] == 2 and records[0]["features"] == "joint"
     assert records[0]["metrics"]["elevater_score_std"] == 0.0  # 100 on both seeds
 
 
-def test_full_linear_probe_lands_in_the_linear_probe_folder(elevater_root, tiny_checkpoint):
-    assert elevater(tiny_checkpoint, elevater_root, "--mode", "linear_probe", "--datasets", "cifar10") == 0
-    rows = read_csv(tiny_checkpoint.parents[1] / "ELEVATER_evaluation" / "linear_probe" / "summary.csv")
+def test_full_linear_probe_lands_in_the_linear_probe_folder(elevater_root, tiny_checkpoint, tmp_path):
+    # the default probe: the toolkit's head, initialised with the text embeddings of the class names
+    args = ["--mode", "linear_probe", "--datasets", "cifar10", "--zeroshot-metadata", _colour_names(tmp_path)]
+    assert elevater(tiny_checkpoint, elevater_root, *args) == 0
+    folder = tiny_checkpoint.parents[1] / "ELEVATER_evaluation" / "linear_probe"
+    rows = read_csv(folder / "summary.csv")
     assert [row["dataset"] for row in rows] == ["cifar10", "Average"] and rows[0]["seeds"] == "1"
+    cifar = json.loads((folder / "cifar10.json").read_text())
+    assert cifar["probe"] == "toolkit" and cifar["head_initialised_by"] == "--zeroshot-metadata"
+    assert {"seed0/lr", "toolkit_test_selected_score"} <= set(cifar["metrics"])
+    [record] = [json.loads(p.read_text()) for p in (folder / "clip_benchmark").iterdir()]
+    assert record["task"] == "linear_probe_elevater" and "lp_elevater_acc1" in record["metrics"]
+    assert "elevater_toolkit_test_selected_score" in record["metrics"]
 
 
 @pytest.mark.parametrize(

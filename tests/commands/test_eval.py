@@ -8,6 +8,7 @@ import dataclasses
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,9 +58,11 @@ def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_ben
     )
     assert code == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^zeroshot +shapes +top1 +[0-9.]+$", printed, re.M) and "skipped sts" in printed
+    assert re.search(r"^zeroshot +shapes +top1 +[0-9.]+ +\[[0-9.]+, [0-9.]+\]$", printed, re.M)
+    assert "skipped sts" in printed
     line = json.loads((experiment / "results.jsonl").read_text().splitlines()[-1])
-    assert line["epoch"] == 1 and "zeroshot/shapes/top1" in line and "linear_joint/shapes/top1" in line
+    assert line["epoch"] == 1 and "zeroshot/shapes/top1" in line and "linear_clip_benchmark_joint/shapes/top1" in line
+    assert line["eval_precision"] == "fp32" and line["linear_protocol"] == "clip_benchmark"
     # one CLIP_benchmark file per (dataset, task), named as `clip_benchmark eval` names them
     # (shapes_unseen, the compositional split, is test-only: no linear probe)
     assert sorted(p.name for p in output.iterdir()) == [
@@ -71,12 +74,17 @@ def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_ben
         for task in tasks
     ]
     zeroshot = json.loads((output / "shapes_epoch_1.pt_protorkd_exp_en_zeroshot_classification.json").read_text())
-    assert set(zeroshot) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
-    assert zeroshot["metrics"] == {
+    assert set(zeroshot) == {"dataset", "model", "pretrained", "task", "metrics", "language", "precision"}
+    assert zeroshot["precision"] == "fp32"
+    metrics = {key: value for key, value in zeroshot["metrics"].items() if "_ci95_" not in key}
+    assert metrics == {
         "acc1": pytest.approx(line["zeroshot/shapes/top1"] / 100, abs=1e-12),
         "acc5": pytest.approx(line["zeroshot/shapes/top5"] / 100, abs=1e-12),
         "mean_per_class_recall": pytest.approx(line["zeroshot/shapes/mean_per_class_recall"] / 100, abs=1e-12),
     }
+    # the 95 % Wilson interval of acc1 (80 test images), beside it
+    low, high = zeroshot["metrics"]["acc1_ci95_low"], zeroshot["metrics"]["acc1_ci95_high"]
+    assert low < zeroshot["metrics"]["acc1"] < high or zeroshot["metrics"]["acc1"] in (low, high)
     assert (experiment / "cache" / "eval").is_dir()
 
 
@@ -99,9 +107,9 @@ def test_clip_benchmarks_own_build_command_reads_our_files_into_its_csv(tiny_cor
     expected = {
         ("zeroshot_classification", "acc1"): line["zeroshot/shapes/top1"] / 100,
         ("zeroshot_classification", "mean_per_class_recall"): line["zeroshot/shapes/mean_per_class_recall"] / 100,
-        ("linear_probe", "lp_acc1"): line["linear_joint/shapes/top1"] / 100,
-        ("linear_probe", "lp_acc5"): line["linear_joint/shapes/top5"] / 100,
-        ("linear_probe", "l2"): line["linear_joint/shapes/l2"],
+        ("linear_probe", "lp_acc1"): line["linear_clip_benchmark_joint/shapes/top1"] / 100,
+        ("linear_probe", "lp_acc5"): line["linear_clip_benchmark_joint/shapes/top5"] / 100,
+        ("linear_probe", "weight_decay"): line["linear_clip_benchmark_joint/shapes/weight_decay"],
         ("zeroshot_retrieval", "image_retrieval_recall@5"): line["retrieval/shapes/text_to_image_R@5"] / 100,
         ("zeroshot_retrieval", "text_retrieval_recall@1"): line["retrieval/shapes/image_to_text_R@1"] / 100,
         ("feature_analysis", "image_text_cluster_ari"): line["analysis/shapes/image_text_cluster_ari"] / 100,
@@ -109,6 +117,54 @@ def test_clip_benchmarks_own_build_command_reads_our_files_into_its_csv(tiny_cor
     }
     assert {key: float(rows[key[0]][key[1]]) for key in expected} == pytest.approx(expected, abs=1e-12)
     assert rows["linear_probe"]["normalized"] == "True"
+
+
+def test_probe_files_are_named_by_protocol_and_features_and_never_overwrite_each_other(tiny_corpus, tmp_path):
+    output = tmp_path / "out"
+    root = str(tiny_corpus / "eval")
+    common = (*TINY_FLAGS, "--eval-data-dir", root, "--tasks", "linear", "--datasets", "shapes", "--no-cache")
+    for protocol in ("clip_benchmark", "cv"):
+        for features in ("joint", "backbone"):
+            args = ("--linear-protocol", protocol, "--linear-features", features, "--output", str(output))
+            assert eval_cli(*common, *args) == 0
+    records = {p.name.split("_en_")[1]: json.loads(p.read_text()) for p in output.iterdir()}
+    assert set(records) == {
+        "linear_probe.json",
+        "linear_probe_backbone.json",
+        "linear_probe_cv.json",
+        "linear_probe_cv_backbone.json",
+    }
+    # only CLIP_benchmark's own protocol on joint features writes CLIP_benchmark's lp_acc1
+    assert [name for name, r in records.items() if "lp_acc1" in r["metrics"]] == ["linear_probe.json"]
+    assert "lp_cv_acc1" in records["linear_probe_cv.json"]["metrics"]
+    assert "lp_cv_backbone_acc1" in records["linear_probe_cv_backbone.json"]["metrics"]
+    assert records["linear_probe.json"]["metrics"]["normalized"] is True
+    assert records["linear_probe_backbone.json"]["metrics"]["normalized"] is False
+
+
+def test_per_class_csv_holds_each_class_recall_and_they_average_to_the_mean_per_class_recall(tiny_corpus, tmp_path):
+    output = tmp_path / "out"
+    root = str(tiny_corpus / "eval")
+    args = ("--eval-data-dir", root, "--tasks", "zeroshot", "--datasets", "shapes", "--output", str(output))
+    assert eval_cli(*TINY_FLAGS, *args, "--per-class", "--no-cache") == 0
+    [table] = list(output.glob("*.per_class.csv"))
+    record = json.loads(table.with_name(table.name.replace(".per_class.csv", ".json")).read_text())
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 8 and sum(int(row["images"]) for row in rows) == 80  # 8 classes x 10 test images
+    recalls = [float(row["top1_recall"]) for row in rows]
+    assert np.mean(recalls) / 100 == pytest.approx(record["metrics"]["mean_per_class_recall"], abs=1e-6)
+    hits = sum(float(row["top1_hits"]) for row in rows)
+    assert hits / 80 == pytest.approx(record["metrics"]["acc1"], abs=1e-9)
+
+
+@pytest.mark.parametrize(("asked", "recorded"), [("amp", "fp32"), ("amp_bf16", "amp_bf16"), ("fp32", "fp32")])
+def test_the_precision_that_ran_is_recorded(tiny_corpus, tmp_path, asked, recorded):
+    output = tmp_path / "out"
+    args = ("--eval-data-dir", str(tiny_corpus / "eval"), "--tasks", "zeroshot", "--datasets", "shapes")
+    assert eval_cli(*TINY_FLAGS, *args, "--eval-precision", asked, "--output", str(output), "--no-cache") == 0
+    [record] = [json.loads(p.read_text()) for p in output.iterdir()]
+    assert record["precision"] == recorded  # amp is fp16 autocast, which the CPU does not have: fp32 ran
 
 
 def test_tower_flags_evaluate_a_model_without_training(tiny_corpus, capsys):
@@ -144,6 +200,7 @@ def test_weights_that_do_not_fit_the_described_model_are_refused(tmp_path, tiny_
         (["--tasks", "zeroshot,bogus"], "unknown bogus"),
         (["--datasets", "imagenet"], "imagenet/test"),
         (["--zeroshot-metadata", "/nonexistent.json"], "/nonexistent.json"),
+        (["--per-class"], "--per-class writes its CSV files beside the result files"),
     ],
 )
 def test_bad_eval_input_is_one_clear_line(tiny_corpus, capsys, extra, message):

@@ -382,6 +382,8 @@ def test_mixup_and_caption_ensembles_train_and_a_killed_run_resumes_to_the_unint
         (["--csv-separator", "ab"], "--csv-separator 'ab': must be one character"),
         (["--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
         (["--csv-quoting", "all"], "argument --csv-quoting: invalid choice: 'all'"),
+        (["--eval-precision", "bf16"], "argument --eval-precision: invalid choice: 'bf16'"),
+        (["--zeroshot-metadata", "/nonexistent/names.json"], "--zeroshot-metadata /nonexistent/names.json: no such"),
         # a bad --resume file with a new --name: refused before the folder exists
         (["--resume", "{truncated}"], "it is truncated or not a torch checkpoint"),
         (["--resume", "{pickled}"], "it holds a pickled object (print)"),

@@ -78,7 +78,7 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
     assert _epochs(csv_path) == [1, 2, 3]  # every saved epoch once, in order, nothing lost
     header = csv_path.read_text().splitlines()[0].split(",")
     metrics = [f"zeroshot/{dataset}/{metric}" for dataset in ("shapes", "shapes_unseen") for metric in ZEROSHOT]
-    assert header == ["epoch", *metrics]
+    assert header == ["epoch", "eval_precision", "linear_protocol", *metrics]  # what ran, then the numbers
     with Image.open(experiment / "evaluation_metrics_all.png") as plot:  # 6 panels of 3.2 x 2.4 in, 4 a row, 90 dpi
         assert plot.format == "PNG" and plot.size == (1152, 432)
     assert "the last epoch (3) is evaluated" in second.stderr

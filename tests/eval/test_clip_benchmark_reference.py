@@ -101,3 +101,110 @@ def test_retrieval_metrics_equal_clip_benchmarks_on_the_same_embeddings():
     converted = clip_benchmark_metrics("zeroshot_retrieval", ours)
     assert 0.1 < theirs["image_retrieval_recall@1"] < 0.9
     assert {key: converted[key] for key in theirs} == pytest.approx(theirs, abs=1e-6)
+
+
+class CudaOnCpu(str):
+    """The device CLIP_benchmark's linear probe insists on (`assert device == 'cuda'`), running on the CPU."""
+
+    def __eq__(self, other: object) -> bool:
+        return other in ("cuda", "cpu")
+
+    __hash__ = str.__hash__
+
+
+def _their_linear_probe(tmp_path, monkeypatch, train_x, train_y, test_x, test_y, *, val_proportion=None, seed=0):
+    """CLIP_benchmark 1.6.2's `linear_probe.evaluate` on these features (written where it caches features, so it
+    skips featurising), its CUDA calls made no-ops; the global stream seeded as its CLI seeds it."""
+    from clip_benchmark.metrics import linear_probe
+
+    monkeypatch.setattr(zeroshot_classification, "float", lambda x: builtins.float(np.asarray(x).item()), raising=False)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    folder = tmp_path / "features" / "model"
+    folder.mkdir(parents=True)
+    torch.manual_seed(seed)  # cli.run
+    if val_proportion is not None:  # cli.run: random_split of the train dataset, before featurising
+        kept, held_out = torch.utils.data.random_split(range(len(train_y)), [1 - val_proportion, val_proportion])
+        torch.save(train_x[held_out.indices], folder / "features_val.pt")
+        torch.save(train_y[held_out.indices], folder / "targets_val.pt")
+        train_x, train_y = train_x[kept.indices], train_y[kept.indices]
+    for split, x, y in (("train", train_x, train_y), ("test", test_x, test_y)):
+        torch.save(x, folder / f"features_{split}.pt")
+        torch.save(y, folder / f"targets_{split}.pt")
+    with_val = object() if val_proportion is not None else None
+    return linear_probe.evaluate(
+        torch.nn.Identity(), None, None, -1, 64, 0, 0.1, 10, "model", seed, str(tmp_path / "features"),
+        CudaOnCpu("cpu"), val_dataloader=with_val, normalize=True, amp=False,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("val_proportion", [None, 0.2])
+def test_our_clip_benchmark_probe_equals_clip_benchmarks_on_the_same_features(tmp_path, monkeypatch, val_proportion):
+    from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches of 64: both sides run faster on one thread
+    try:
+        centres = torch.randn(6, 16, generator=torch.Generator().manual_seed(9)) * 0.5
+        generator = torch.Generator().manual_seed(0)
+        labels = torch.arange(6).repeat(70)
+        features = F.normalize(centres[labels] + torch.randn(420, 16, generator=generator), dim=-1)
+        train = (features[:300], labels[:300])
+        test = (features[300:], labels[300:])
+        theirs = _their_linear_probe(tmp_path, monkeypatch, *train, *test, val_proportion=val_proportion)
+        ours = clip_benchmark_linear_probe(*train, *test, val_proportion=val_proportion).metrics
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.3 < theirs["lp_acc1"] < 0.95  # the case is not trivial
+    assert ours["top1"] / 100 == pytest.approx(theirs["lp_acc1"], abs=0.001)  # within 0.1 point
+    assert ours["top5"] / 100 == pytest.approx(theirs["lp_acc5"], abs=0.001)
+    assert ours["mean_per_class_recall"] / 100 == pytest.approx(theirs["lp_mean_per_class_recall"], abs=0.001)
+    assert ours["weight_decay"] == theirs["weight_decay"]  # 0 without validation, else the same search's choice
+
+
+def test_datasets_whose_zero_shot_records_carry_clip_benchmarks_name_use_its_class_names_and_templates():
+    """A zero-shot record named like a CLIP_benchmark dataset must mean what CLIP_benchmark's does."""
+    import json
+    from pathlib import Path
+
+    import clip_benchmark.datasets as cb_datasets
+
+    from protorkd.eval.catalog import DATASETS, ClassificationSpec
+    from protorkd.eval.zeroshot import CLIP_PROMPTS_FILE, packaged_prompts
+
+    folder = Path(cb_datasets.__file__).parent
+    their_names = json.loads((folder / "en_classnames.json").read_text())
+    their_templates = json.loads((folder / "en_zeroshot_classification_templates.json").read_text())
+    # CLIP_benchmark takes these from torchvision's datasets, transcribed: CIFAR10.classes, STL10.classes,
+    # RenderedSST2.classes
+    their_names |= {
+        "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "stl10": ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"],
+        "renderedsst2": ["negative", "positive"],
+    }
+    imagenet_family = {"imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r"}  # imagenet1k's names, masked
+    checked = []
+    for spec in map(DATASETS.get, DATASETS.names()):
+        if not isinstance(spec, ClassificationSpec):
+            continue
+        name = spec.zeroshot_record_name
+        key = "imagenet1k" if name in imagenet_family else name
+        if key not in their_names and key not in their_templates:
+            continue  # not a CLIP_benchmark name (ours says what differs, e.g. cifar100_openai_classnames)
+        entry = packaged_prompts(CLIP_PROMPTS_FILE)[spec.prompts]
+        ours = [c if isinstance(c, str) else c[0] for c in entry["classes"]]
+        if spec.prompt_classes is not None:
+            ours = [ours[i] for i in spec.prompt_classes]
+            their = [their_names[key][i] for i in spec.prompt_classes]
+        else:
+            their = their_names[key]
+        assert all(isinstance(c, str) for c in entry["classes"]), name  # no synonyms CLIP_benchmark lacks
+        assert ours == their, name
+        assert [t.replace("{}", "{c}") for t in entry["templates"]] == their_templates.get(
+            key, their_templates["imagenet1k"]
+        ), name
+        checked.append(name)
+    assert sorted(checked) == sorted(
+        ["imagenet1k", "imagenetv2", "imagenet_sketch", "imagenet-a", "imagenet-r", "cifar10", "stl10", "mnist",
+         "flowers", "gtsrb", "country211", "renderedsst2", "kitti_closest_vehicle_distance"]
+    )  # fmt: skip

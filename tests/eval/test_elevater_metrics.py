@@ -1,14 +1,17 @@
-"""ELEVATER's metrics on cases with a known answer, and the linear probe on separable features."""
+"""ELEVATER's metrics on cases with a known answer and against vision-evaluation's code, the validation split,
+and the L-BFGS probe on separable features."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from protorkd.eval.elevater import probe_scores, validation_split, zeroshot_scores
+from protorkd.eval.elevater import zeroshot_scores
 from protorkd.eval.elevater_metrics import METRICS, map_11_point, mean_per_class_accuracy, roc_auc
-from protorkd.eval.logistic import fit_one_vs_rest
+from protorkd.eval.elevater_probe import MULTILABEL_TOLERANCE, ProbeData, lbfgs_probe, validation_split
+from protorkd.eval.logistic import LogisticRegressionProblem, standardize
 
 
 def one_hot(labels: list[int], n: int) -> torch.Tensor:
@@ -65,6 +68,47 @@ def test_11_point_map_matches_a_hand_computation():
     assert map_11_point(torch.cat([scores, torch.rand(4, 1)], dim=1), with_empty) == pytest.approx(100 * 41 / 66)
 
 
+def _vision_evaluation_map(predictions: np.ndarray, targets: np.ndarray, n_points: int = 11) -> float:
+    """vision-evaluation 0.2.9's MeanAveragePrecisionNPointsEvaluator (`_calculate`, `_per_class_calc`), the
+    11-point mAP the ELEVATER toolkit calls, transcribed."""
+    from sklearn import metrics as sm
+
+    def per_class(predictions, targets):
+        precision, recall, _ = sm.precision_recall_curve(targets, predictions)
+        recall_thresholds = np.linspace(1, 0, n_points, endpoint=True).tolist()
+        precision_sum = 0
+        recall_idx = 0
+        precision_tmp = 0
+        for threshold in recall_thresholds:
+            while recall_idx < len(recall) and threshold <= recall[recall_idx]:
+                precision_tmp = max(precision_tmp, precision[recall_idx])
+                recall_idx += 1
+            precision_sum += precision_tmp
+        return precision_sum / n_points
+
+    return float(np.mean([per_class(predictions[:, i], targets[:, i]) for i in range(predictions.shape[1])]))
+
+
+def test_11_point_map_equals_vision_evaluations_on_recalls_that_land_on_the_thresholds():
+    # 10 positives per class: recalls are multiples of 1/10, so some land exactly on 0.3, 0.6, 0.7, where
+    # np.linspace(0, 1, 11) (0.30000000000000004, ...) and the toolkit's np.linspace(1, 0, 11) disagree
+    generator = torch.Generator().manual_seed(3)
+    targets = torch.zeros(40, 6)
+    for c in range(6):
+        targets[torch.randperm(40, generator=generator)[:10], c] = 1.0
+    scores = (targets * 0.6 + torch.rand(40, 6, generator=generator)).softmax(dim=1)
+    theirs = 100.0 * _vision_evaluation_map(scores.double().numpy(), targets.numpy())
+    assert map_11_point(scores, targets) == theirs  # to the bit
+    # the case discriminates: the ascending thresholds score these same curves lower
+    from sklearn.metrics import precision_recall_curve
+
+    ascending = []
+    for c in range(6):
+        precision, recall, _ = precision_recall_curve(targets[:, c].numpy(), scores[:, c].double().numpy())
+        ascending.append(np.mean([precision[recall >= t].max() for t in np.linspace(0, 1, 11)]))
+    assert 100.0 * float(np.mean(ascending)) < theirs - 0.01
+
+
 def test_zeroshot_scores_are_softmax_of_scaled_cosines():
     features = torch.nn.functional.normalize(torch.randn(5, 8), dim=1)
     classifier = torch.nn.functional.normalize(torch.randn(8, 3), dim=0)
@@ -98,13 +142,21 @@ def _separable(n_per_class: int, n_classes: int, dim: int = 6, seed: int = 0):
     return centres[labels] + 0.1 * torch.randn(len(labels), dim, generator=generator), labels
 
 
-def test_linear_probe_separates_separable_classes():
+def _probe_data(x_train, y_train, x_test, y_test) -> ProbeData:
+    return ProbeData(x_train, y_train, x_train, y_train, x_test, y_test)
+
+
+def test_lbfgs_probe_separates_separable_classes():
     x_train, y_train = _separable(6, 3)
     x_test, y_test = _separable(4, 3, seed=1)
     x_test = x_test - _separable(4, 3, seed=1)[0] + _separable(4, 3, seed=0)[0]  # same centres as train
-    scores, info = probe_scores(x_train, y_train, x_test, num_classes=3, metric="accuracy", multilabel=False)
+    outcome = lbfgs_probe(
+        _probe_data(x_train, y_train, x_test, y_test), metric="accuracy", multilabel=False, num_classes=3
+    )
+    scores = outcome.test_probabilities
     assert scores.shape == (12, 3) and torch.allclose(scores.sum(dim=1), torch.ones(12))
-    assert METRICS.get("accuracy")(scores, y_test) == 100.0 and info["val_score"] == 100.0
+    assert METRICS.get("accuracy")(scores, y_test) == 100.0 and outcome.info["val_score"] == 100.0
+    assert outcome.info["converged"] == 1.0
 
 
 def test_multilabel_probe_reaches_full_map_on_separable_labels_with_the_toolkits_softmax_scores():
@@ -117,24 +169,48 @@ def test_multilabel_probe_reaches_full_map_on_separable_labels_with_the_toolkits
         [targets * 4 - 2 + 0.1 * torch.randn(40, 3, generator=generator), torch.randn(40, 2, generator=generator)],
         dim=1,
     )
-    scores, info = probe_scores(
-        features[:30], targets[:30], features[30:], num_classes=3, metric="11point_mAP", multilabel=True
+    outcome = lbfgs_probe(
+        _probe_data(features[:30], targets[:30], features[30:], targets[30:]),
+        metric="11point_mAP",
+        multilabel=True,
+        num_classes=3,
     )
     # one sigmoid classifier per class, scored like the toolkit's `validate`: the softmax of the logits
-    assert torch.allclose(scores.sum(dim=1), torch.ones(10))
-    assert map_11_point(scores, targets[30:]) == pytest.approx(100.0) and info["val_score"] == pytest.approx(100.0)
+    assert torch.allclose(outcome.test_probabilities.sum(dim=1), torch.ones(10))
+    assert map_11_point(outcome.test_probabilities, targets[30:]) == pytest.approx(100.0)
+    assert outcome.info["val_score"] == pytest.approx(100.0)
 
 
-def test_one_vs_rest_fit_equals_independent_sklearn_fits():
+@pytest.mark.parametrize("l2", [1e-5, 0.05])
+def test_the_multilabel_fit_converges_to_independent_sklearn_fits_even_at_weak_l2(l2):
     from sklearn.linear_model import LogisticRegression
 
     generator = torch.Generator().manual_seed(0)
-    features = torch.randn(60, 4, generator=generator, dtype=torch.float64)
-    targets = (features[:, :2] + 0.8 * torch.randn(60, 2, generator=generator, dtype=torch.float64) > 0).double()
-    l2 = 0.05
-    weight, bias = fit_one_vs_rest(features, targets, l2, max_iter=500)
-    for c in range(2):  # sklearn minimises C * sum(log-loss) + ||w||^2 / 2, i.e. ours times N with C = 1 / (l2 N)
-        reference = LogisticRegression(C=1.0 / (l2 * 60), tol=1e-10, max_iter=5000)
-        reference.fit(features.numpy(), targets[:, c].numpy())
-        np.testing.assert_allclose(weight[c].numpy(), reference.coef_[0], atol=1e-4)
-        assert bias[c].item() == pytest.approx(reference.intercept_[0], abs=1e-4)
+    n, dim, classes = 120, 12, 3
+    mixing = torch.randn(dim, dim, generator=generator, dtype=torch.float64) * torch.logspace(-2, 1, dim)
+    features = torch.randn(n, dim, generator=generator, dtype=torch.float64) @ mixing  # ill-conditioned
+    noise = 2 * torch.randn(n, classes, generator=generator, dtype=torch.float64)
+    targets = (features @ torch.randn(dim, classes, generator=generator, dtype=torch.float64) + noise > 0).double()
+    features = standardize(features)[0]
+    problem = LogisticRegressionProblem(features, targets, classes, multilabel=True)
+    weight, bias = problem.fit(l2, tolerance=MULTILABEL_TOLERANCE)  # lbfgs_probe's multi-label fits
+    assert problem.converged[l2]
+
+    def objective(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        logits = features @ weight.T + bias
+        return float(
+            F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / n + l2 / 2 * weight.square().sum()
+        )
+
+    # sklearn minimises C * sum(log-loss) + ||w||^2 / 2 per class, i.e. ours times N with C = 1 / (l2 N)
+    references = [
+        LogisticRegression(C=1.0 / (l2 * n), tol=1e-12, max_iter=100_000).fit(features.numpy(), targets[:, c].numpy())
+        for c in range(classes)
+    ]
+    theirs = objective(
+        torch.tensor(np.stack([r.coef_[0] for r in references])), torch.tensor([r.intercept_[0] for r in references])
+    )
+    assert objective(weight, bias) == pytest.approx(theirs, abs=1e-7)
+    # and a fit stopped by its budget says so
+    problem.fit(l2, max_iter=2)
+    assert not problem.converged[l2]

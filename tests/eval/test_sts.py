@@ -77,7 +77,7 @@ def test_a_perfect_text_model_scores_100_on_every_task_and_avg(tmp_path, monkeyp
         + "".join(f"{i}\ts{i} x\ts{i} y\t{i}\tNEUTRAL\r\n" for i in range(4))
     )
 
-    def perfect(model, texts, *, device, batch_size):  # cosine of "s{i} x" and "s{i} y" increases with i
+    def perfect(model, texts, *, device, batch_size, precision):  # cosine of "s{i} x" and "s{i} y" increases with i
         rows = []
         for text in texts:
             i = int(text.split()[0][1:])

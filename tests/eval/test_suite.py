@@ -21,7 +21,13 @@ def test_suite_runs_every_task_with_data_and_skips_the_rest(tiny_model, tiny_cor
     options = EvalOptions(batch_size=64, cache=cache)
     result = run_suite(tiny_model, root, options=options)
     metrics = result.metrics
-    assert {key.split("/")[0] for key in metrics} == {"zeroshot", "linear_joint", "retrieval", "analysis"}
+    assert {key.split("/")[0] for key in metrics} == {
+        "zeroshot",
+        "linear_clip_benchmark_joint",
+        "retrieval",
+        "analysis",
+    }
+    assert result.precision == "fp32"  # auto on the CPU
     assert set(result.skipped) == {"sts"} and "sts" in result.skipped["sts"]
     # a second run reuses the cached classifier and linear-probe features and gives the same numbers
     misses = cache.misses
@@ -95,12 +101,15 @@ def _degenerate(model):
 
 def test_a_model_that_embeds_everything_alike_scores_exactly_chance_on_every_task(tiny_model, tiny_corpus):
     # the demo root: 8 balanced classes (10 train, 10 test images each), 80 test images with 2 captions each
-    metrics = run_suite(_degenerate(tiny_model), tiny_corpus / "eval", options=EvalOptions(batch_size=64)).metrics
-    for task in ("zeroshot", "linear_joint"):
+    model = _degenerate(tiny_model)
+    metrics = run_suite(model, tiny_corpus / "eval", options=EvalOptions(batch_size=64)).metrics
+    cv = run_suite(model, tiny_corpus / "eval", tasks=["linear"], options=EvalOptions(linear_protocol="cv")).metrics
+    metrics.update(cv)
+    for task in ("zeroshot", "linear_clip_benchmark_joint", "linear_cv_joint"):
         assert metrics[f"{task}/shapes/top1"] == pytest.approx(100 / 8)
         assert metrics[f"{task}/shapes/mean_per_class_recall"] == pytest.approx(100 / 8)
     assert metrics["zeroshot/shapes/top5"] == pytest.approx(500 / 8)
-    assert metrics["linear_joint/shapes/cv_top1"] == pytest.approx(100 / 8)
+    assert metrics["linear_cv_joint/shapes/cv_top1"] == pytest.approx(100 / 8)
     for k in (1, 5, 10):
         assert metrics[f"retrieval/shapes/text_to_image_R@{k}"] == pytest.approx(100 * k / 80)
         chance = 1 - comb(160 - 2, k) / comb(160, k)
@@ -113,7 +122,7 @@ def test_backbone_features_are_probed_on_request_and_named_in_the_keys(tiny_mode
     from protorkd.data.transforms import eval_transform
     from protorkd.eval.datasets import ImageFolderDataset
     from protorkd.eval.features import image_features
-    from protorkd.eval.linear_probe import linear_probe
+    from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
 
     model = _degenerate(tiny_model)  # its head is constant, its tower is not
     options = EvalOptions(batch_size=64, linear_features="backbone")
@@ -124,6 +133,6 @@ def test_backbone_features_are_probed_on_request_and_named_in_the_keys(tiny_mode
                        normalize=False)
         for split in ("train", "test")
     )  # fmt: skip
-    expected = linear_probe(*train, *test)
-    assert metrics == {f"linear_backbone/shapes/{name}": value for name, value in expected.items()}
-    assert metrics["linear_backbone/shapes/top1"] != 100 / 8  # not the constant joint features
+    expected = clip_benchmark_linear_probe(*train, *test).metrics
+    assert metrics == {f"linear_clip_benchmark_backbone/shapes/{name}": value for name, value in expected.items()}
+    assert metrics["linear_clip_benchmark_backbone/shapes/top1"] != 100 / 8  # not the constant joint features

@@ -19,7 +19,8 @@ from protorkd.commands.flag_types import integer
 from protorkd.config import Config, default_eval_root
 from protorkd.distributed import resolve_device
 from protorkd.errors import UsageError
-from protorkd.eval.records import LINEAR_FEATURES
+from protorkd.eval.features import EVAL_PRECISIONS
+from protorkd.eval.records import LINEAR_FEATURES, LINEAR_PROTOCOLS
 from protorkd.eval.suite import TASK_NAMES
 from protorkd.params import read_params
 
@@ -62,6 +63,54 @@ def add_linear_features_argument(group: argparse._ActionsContainer) -> None:
         "the ELEVATER toolkit's) or backbone (the image tower's output, before the projection head); "
         "the metric keys name it (default: joint)",
     )
+
+
+EVAL_PRECISION_HELP = (
+    "precision of the evaluation's forward passes: fp32, amp (fp16 autocast, CUDA only), amp_bf16 (bf16 "
+    "autocast), or auto = amp on a GPU (CLIP_benchmark's default; its --no_amp is fp32) and fp32 on the CPU; "
+    "recorded in every result file (default: auto)"
+)
+
+
+def add_eval_precision_argument(group: argparse._ActionsContainer) -> None:
+    group.add_argument("--eval-precision", choices=EVAL_PRECISIONS, default="auto", help=EVAL_PRECISION_HELP)
+
+
+def fraction_between_0_and_1(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be between 0 and 1 (exclusive)")
+    return value
+
+
+def add_linear_probe_arguments(group: argparse._ActionsContainer) -> None:
+    """--linear-protocol, --linear-val-proportion, --linear-solver and --linear-features."""
+    group.add_argument(
+        "--linear-protocol",
+        choices=LINEAR_PROTOCOLS,
+        default="clip_benchmark",
+        help="clip_benchmark: CLIP_benchmark's own probe (AdamW, lr 0.1, 10 epochs, batch 64, no "
+        "standardisation; records lp_acc1); cv: L-BFGS logistic regression on standardised features, L2 by "
+        "5-fold cross-validation (records lp_cv_acc1); docs/evaluation.md compares them (default: clip_benchmark)",
+    )
+    group.add_argument(
+        "--linear-val-proportion",
+        type=fraction_between_0_and_1,
+        default=None,
+        help="clip_benchmark protocol: hold out this share of train to search the weight decay "
+        "(CLIP_benchmark's --val_proportion); default: none, weight decay 0, as its CLI",
+    )
+    group.add_argument(
+        "--linear-solver",
+        choices=("torch", "sklearn"),
+        default="torch",
+        help="cv protocol: torch L-BFGS (fast) or sklearn (reference) (default: torch)",
+    )
+    add_linear_features_argument(group)
 
 
 def add_runtime_arguments(

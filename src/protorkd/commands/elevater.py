@@ -20,6 +20,7 @@ from pathlib import Path
 
 from protorkd.commands import common
 from protorkd.errors import UsageError
+from protorkd.eval.elevater import PROBES
 
 log = logging.getLogger(__name__)
 MODES = ("zeroshot", "linear_probe")
@@ -75,6 +76,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "shipped with protorkd)",
     )
     common.add_linear_features_argument(group)
+    group.add_argument(
+        "--probe",
+        choices=PROBES,
+        default="toolkit",
+        help="linear_probe: toolkit (the toolkit's own head: BatchNorm, a linear layer initialised with the text "
+        "embeddings, SGD over 6 learning rates x the L2 search, 10 epochs, 50 in the final run) or lbfgs "
+        "(logistic regression solved to convergence, the same split and L2 search) (default: toolkit)",
+    )
+    common.add_eval_precision_argument(group)
     group.add_argument(
         "--results-dir",
         type=Path,
@@ -202,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.eval import elevater
     from protorkd.eval.datasets import load_zeroshot_metadata
     from protorkd.eval.elevater_format import DEFINITIONS_FILE, load_definitions, read_split
+    from protorkd.eval.features import resolve_eval_precision
     from protorkd.eval.records import elevater_record, to_json, write_records
     from protorkd.io import atomic_open, atomic_write
 
@@ -213,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
     from protorkd.loading import load_model_from_checkpoint
 
     device = common.device_from(args)
+    precision = resolve_eval_precision(args.eval_precision, device)
     loaded = load_model_from_checkpoint(args.checkpoint)
     model = loaded.model.to(device)
     transform = eval_transform(model.image_preprocess)
@@ -248,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
                 "epoch": loaded.epoch,
                 "test_images": len(test),
                 "classes": len(test.classnames),
+                "precision": precision.value,
             }
             if args.mode == "zeroshot":
                 classnames, templates, source = _prompts(spec, test, metadata)
@@ -261,10 +274,13 @@ def run(args: argparse.Namespace) -> int:
                     device=device,
                     batch_size=args.batch_size,
                     workers=args.workers,
+                    precision=precision,
                 )
                 info.update(prompts_from=source, templates=len(templates))
             else:
                 train = read_split(layout, spec, "train")
+                text_head = args.probe == "toolkit" and args.linear_features == "joint"  # the toolkit's init
+                classnames, templates, source = _prompts(spec, test, metadata) if text_head else ([], [], "")
                 metrics = elevater.evaluate_linear_probe(
                     model,
                     train,
@@ -275,15 +291,22 @@ def run(args: argparse.Namespace) -> int:
                     num_shots=args.num_shots,
                     seeds=seeds,
                     features=args.linear_features,
+                    probe=args.probe,
+                    text_prompts=(classnames, templates) if text_head else None,
+                    full_search_shots=spec.full_search_shots,
                     batch_size=args.batch_size,
                     workers=args.workers,
+                    precision=precision,
                 )
                 info.update(
                     num_shots=args.num_shots,
                     seeds=list(seeds),
                     features=args.linear_features,
+                    probe=args.probe,
                     train_images_available=len(train),
                 )
+                if text_head:
+                    info.update(head_initialised_by=source, templates=len(templates))
             info.update(metrics=metrics, seconds=round(time.time() - started, 2))
             atomic_write(out / f"{spec.name}.json", to_json(info))
             log.info("%s: %s %.2f", spec.name, spec.metric, metrics["score"])
@@ -299,6 +322,8 @@ def run(args: argparse.Namespace) -> int:
                     features=args.linear_features,
                     num_shots=args.num_shots,
                     seeds=seeds,
+                    protocol="elevater" if args.probe == "toolkit" else f"elevater_{args.probe}",
+                    precision=precision.value,
                 )
             )
 

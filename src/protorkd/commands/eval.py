@@ -11,6 +11,7 @@ file per dataset and task (`clip_benchmark build DIR` reads them).
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import logging
@@ -22,7 +23,7 @@ from protorkd.commands import common
 from protorkd.commands.flag_types import integer
 from protorkd.config import Config, add_group_arguments
 from protorkd.errors import UsageError
-from protorkd.io import append_line
+from protorkd.io import append_line, atomic_open
 from protorkd.models.options import ARCHITECTURE_FLAGS, ModelOptions
 from protorkd.train.logs import without_float_noise
 
@@ -58,13 +59,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "templates shipped for every registered dataset; a generic folder dataset falls back to its "
         "folder names, with a warning)",
     )
-    group.add_argument(
-        "--linear-solver",
-        choices=("torch", "sklearn"),
-        default="torch",
-        help="linear-probe solver: torch L-BFGS (fast) or sklearn (reference) (default: torch)",
-    )
-    common.add_linear_features_argument(group)
+    common.add_linear_probe_arguments(group)
+    common.add_eval_precision_argument(group)
     group.add_argument(
         "--analysis-clusters",
         type=integer(2, 10_000),
@@ -78,8 +74,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--output",
         type=Path,
         metavar="DIR",
-        help="also write one CLIP_benchmark result file per dataset and task into DIR "
-        "({dataset}_{pretrained}_{model}_{language}_{task}.json, fractions, CLIP_benchmark's metric names)",
+        help="also write one CLIP_benchmark result file per dataset and task into the folder DIR "
+        "({dataset}_{pretrained}_{model}_{language}_{task}.json, fractions, CLIP_benchmark's metric names, "
+        "95%% intervals)",
+    )
+    group.add_argument(
+        "--per-class",
+        action="store_true",
+        help="with --output: also write each classification result's per-class recall beside its result "
+        "file, as DIR/<its name, .per_class.csv for .json>",
     )
     group.add_argument(
         "--cache-dir",
@@ -133,12 +136,15 @@ def _load_model(args: argparse.Namespace, tower_flags: dict) -> _Model:
 
 
 def format_table(result: SuiteResult) -> str:
-    """The results as an aligned task / dataset / metric / value table, then the skipped tasks."""
-    rows = [("task", "dataset", "metric", "value")]
+    """The results as an aligned task / dataset / metric / value / 95 % interval table, then the skipped tasks."""
+    rows = [("task", "dataset", "metric", "value", "95% CI")]
     for record in result.results:
         for metric, value in record.metrics.items():
-            rows.append((record.task, record.dataset, metric, f"{value:.4g}" if metric == "l2" else f"{value:.2f}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+            shown = f"{value:.4g}" if metric in ("l2", "weight_decay") else f"{value:.2f}"
+            low, high = record.intervals.get(metric, (None, None))
+            interval = f"[{low:.2f}, {high:.2f}]" if low is not None else ""
+            rows.append((record.task, record.dataset, metric, shown, interval))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = [
         "  ".join(cell.ljust(width) if i < 3 else cell.rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
         for row in rows
@@ -152,7 +158,7 @@ def format_table(result: SuiteResult) -> str:
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from protorkd.eval.features import FeatureCache
-    from protorkd.eval.records import suite_records, write_records
+    from protorkd.eval.records import per_class_rows, suite_records, write_records
     from protorkd.eval.suite import EvalOptions, run_suite
 
     tasks = common.parse_tasks(args.tasks)
@@ -160,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--zeroshot-metadata {args.zeroshot_metadata}: no such file")
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {args.output}: not a folder (CLIP_benchmark results are one file each)")
+    if args.per_class and args.output is None:
+        raise UsageError("--per-class writes its CSV files beside the result files: give --output DIR too")
     model_fields = {f.name for f in dataclasses.fields(ModelOptions)}
     tower_flags = {k: v for k, v in vars(args).items() if k in model_fields}
     if args.checkpoint is None and not tower_flags:
@@ -186,7 +194,10 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers,
         datasets=common.split_list(args.datasets),
         zeroshot_metadata=args.zeroshot_metadata,
+        precision=args.eval_precision,
+        linear_protocol=args.linear_protocol,
         linear_solver=args.linear_solver,
+        linear_val_proportion=args.linear_val_proportion,
         linear_features=args.linear_features,
         analysis_clusters=args.analysis_clusters,
         cache=cache,
@@ -201,6 +212,7 @@ def run(args: argparse.Namespace) -> int:
             "evaluated_by": "protorkd eval",
             "checkpoint": str(args.checkpoint),
             "eval_data_dir": str(root),
+            **options.record_fields(),
             **without_float_noise(metrics),
         }
         append_line(loaded.experiment / "results.jsonl", json.dumps(line))  # appended: earlier lines stay
@@ -208,4 +220,10 @@ def run(args: argparse.Namespace) -> int:
     if args.output is not None:
         paths = write_records(args.output, suite_records(result, model=loaded.name, pretrained=loaded.pretrained))
         print(f"wrote {len(paths)} CLIP_benchmark result files to {args.output}")
+        if args.per_class:
+            tables = [(path, r) for path, r in zip(paths, result.results) if r.per_class is not None]
+            for path, record in tables:
+                with atomic_open(path.with_suffix(".per_class.csv"), "w", newline="") as handle:
+                    csv.writer(handle).writerows(per_class_rows(record))
+            print(f"wrote {len(tables)} per-class CSV files beside them")
     return 0

@@ -3,8 +3,9 @@
 With no arguments it asks for the experiment folder and an optional epoch, like the original
 evaluate_checkpoints.py. Results: EXP_DIR/evaluation_metrics_all.csv (+ .png), or
 EXP_DIR/single_evaluation_metrics@epoch_N.csv for a single epoch. The evaluation is `protorkd eval`'s suite
-with its standard protocols (OpenAI CLIP's prompts for every registered dataset, the linear probe on joint
-features unless --linear-features backbone), so its numbers equal training's and `eval`'s.
+with its standard protocols (OpenAI CLIP's prompts for every registered dataset, CLIP_benchmark's linear probe
+on joint features unless --linear-protocol / --linear-features say otherwise), so with the same flags its
+numbers equal training's and `eval`'s. Each row records the evaluation's precision (`eval_precision`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     common.add_tasks_argument(parser)
     common.add_eval_data_dir_argument(parser)
-    common.add_linear_features_argument(parser)
+    parser.add_argument(
+        "--zeroshot-metadata",
+        type=Path,
+        help="JSON {dataset: {classes, templates}} overriding zero-shot class names and prompts (as in eval)",
+    )
+    common.add_linear_probe_arguments(parser)
+    common.add_eval_precision_argument(parser)
     common.add_runtime_arguments(parser, workers=2)
     parser.set_defaults(func=run)
 
@@ -77,9 +84,20 @@ def run(args: argparse.Namespace) -> int:
     root = common.eval_root(args.eval_data_dir, training_run)
     device = common.device_from(args)
     tasks = common.parse_tasks(args.tasks)
+    if args.zeroshot_metadata is not None and not args.zeroshot_metadata.is_file():
+        raise UsageError(f"--zeroshot-metadata {args.zeroshot_metadata}: no such file")
     options = EvalOptions(
-        device=device, batch_size=args.batch_size, workers=args.workers, linear_features=args.linear_features
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        zeroshot_metadata=args.zeroshot_metadata,
+        precision=args.eval_precision,
+        linear_protocol=args.linear_protocol,
+        linear_solver=args.linear_solver,
+        linear_val_proportion=args.linear_val_proportion,
+        linear_features=args.linear_features,
     )
+    info = options.record_fields()
 
     def evaluate(path: Path) -> dict[str, float]:
         loaded = load_model_from_checkpoint(path)
@@ -91,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = experiment_dir / "checkpoints" / f"epoch_{args.epoch}.pt"
         if not checkpoint.is_file():
             raise UsageError(f"no checkpoint at {checkpoint}")
-        out = evaluate_single(experiment_dir, args.epoch, evaluate)
+        out = evaluate_single(experiment_dir, args.epoch, evaluate, info=info)
         print(f"wrote {out}")
         return 0
     last_epoch = training_run.optim.epochs
     log.info("watching %s (data root %s, last epoch %d)", experiment_dir / "checkpoints", root, last_epoch)
     try:
-        watch(experiment_dir, evaluate, last_epoch=last_epoch, interval=args.interval, once=args.once)
+        watch(experiment_dir, evaluate, last_epoch=last_epoch, interval=args.interval, once=args.once, info=info)
     except KeyboardInterrupt:
         log.info("stopped; every finished evaluation is in %s", experiment_dir / ALL_CSV)
     return 0

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.retrieval import encode_captioned_images
+from protorkd.precision import Precision
 
 
 def average_self_similarity(features: torch.Tensor) -> float:
@@ -104,7 +105,10 @@ def evaluate(
     batch_size: int = 256,
     workers: int = 0,
     n_clusters: int = 10,
+    precision: Precision = Precision.FP32,
 ) -> dict[str, float]:
     """Analysis metrics of `model` on a `CaptionedImages` dataset."""
-    images, texts = encode_captioned_images(model, dataset, device=device, batch_size=batch_size, workers=workers)
+    images, texts = encode_captioned_images(
+        model, dataset, device=device, batch_size=batch_size, workers=workers, precision=precision
+    )
     return analyze(images, texts, dataset.caption_image, n_clusters=n_clusters)

@@ -1,20 +1,35 @@
-"""The registry of downstream datasets: where each lives under the data root, and how to read it.
+"""The registry of downstream datasets: where each lives under the data root, its classes, and how to read it.
 
-One entry per dataset (`DATASETS.get("cifar10")`), no if/elif chain. Besides the registered names, any
-`ROOT/<name>/{train,test}/<class>/` folder is a classification dataset and any
-`ROOT/<name>/captions_test.json` (images under `ROOT/<name>/test/`) a retrieval dataset, which is how the
-built-in demo's `shapes` is found. docs/data.md describes every layout with its expected counts.
+One entry per dataset (`DATASETS.get("cifar10")`), no if/elif chain: every dataset of the shipped CLIP
+prompt file (OpenAI's 27), ImageNet's distribution shifts (V2, Sketch, A, R), COCO and Flickr30k. Folder
+names serve as class names only for a dataset nobody registered: any `ROOT/<name>/{train,test}/<class>/`
+folder is a classification dataset and any `ROOT/<name>/captions_test.json` (images under
+`ROOT/<name>/test/`) a retrieval dataset, which is how the built-in demo's `shapes` is found. docs/data.md
+describes every layout with its expected counts.
 
-Each entry names its zero-shot prompts (`prompts`: its key in the shipped CLIP prompt file) and the name
-its CLIP_benchmark records carry: CLIP_benchmark's own name where the data is that dataset's split
-(`imagenet1k`, `cifar10`, `cars`, `flowers`, `flickr30k`, ...), otherwise one that says what the data is
-(`coco2017_val`: CLIP_benchmark's `mscoco_captions` is the Karpathy 5k test split of val2014, another
-image set; `birdsnap_cloob_test`: CLOOB's 1,855-image copy; `ucf101_testlist01`).
+Each classification entry says:
+- where its images are: `ROOT/<folder>/<split>/<class>/` (CLOOB's and CLIP_benchmark's ImageFolder layouts;
+  an empty split means the folder itself holds the class folders, as the ImageNet-A/-R/-Sketch archives
+  extract), or torchvision's own format for CIFAR and STL-10;
+- its class order: the folders in `natural_order` (the prompt file lists its names in that order, or the
+  folders are the names and are matched by name), or `class_folders`, the folder of each prompt class in
+  the prompt file's order (EuroSAT, FER-2013: their folders are neither the names nor in their order;
+  ImageNet-A/-R: the 200 WordNet ids, whose names are entries `prompt_classes` of ImageNet's 1000). The
+  class list of a registered dataset is fixed: an empty class folder keeps its class (Birdsnap stays
+  500-way);
+- its names in records: `clip_benchmark_name`, CLIP_benchmark's name when the images are the split
+  CLIP_benchmark reads, else a name that says what they are; `zeroshot_name`, the zero-shot record's name,
+  which is CLIP_benchmark's only where our class names and templates equal CLIP_benchmark's packaged ones
+  (tests/eval/test_clip_benchmark_reference.py) and otherwise says so (`cifar100_openai_classnames`,
+  `food101_openai_prompts`, ...).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from protorkd.errors import UsageError
@@ -28,6 +43,16 @@ from protorkd.eval.datasets import (
 )
 from protorkd.registry import Registry
 
+IMAGENET_CLASSES_FILE = "imagenet_classes.json"  # in protorkd/eval/prompts/ (SOURCE.md there)
+
+
+@functools.cache
+def imagenet_classes() -> dict[str, list]:
+    """{"wnids": ImageNet's 1000 WordNet ids in label order, "imagenet_a" / "imagenet_r": the positions in them
+    of the 200 classes of ImageNet-A / ImageNet-R}, shipped as package data (scripts/build_imagenet_classes.py)."""
+    text = resources.files("protorkd.eval").joinpath("prompts", IMAGENET_CLASSES_FILE).read_text(encoding="utf-8")
+    return json.loads(text)
+
 
 @dataclass(frozen=True)
 class ClassificationSpec:
@@ -40,7 +65,19 @@ class ClassificationSpec:
     torchvision: str | None = None  # "CIFAR10", "CIFAR100" or "STL10"
     torchvision_marker: str = ""  # the sub-folder that torchvision's format creates, e.g. cifar-10-batches-py
     prompts: str | None = None  # its entry in the shipped CLIP prompts (zeroshot.CLIP_PROMPTS_FILE)
-    clip_benchmark_name: str = ""  # CLIP_benchmark's name when the data is its dataset, else an honest name of ours
+    clip_benchmark_name: str = ""  # CLIP_benchmark's name when the data is its split, else an honest name of ours
+    zeroshot_name: str = ""  # the zero-shot record's name (default clip_benchmark_name): see the module docstring
+    class_folders: tuple[str, ...] | None = None  # the folder of each class, in label (= prompt) order
+    prompt_classes: tuple[int, ...] | None = None  # which of the prompt entry's classes these are (a subset)
+
+    @property
+    def registered(self) -> bool:
+        """A dataset of the registry (its class list is fixed), not a generic folder."""
+        return self.prompts is not None
+
+    @property
+    def zeroshot_record_name(self) -> str:
+        return self.zeroshot_name or self.clip_benchmark_name or self.name
 
     def _torchvision_root(self, root: Path) -> Path | None:
         folder = Path(root) / self.folder
@@ -60,7 +97,9 @@ class ClassificationSpec:
         tv_root = self._torchvision_root(root)
         if tv_root is not None:
             return TorchvisionDataset(self.torchvision, tv_root, split, transform)
-        return ImageFolderDataset(Path(root) / self.folder / split, transform)
+        return ImageFolderDataset(
+            Path(root) / self.folder / split, transform, class_folders=self.class_folders, keep_empty=self.registered
+        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +124,49 @@ class RetrievalSpec:
 
 DATASETS: Registry = Registry("evaluation dataset")
 
+
+def _imagenet_subset(name: str, folder: str, clip_benchmark_name: str) -> ClassificationSpec:
+    """ImageNet-A or -R: the archive's `<wnid>/` folders, scored among their 200 classes only."""
+    classes = imagenet_classes()
+    indices = tuple(classes[name])
+    return ClassificationSpec(
+        name,
+        folder,
+        test_split="",
+        train_split=None,
+        prompts="ImageNet",
+        clip_benchmark_name=clip_benchmark_name,
+        class_folders=tuple(classes["wnids"][i] for i in indices),
+        prompt_classes=indices,
+    )
+
+
+def _test_only(name: str, prompts: str, clip_benchmark_name: str, **fields) -> ClassificationSpec:
+    return ClassificationSpec(
+        name, name, train_split=None, prompts=prompts, clip_benchmark_name=clip_benchmark_name, **fields
+    )
+
+
+EUROSAT_FOLDERS = (  # torchvision's / the EuroSAT archive's folders, in the order of OpenAI's EuroSAT names
+    "Forest",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "Pasture",
+    "SeaLake",
+    "HerbaceousVegetation",
+    "AnnualCrop",
+    "Industrial",
+    "Highway",
+)
+FER2013_FOLDERS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # Kaggle's, in OpenAI's order
+
 _REGISTERED = [
     ClassificationSpec("imagenet", "imagenet", prompts="ImageNet", clip_benchmark_name="imagenet1k"),
+    _test_only("imagenetv2", "ImageNet", "imagenetv2"),  # imagenetv2/test/<0..999>/ (matched-frequency)
+    _test_only("imagenet_sketch", "ImageNet", "imagenet_sketch", test_split=""),  # imagenet_sketch/<wnid>/
+    _imagenet_subset("imagenet_a", "imagenet-a", "imagenet-a"),
+    _imagenet_subset("imagenet_r", "imagenet-r", "imagenet-r"),
     ClassificationSpec(
         "cifar10",
         "cifar10",
@@ -102,6 +182,7 @@ _REGISTERED = [
         torchvision_marker="cifar-100-python",
         prompts="CIFAR100",
         clip_benchmark_name="cifar100",
+        zeroshot_name="cifar100_openai_classnames",  # CLIP_benchmark prompts torchvision's "aquarium_fish"
     ),
     ClassificationSpec(
         "stl10",
@@ -111,31 +192,89 @@ _REGISTERED = [
         prompts="STL10",
         clip_benchmark_name="stl10",
     ),
+    ClassificationSpec("mnist", "mnist", prompts="MNIST", clip_benchmark_name="mnist"),
     ClassificationSpec(
-        "birdsnap", "birdsnap", train_split=None, prompts="Birdsnap", clip_benchmark_name="birdsnap_cloob_test"
+        "food101", "food101", prompts="Food101", clip_benchmark_name="food101", zeroshot_name="food101_openai_prompts"
     ),
     ClassificationSpec(
-        "country211", "country211", train_split=None, prompts="Country211", clip_benchmark_name="country211"
+        "sun397",
+        "sun397",
+        prompts="SUN397",
+        clip_benchmark_name="sun397_test",
+        zeroshot_name="sun397_test_openai_prompts",
     ),
     ClassificationSpec(
-        "flowers102",
-        "flowers102",
-        train_split=None,
-        prompts="Flowers102",
-        clip_benchmark_name="flowers",
-    ),
-    ClassificationSpec("gtsrb", "gtsrb", train_split=None, prompts="GTSRB", clip_benchmark_name="gtsrb"),
-    ClassificationSpec(
-        "stanford_cars", "stanford_cars", train_split=None, prompts="StanfordCars", clip_benchmark_name="cars"
+        "dtd", "dtd", prompts="DescribableTextures", clip_benchmark_name="dtd", zeroshot_name="dtd_openai_prompts"
     ),
     ClassificationSpec(
-        "ucf101",
-        "ucf101",
-        test_split="testlist01",
-        train_split=None,
-        prompts="UCF101",
-        clip_benchmark_name="ucf101_testlist01",
+        "oxford_pets",
+        "oxford_pets",
+        prompts="OxfordPets",
+        clip_benchmark_name="pets",
+        zeroshot_name="pets_openai_prompts",
     ),
+    ClassificationSpec("caltech101", "caltech101", prompts="Caltech101", clip_benchmark_name="caltech101_test"),
+    ClassificationSpec(
+        "fgvc_aircraft",
+        "fgvc_aircraft",
+        prompts="FGVCAircraft",
+        clip_benchmark_name="fgvc_aircraft",
+        zeroshot_name="fgvc_aircraft_openai_prompts",
+    ),
+    ClassificationSpec(
+        "eurosat",
+        "eurosat",
+        prompts="EuroSAT",
+        clip_benchmark_name="eurosat_test",
+        zeroshot_name="eurosat_test_openai_prompts",
+        class_folders=EUROSAT_FOLDERS,
+    ),
+    ClassificationSpec(
+        "resisc45",
+        "resisc45",
+        prompts="RESISC45",
+        clip_benchmark_name="resisc45",
+        zeroshot_name="resisc45_openai_prompts",
+    ),
+    ClassificationSpec(
+        "patchcamelyon",
+        "patchcamelyon",
+        prompts="PatchCamelyon",
+        clip_benchmark_name="pcam",
+        zeroshot_name="pcam_openai_prompts",
+    ),
+    ClassificationSpec("rendered_sst2", "rendered_sst2", prompts="SST2", clip_benchmark_name="renderedsst2"),
+    ClassificationSpec(
+        "fer2013",
+        "fer2013",
+        prompts="FacialEmotionRecognition2013",
+        clip_benchmark_name="fer2013",
+        zeroshot_name="fer2013_openai_prompts",
+        class_folders=FER2013_FOLDERS,
+    ),
+    ClassificationSpec(
+        "clevr_counts",
+        "clevr_counts",
+        prompts="CLEVRCounts",
+        clip_benchmark_name="clevr_count_all",
+        zeroshot_name="clevr_count_all_openai_prompts",
+    ),
+    ClassificationSpec("kitti", "kitti", prompts="KITTI", clip_benchmark_name="kitti_closest_vehicle_distance"),
+    ClassificationSpec(
+        "voc2007",
+        "voc2007",
+        prompts="PascalVOC2007",
+        clip_benchmark_name="voc2007",
+        zeroshot_name="voc2007_openai_prompts",
+    ),
+    _test_only("hateful_memes", "HatefulMemes", "hateful_memes_test"),
+    _test_only("kinetics700", "Kinetics700", "kinetics700_val_frames"),
+    _test_only("birdsnap", "Birdsnap", "birdsnap_cloob_test"),
+    _test_only("country211", "Country211", "country211"),
+    _test_only("flowers102", "Flowers102", "flowers"),
+    _test_only("gtsrb", "GTSRB", "gtsrb"),
+    _test_only("stanford_cars", "StanfordCars", "cars", zeroshot_name="cars_openai_prompts"),
+    _test_only("ucf101", "UCF101", "ucf101_testlist01", test_split="testlist01"),
     ClassificationSpec(
         "ucf101_testlist02",
         "ucf101",
@@ -211,11 +350,11 @@ def select(root: Path, names: list[str] | None) -> list[ClassificationSpec | Ret
     present = discover(root)
     if names is None:
         return present
-    by_name = {spec.name.lower(): spec for spec in present}
     chosen = []
     for name in names:
-        if name.lower() in by_name:
-            chosen.append(by_name[name.lower()])
+        matching = [spec for spec in present if spec.name.lower() == name.lower()]  # a folder can be both kinds
+        if matching:
+            chosen.extend(matching)
             continue
         spec = DATASETS.get(name) if name in DATASETS else None
         if spec is None:

@@ -53,18 +53,38 @@ def natural_order(names: Sequence[str]) -> list[str]:
 class ImageFolderDataset(Dataset):
     """`folder/<class>/*` -> (image, label).
 
-    Labels follow `natural_order` of the class folders. Empty class folders (the CLOOB copy of Birdsnap
-    has nine) are dropped together with their names so labels and names stay aligned: `class_folders`
-    lists every folder in label order, `classes` only the non-empty ones (label i is `classes[i]`).
+    Labels follow `class_folders` when it is given (a registered dataset's declared classes, e.g. ImageNet-R's
+    200 WordNet ids: a folder outside it is an error, a listed one that is absent or empty keeps its label
+    and has no images), else `natural_order` of the class folders found. Empty class folders keep their
+    label with `keep_empty` (a registered dataset whose class list is fixed: the CLOOB copy of Birdsnap has
+    nine empty folders and stays a 500-way task); otherwise they are dropped together with their names so
+    labels and names stay aligned: `class_folders` lists every folder in label order, `classes` the
+    classes that have a label (label i is `classes[i]`), `empty_classes` the folders without images.
     """
 
-    def __init__(self, folder: Path, transform: Transform) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        transform: Transform,
+        *,
+        class_folders: Sequence[str] | None = None,
+        keep_empty: bool = False,
+    ) -> None:
         folder = Path(folder)
         if not folder.is_dir():
             raise UsageError(f"dataset folder {folder} does not exist")
         self.root = folder
         self.transform = transform
-        self.class_folders = natural_order([p.name for p in folder.iterdir() if p.is_dir()])
+        found = [p.name for p in folder.iterdir() if p.is_dir()]
+        if class_folders is not None:
+            unknown = sorted(set(found) - set(class_folders))
+            if unknown:
+                raise UsageError(
+                    f"{folder}: {len(unknown)} class folder(s) outside this dataset's {len(class_folders)} "
+                    f"classes, e.g. {', '.join(unknown[:3])} (see docs/data.md for its layout)"
+                )
+            keep_empty = True
+        self.class_folders = list(class_folders) if class_folders is not None else natural_order(found)
         self.classes: list[str] = []
         self.empty_classes: list[str] = []
         self.samples: list[tuple[Path, int]] = []
@@ -72,7 +92,8 @@ class ImageFolderDataset(Dataset):
             files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 self.empty_classes.append(name)
-                continue
+                if not keep_empty:
+                    continue
             label = len(self.classes)
             self.classes.append(name)
             self.samples.extend((path, label) for path in files)

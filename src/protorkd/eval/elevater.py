@@ -5,24 +5,20 @@ The protocol is the ELEVATER toolkit's (Elevater_Toolkit_IC @ 00d0af7), read fro
   `vision_benchmark/datasets/prompts.py`; a class given as synonyms uses the first, as the toolkit does),
   class embeddings by `zeroshot.build_zeroshot_classifier`, scores softmax(100 * cosine);
 - linear probe: image features (normalised joint features by default, `features="backbone"` for the
-  tower's), standardised with train statistics; the validation split is the toolkit's (`validation_split`:
-  the first ceil(20%) of each class in dataset order, a greedy pass for multi-label); the L2 strength is
-  searched with the toolkit's coarse-to-fine sweep (97 values in [1e-6, 1e6], `linear_probe.ELEVATER_GRID`)
-  by the dataset's own metric on that split, then refitted on all of train and scored once on test.
-  Multi-class: softmax logistic regression; multi-label (voc2007): one sigmoid classifier per class
-  (the toolkit's BCE loss), scored, like the toolkit, on the softmax of the logits;
-- few-shot: `num_shots` images per class per seed (`elevater_format.sample_few_shot`).
+  tower's) of the (few-shot) training subset, then `elevater_probe`: the toolkit's validation split, search
+  and final run, with its text-initialised SGD head (`probe="toolkit"`) or a converged L-BFGS solve
+  (`probe="lbfgs"`), scored once on test;
+- few-shot: `num_shots` images per class per seed (`elevater_format.sample_few_shot`), with the toolkit's
+  1-shot rule (2 sampled, one for validation) and PatchCamelyon's 10,000-shot search subset.
 The metrics (accuracy, mean-per-class, roc_auc, 11point_mAP) are in `eval.elevater_metrics`. Deviations
-from the toolkit (its SGD-trained head, its test-set epoch selection) are listed in docs/elevater.md.
+from the toolkit are listed in docs/elevater.md.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import zipfile
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,16 +30,15 @@ from torch.utils.data import Dataset
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import UnreadableImage
 from protorkd.eval.elevater_format import ElevaterSplit, sample_few_shot
-from protorkd.eval.elevater_metrics import METRICS, accuracy, extra_metrics
+from protorkd.eval.elevater_metrics import METRICS, extra_metrics
+from protorkd.eval.elevater_probe import ProbeData, lbfgs_probe, toolkit_probe
 from protorkd.eval.features import image_features
-from protorkd.eval.linear_probe import ELEVATER_GRID, L2Choice, L2Grid, WarmStarts, sweep_l2
-from protorkd.eval.logistic import LogisticRegressionProblem, Params, fit_one_vs_rest, standardize
 from protorkd.eval.zeroshot import build_zeroshot_classifier, packaged_prompts
+from protorkd.precision import Precision
 
 log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image], torch.Tensor]
 ELEVATER_PROMPTS_FILE = "elevater_prompts.json"  # in protorkd/eval/prompts/ (SOURCE.md there)
-VAL_SPLIT = 0.2  # the toolkit's `val_split` in `construct_dataloader`
 
 # ---------------------------------------------------------------------------------------------- images
 
@@ -140,17 +135,21 @@ def evaluate_zeroshot(
     device: torch.device | str,
     batch_size: int = 256,
     workers: int = 0,
+    precision: Precision = Precision.FP32,
 ) -> dict[str, float]:
     """Zero-shot metrics of `model` on a test split: {"score" (the official metric), top1 | map_11pt, ...}."""
     if len(classnames) != len(test.classnames):
         raise UsageError(f"{test.name}: {len(classnames)} class names for {len(test.classnames)} classes")
-    classifier = build_zeroshot_classifier(model, classnames, templates, device=device, batch_size=batch_size)
+    classifier = build_zeroshot_classifier(
+        model, classnames, templates, device=device, batch_size=batch_size, precision=precision
+    )
     features, _ = image_features(
         model,
         ElevaterImages(test, transform),
         device=device,
         batch_size=batch_size,
         workers=workers,
+        precision=precision,
         desc=f"{test.name} test images",
     )
     scores = zeroshot_scores(features, classifier.cpu())
@@ -160,83 +159,27 @@ def evaluate_zeroshot(
 
 # ---------------------------------------------------------------------------------------------- linear probe
 
-
-def validation_split(targets: torch.Tensor, *, fraction: float = VAL_SPLIT) -> tuple[list[int], list[int]]:
-    """(fit indices, validation indices) of a training set: the toolkit's split (`get_dataloader` in its
-    `evaluation/feature.py`), deterministic.
-
-    Multi-class targets [N]: per class, its first ceil(fraction * count) images in dataset order (a class
-    with one image gives it to validation, as in the toolkit). Multi-label targets [N, C]: while some class
-    still needs validation images (ceil of fraction * its count), the first remaining image of the lowest
-    such class goes to validation and counts for each of its classes.
-    """
-    if targets.dim() == 1:
-        labels = targets.tolist()
-        val = []
-        for label, count in Counter(labels).items():
-            members = [i for i, x in enumerate(labels) if x == label]
-            val += members[: math.ceil(count * fraction)]
-    else:
-        labels = targets.cpu().numpy().astype(np.float64).copy()
-        needed = np.ceil(np.sum(labels, axis=0) * fraction)
-        val = []
-        while (needed > 0).any():
-            target_class = np.where(needed > 0)[0][0]
-            sample = int(np.where(labels[:, target_class] > 0)[0][0])
-            val.append(sample)
-            needed -= labels[sample]
-            labels[sample] = 0
-    chosen = set(val)
-    return [i for i in range(len(targets)) if i not in chosen], sorted(chosen)
+PROBES = ("toolkit", "lbfgs")  # --probe
 
 
-def probe_scores(
-    train_features: torch.Tensor,
-    train_targets: torch.Tensor,
-    test_features: torch.Tensor,
-    *,
-    num_classes: int,
-    metric: str,
-    multilabel: bool,
-    grid: L2Grid = ELEVATER_GRID,
-    device: torch.device | str = "cpu",
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Test scores [M, C] (softmax of the logits) of the classifier whose L2 strength scored best (by
-    `metric`) on the toolkit's validation split, refitted on all of train.
-
-    train_features [N, D] in the order of the toolkit's training manifest, train_targets [N] or multi-hot
-    [N, C]. Returns (scores on CPU, {"l2", "val_score"}).
-    """
-    x_train, x_test = standardize(train_features.float().to(device), test_features.float().to(device))
-    y_train = train_targets.to(device).float() if multilabel else train_targets.to(device).long()
-    score_of = METRICS.get(metric)
-
-    def solve(x: torch.Tensor, y: torch.Tensor) -> WarmStarts:
-        if multilabel:
-            return WarmStarts(lambda l2, init=None: fit_one_vs_rest(x, y, l2, init=init))
-        return WarmStarts(LogisticRegressionProblem(x, y, num_classes).fit)
-
-    def probabilities(x: torch.Tensor, params: Params) -> torch.Tensor:
-        return (x @ params[0].T + params[1]).softmax(dim=1).cpu()  # the toolkit's `validate`: softmax, always
-
-    def validation_score(scores: torch.Tensor, targets: torch.Tensor) -> float:
-        try:
-            value = score_of(scores, targets)
-        except ValueError:  # e.g. ROC-AUC on a validation split holding a single class
-            value = float("nan")
-        return accuracy(scores, targets) if math.isnan(value) and not multilabel else value
-
-    fit_idx, val_idx = validation_split(train_targets.cpu())
-    choice = L2Choice(len(grid.values) - 1, grid.values[-1], -math.inf)
-    fits = None
-    if val_idx and fit_idx:
-        x_val, y_val = x_train[val_idx], train_targets[val_idx].cpu()
-        fits = solve(x_train[fit_idx], y_train[fit_idx])
-        choice = sweep_l2(lambda l2: validation_score(probabilities(x_val, fits(l2)), y_val), grid)
-    init = fits.done.get(choice.l2) if fits is not None else None
-    params = solve(x_train, y_train).fit(choice.l2, init)
-    val_score = choice.score if math.isfinite(choice.score) else float("nan")
-    return probabilities(x_test, params), {"l2": choice.l2, "val_score": val_score}
+def probe_subsets(
+    labels: list[tuple[int, ...]], num_classes: int, num_shots: int, seed: int, *, full_search_shots: int | None
+) -> tuple[list[int], list[int], bool]:
+    """(search rows, final-run rows, whether the final run merges validation) of one seed, in the training
+    manifest's order, as the toolkit's `commands/linear_probe.py` and `full_model_finetune` choose them:
+    1 shot samples 2 per class and trains the final layer on the training half only; a dataset with
+    `full_search_shots` (PatchCamelyon: 10,000) searches, with all shots, on a subset of that many per class
+    and trains the final layer on the whole split."""
+    everything = list(range(len(labels)))
+    if num_shots == 1:
+        subset = sample_few_shot(labels, num_classes, 2, seed)
+        return subset, subset, False
+    if num_shots > 0:
+        subset = sample_few_shot(labels, num_classes, num_shots, seed)
+        return subset, subset, True
+    if full_search_shots is not None:
+        return sample_few_shot(labels, num_classes, full_search_shots, seed), everything, True
+    return everything, everything, True
 
 
 def evaluate_linear_probe(
@@ -250,64 +193,77 @@ def evaluate_linear_probe(
     num_shots: int = -1,
     seeds: tuple[int, ...] = (0,),
     features: str = "joint",
+    probe: str = "toolkit",
+    text_prompts: tuple[list[str], list[str]] | None = None,
+    full_search_shots: int | None = None,
     batch_size: int = 256,
     workers: int = 0,
+    precision: Precision = Precision.FP32,
 ) -> dict[str, float]:
     """Linear-probe metrics, averaged over `seeds` (each seed draws a few-shot subset; the validation split
     follows from the subset's order); features are extracted and the probe is fitted on `device`.
 
     `features`: "joint" (normalised `encode_image`, what the toolkit's CLIP models feed its linear head) or
-    "backbone" (the image tower's output). Returns {"score", "score_std", <extra metrics averaged>,
-    "seed<k>/score", "seed<k>/l2", "train_images"}. Features of the images any seed uses are extracted once.
+    "backbone" (the image tower's output). `probe`: "toolkit" (the toolkit's SGD head, initialised with the
+    text embeddings of `text_prompts` = (class names, templates) when the features are joint) or "lbfgs".
+    Returns {"score", "score_std", <extra metrics averaged>, "seed<k>/score", "seed<k>/l2", "train_images",
+    ...}. Features of the images any seed uses are extracted once.
     """
     if len(train.classnames) != len(test.classnames):
         raise UsageError(f"{train.name}: train has {len(train.classnames)} classes, test {len(test.classnames)}")
+    if probe not in PROBES:
+        raise UsageError(f"ELEVATER probe {probe!r}: valid: {', '.join(PROBES)}")
+    num_classes = len(train.classnames)
     subsets = {
-        seed: (
-            sample_few_shot(train.labels, len(train.classnames), num_shots, seed)
-            if num_shots > 0
-            else list(range(len(train)))
-        )
+        seed: probe_subsets(train.labels, num_classes, num_shots, seed, full_search_shots=full_search_shots)
         for seed in seeds
     }
-    used = sorted(set().union(*subsets.values()))
+    used = sorted(set().union(*(set(search) | set(final) for search, final, _ in subsets.values())))
     row_of = {index: row for row, index in enumerate(used)}
-    train_features, _ = image_features(
-        model,
-        ElevaterImages(train, transform, used),
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        normalize=features == "joint",
-        desc=f"{train.name} train images",
-    )
-    test_features, _ = image_features(
-        model,
-        ElevaterImages(test, transform),
-        device=device,
-        batch_size=batch_size,
-        workers=workers,
-        normalize=features == "joint",
-        desc=f"{test.name} test images",
-    )
+
+    def encode(split: ElevaterSplit, indices: list[int] | None, what: str) -> torch.Tensor:
+        return image_features(
+            model,
+            ElevaterImages(split, transform, indices),
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            normalize=features == "joint",
+            precision=precision,
+            desc=f"{split.name} {what} images",
+        )[0]
+
+    train_features, test_features = encode(train, used, "train"), encode(test, None, "test")
+    text_head = None
+    if probe == "toolkit" and features == "joint" and text_prompts is not None:
+        classnames, templates = text_prompts
+        classifier = build_zeroshot_classifier(
+            model, classnames, templates, device=device, batch_size=batch_size, precision=precision
+        )
+        text_head = classifier.T.to(device)  # [C, D]: the toolkit's `zeroshot_weights.T`
     test_targets = targets_of(test)
     per_seed: list[dict[str, float]] = []
-    for seed, subset in subsets.items():
-        rows = torch.tensor([row_of[i] for i in subset])
-        scores, info = probe_scores(
-            train_features[rows],
-            targets_of(train, subset),
-            test_features,
-            num_classes=len(train.classnames),
-            metric=metric,
-            multilabel=train.multilabel,
-            device=device,
+    for seed, (search, final, merge) in subsets.items():
+        data = ProbeData(
+            train_features[[row_of[i] for i in search]].to(device),
+            targets_of(train, search).to(device),
+            train_features[[row_of[i] for i in final]].to(device),
+            targets_of(train, final).to(device),
+            test_features.to(device),
+            test_targets.to(device),
+            merge_validation=merge,
         )
+        options = {"metric": metric, "multilabel": train.multilabel, "num_classes": num_classes}
+        if probe == "toolkit":
+            outcome = toolkit_probe(data, text_head=text_head, **options)
+        else:
+            outcome = lbfgs_probe(data, **options)
+        scores = outcome.test_probabilities
         metrics = {
             "score": METRICS.get(metric)(scores, test_targets),
             **extra_metrics(scores, test_targets, multilabel=test.multilabel),
-            **info,
-            "train_images": float(len(subset)),
+            **outcome.info,
+            "train_images": float(len(set(search) | set(final))),
         }
         log.info(
             "%s seed %d: %s %.2f (l2 %.0e, %d training images)",
@@ -315,15 +271,17 @@ def evaluate_linear_probe(
             seed,
             metric,
             metrics["score"],
-            info["l2"],
-            len(subset),
+            outcome.info["l2"],
+            metrics["train_images"],
         )
         per_seed.append(metrics)
-    summary = {key: float(np.mean([m[key] for m in per_seed])) for key in per_seed[0] if key not in ("l2",)}
+    summary = {key: float(np.mean([m[key] for m in per_seed])) for key in per_seed[0] if key not in ("l2", "lr")}
     summary["score_std"] = float(np.std([m["score"] for m in per_seed]))
     for seed, metrics in zip(subsets, per_seed):
         summary[f"seed{seed}/score"] = metrics["score"]
         summary[f"seed{seed}/l2"] = metrics["l2"]
+        if "lr" in metrics:
+            summary[f"seed{seed}/lr"] = metrics["lr"]
     return summary
 
 

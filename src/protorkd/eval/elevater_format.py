@@ -45,6 +45,7 @@ class ElevaterSpec:
     labelmap: str | None  # None for the COCO-format datasets (names come from `categories`)
     metric: str = "accuracy"
     multilabel: bool = False
+    full_search_shots: int | None = None  # all shots: search on this many per class (the toolkit: PatchCamelyon)
 
 
 ELEVATER_DATASETS: Registry[ElevaterSpec] = Registry("ELEVATER dataset")
@@ -85,7 +86,15 @@ _SPECS = [
     ElevaterSpec(
         "oxford-pets", "oxford-iiit-pets", "oxford_iiit_pets", "train.txt", "test.txt", "labels.txt", "mean-per-class"
     ),
-    ElevaterSpec("patchcamelyon", "patch-camelyon", "patch_camelyon", "train.txt", "test.txt", "labels.txt"),
+    ElevaterSpec(
+        "patchcamelyon",
+        "patch-camelyon",
+        "patch_camelyon",
+        "train.txt",
+        "test.txt",
+        "labels.txt",
+        full_search_shots=10_000,  # linear_probe.py: "deal with patch camelyon large dataset"
+    ),
     ElevaterSpec("rendered-sst2", "rendered-sst2", "rendered_sst2", "train.txt", "test.txt", "labels.txt"),
     ElevaterSpec("resisc45", "resisc45_clip", "resisc45_clip", "train.json", "test.json", None),
     ElevaterSpec("stanford-cars", "stanford-cars", "stanford_cars", "train.txt", "test.txt", "labels.txt"),

@@ -4,10 +4,13 @@
 - mean-per-class: the mean over the classes present in the test set of each class's top-1 recall
   (caltech101, fgvc-aircraft, oxford-flowers, oxford-pets);
 - roc_auc: ROC-AUC of the class-1 score (hateful-memes, a binary task);
-- 11point_mAP: per class, the precision interpolated at recall 0, 0.1, ..., 1 (the best precision at any
+- 11point_mAP: per class, the precision interpolated at recall 1, 0.9, ..., 0 (the best precision at any
   operating point with at least that recall, sklearn's precision-recall curve with its (recall 0,
-  precision 1) end point included, as vision-evaluation does), averaged over the 11 points, then over the
-  classes that have a positive test image (voc2007, multi-label).
+  precision 1) end point included), averaged over the 11 points, then over the classes that have a positive
+  test image (voc2007, multi-label). This is vision-evaluation 0.2.9's `MeanAveragePrecisionNPointsEvaluator`
+  (the toolkit pins it), to the bit: its recall thresholds are np.linspace(1, 0, 11), whose 0.7, 0.6, 0.4, 0.3,
+  0.2 and 0.1 lie one ulp from np.linspace(0, 1, 11)'s, and a recall of exactly 3/10 passes the threshold 0.3
+  only from below (tests/eval/test_elevater_metrics.py).
 """
 
 from __future__ import annotations
@@ -53,14 +56,20 @@ def map_11_point(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """scores [N, C], multi-hot targets [N, C] -> 11-point interpolated mAP in % (see the module docstring)."""
     from sklearn.metrics import precision_recall_curve
 
-    points = np.linspace(0.0, 1.0, 11)
+    thresholds = np.linspace(1, 0, 11).tolist()  # vision-evaluation's, in its order
     per_class = []
     for c in range(targets.shape[1]):
         positives = targets[:, c].numpy() > 0
         if not positives.any():
             continue
         precision, recall, _ = precision_recall_curve(positives, scores[:, c].double().numpy())
-        per_class.append(np.mean([precision[recall >= t].max() for t in points]))
+        total, index, best = 0.0, 0, 0.0
+        for threshold in thresholds:  # recall falls along the curve: walk it once, keeping the best precision
+            while index < len(recall) and threshold <= recall[index]:
+                best = max(best, precision[index])
+                index += 1
+            total += best
+        per_class.append(total / len(thresholds))
     return 100.0 * float(np.mean(per_class)) if per_class else float("nan")
 
 

@@ -1,8 +1,11 @@
-"""Batched feature extraction under no_grad (autocast on CUDA), and a cache keyed by the weights that made them.
+"""Batched feature extraction under no_grad in a chosen precision, and a cache keyed by the weights that made them.
 
 Image features: `image_features(model, dataset)` -> ([N, D], labels [N]); joint-space normalised features
 for zero-shot and retrieval, tower (backbone) features for the linear probe. Text features:
 `text_features(model, texts)` -> [N, D] normalised joint features.
+
+The precision of an evaluation is a choice (`--eval-precision`), resolved once by `resolve_eval_precision`
+and passed to every forward pass here; `Precision.autocast` alone decides what autocast that means.
 
 `FeatureCache` stores tensors under a key that includes a fingerprint of the weights that produced them
 (`weights_fingerprint`), so a cached entry can never be served for another checkpoint.
@@ -32,9 +35,24 @@ from protorkd.precision import Precision
 log = logging.getLogger(__name__)
 
 
-def default_eval_precision(device: torch.device | str) -> Precision:
-    """bf16 autocast on CUDA, fp32 on the CPU."""
-    return Precision.AMP_BF16 if torch.device(device).type == "cuda" else Precision.FP32
+EVAL_PRECISIONS = ("auto", "fp32", "amp", "amp_bf16")  # --eval-precision
+
+
+def resolve_eval_precision(name: str | Precision, device: torch.device | str) -> Precision:
+    """The precision an evaluation on `device` runs in: `auto` is CLIP_benchmark's default on a GPU (fp16
+    autocast, `amp`; its `--no_amp` is our `fp32`) and fp32 on the CPU. Torch has no fp16 autocast on the
+    CPU, so `amp` there computes in fp32 and is recorded as fp32: a result file names what ran."""
+    name = name.value if isinstance(name, Precision) else name
+    if name not in EVAL_PRECISIONS:
+        raise UsageError(f"evaluation precision {name!r}: valid: {', '.join(EVAL_PRECISIONS)}")
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        return Precision.AMP if cuda else Precision.FP32
+    precision = Precision(name)
+    if precision is Precision.AMP and not cuda:
+        log.warning("--eval-precision amp: fp16 autocast exists on CUDA only; the CPU evaluates in fp32")
+        return Precision.FP32
+    return precision
 
 
 def collate_or_error(batch: list[tuple[Any, int]]) -> Any:
@@ -54,12 +72,14 @@ def image_features(
     batch_size: int = 256,
     workers: int = 0,
     normalize: bool = True,
+    precision: Precision = Precision.FP32,
     desc: str = "images",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [N, D] float32 on CPU, labels [N]) for a dataset of (image tensor, label) pairs.
 
     normalize=True gives joint-space features (`encode_image`); False gives the image tower's
-    backbone features (the linear-probe protocol). An unreadable image stops with a message naming it.
+    backbone features (the linear-probe protocol). The forward passes run under `precision.autocast`.
+    An unreadable image stops with a message naming it.
     """
     device = torch.device(device)
     loader = DataLoader(
@@ -82,7 +102,7 @@ def image_features(
             # in the tower's dtype: a model trained with --precision bf16 holds bf16 weights
             dtype = next(model.image_tower.parameters()).dtype if hasattr(model, "image_tower") else images.dtype
             images = images.to(device, dtype=dtype, non_blocking=True)
-            with default_eval_precision(device).autocast(device):
+            with precision.autocast(device):
                 output = model.encode_image(images) if normalize else model.image_backbone(images)
             features.append(output.float().cpu())
             labels.append(torch.as_tensor(targets))
@@ -93,9 +113,14 @@ def image_features(
 
 @torch.no_grad()
 def text_features(
-    model: torch.nn.Module, texts: list[str], *, device: torch.device | str, batch_size: int = 256
+    model: torch.nn.Module,
+    texts: list[str],
+    *,
+    device: torch.device | str,
+    batch_size: int = 256,
+    precision: Precision = Precision.FP32,
 ) -> torch.Tensor:
-    """[N] strings -> [N, D] normalised joint text features (float32, CPU).
+    """[N] strings -> [N, D] normalised joint text features (float32, CPU), encoded under `precision.autocast`.
 
     Texts are encoded in order of length (less padding per batch) and returned in input order.
     """
@@ -106,7 +131,7 @@ def text_features(
         outputs = []
         for start in range(0, len(order), batch_size):
             batch = [texts[i] for i in order[start : start + batch_size]]
-            with default_eval_precision(device).autocast(device):
+            with precision.autocast(device):
                 outputs.append(model.encode_texts(batch, device=device).float().cpu())
     finally:
         model.train(was_training)

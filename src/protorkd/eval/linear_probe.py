@@ -1,21 +1,23 @@
-"""Linear probe: logistic regression on frozen image features, its L2 strength chosen by k-fold validation.
+"""The `cv` linear probe: logistic regression on frozen image features, its L2 strength by k-fold validation.
 
-The protocol of the CLIP paper (appendix A.3) as CLIP_benchmark runs it: the L2 strength is searched on
-training data only, with CLIP_benchmark's coarse-to-fine search over 97 log-spaced values (`L2Grid`,
-`sweep_l2`); the chosen value is refitted on all of train and scored once on test.
+One of the two linear-probe protocols (`--linear-protocol`; the other, CLIP_benchmark's own, is in
+`linear_clip_benchmark.py`). It is the CLIP paper's protocol (appendix A.3: L-BFGS logistic regression, the
+L2 strength searched on training data only) with CLIP_benchmark's coarse-to-fine search over 97
+log-spaced values (`L2Grid`, `sweep_l2`); the chosen value is refitted on all of train and scored once on
+test. Its records are named `linear_cv_*` (`lp_cv_*` in CLIP_benchmark files), never CLIP_benchmark's.
 
-Where CLIP_benchmark scores each value by accuracy on one validation split, here each value is scored by
-its stratified 5-fold cross-validated log-likelihood (the held-out cross-entropy, glmnet's default
-criterion for logistic regression, `cv.glmnet(type.measure = "deviance")`), and an exact tie goes to the
-stronger regularisation. Validation accuracy is a step function of the L2 strength: neighbouring values
-differ by a single image, values decades apart tie, and which one wins flips with rounding-level changes of
-the features (a 1-ulp change moved a collapsed model's probe by 5 points, tests/eval/test_linear_probe.py).
-The held-out log-likelihood is smooth, so a small change of the data moves the choice to a neighbouring
-value at most. `sweep_l2` also serves ELEVATER's probe (`eval.elevater.probe_scores`: the toolkit's grid,
-its validation split and the dataset's own metric).
+Each L2 value is scored by its stratified 5-fold cross-validated log-likelihood (the held-out
+cross-entropy, glmnet's default criterion for logistic regression, `cv.glmnet(type.measure = "deviance")`),
+and an exact tie goes to the stronger regularisation. Validation accuracy is a step function of the L2
+strength: neighbouring values differ by a single image, values decades apart tie, and which one wins flips
+with rounding-level changes of the features (a 1-ulp change moved a collapsed model's probe by 5 points,
+tests/eval/test_linear_probe.py). The held-out log-likelihood is smooth, so a small change of the data moves
+the choice to a neighbouring value at most.
 
-Features are standardised with train statistics (`logistic.standardize`, sklearn's StandardScaler) and
-fitted by `logistic.solver_fit` ("torch": whitened L-BFGS on `device`; "sklearn": the reference).
+Features are standardised with train statistics (`logistic.Standardizer`) and fitted by
+`logistic.solver_fit` ("torch": whitened L-BFGS on `device`; "sklearn": the reference). Memory: one
+standardised copy of the training features, in fold order, so that each fold's training rows are two
+views of it; nothing else scales with the number of images (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from protorkd.errors import UsageError
-from protorkd.eval.logistic import SOLVERS, Fit, Params, cpu_threads_for, solver_fit, standardize
+from protorkd.eval.logistic import SOLVERS, Fit, Params, Standardizer, cpu_threads_for, solver_fit
 from protorkd.eval.ranking import accuracy_metrics, topk_hits
 
 DEFAULT_FOLDS = 5
@@ -41,7 +43,7 @@ class L2Grid:
 
     First the `coarse` evenly spaced values (grid indices 0, 16, ..., 96 for 97 points and 7 coarse
     ones), then the best one and its neighbours at distances step/2, step/4, ..., 1 grid points (8, 4, 2, 1):
-    CLIP_benchmark's `find_peak` loop and the ELEVATER toolkit's `hyperparameter_sweep`. At most
+    the schedule of CLIP_benchmark's `find_peak` loop and the ELEVATER toolkit's `hyperparameter_sweep`. At most
     coarse + 2 * len(spans) values are fitted (15 of 97).
     """
 
@@ -67,7 +69,6 @@ class L2Grid:
 
 
 CLIP_BENCHMARK_GRID = L2Grid(-6.0, 2.0)  # CLIP_benchmark's weight-decay range, np.logspace(-6, 2, num=97)
-ELEVATER_GRID = L2Grid(-6.0, 6.0)  # the toolkit's SEARCH_WD_LOG_LOWER / _UPPER defaults
 
 
 @dataclass
@@ -128,7 +129,17 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.T
     return fold
 
 
-def linear_probe(
+@dataclass
+class ProbeResult:
+    """A linear probe's metrics (accuracies in %, plus what the protocol chose), its test logits [M, C], and
+    the protocol's fixed settings its records carry (CLIP_benchmark's `epochs`, `seed`, `fewshot_k`)."""
+
+    metrics: dict[str, float]
+    test_logits: torch.Tensor
+    settings: dict[str, int] = field(default_factory=dict)
+
+
+def cv_linear_probe(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,
     test_features: torch.Tensor,
@@ -139,13 +150,12 @@ def linear_probe(
     folds: int = DEFAULT_FOLDS,
     seed: int = 0,
     device: torch.device | str = "cpu",
-) -> dict[str, float]:
-    """Test metrics (%) with the L2 strength of best stratified `folds`-fold cross-validated log-likelihood.
+) -> ProbeResult:
+    """The L2 strength of best stratified `folds`-fold cross-validated log-likelihood, refitted on all of train.
 
-    train_features [N, D], test_features [M, D]. Returns `accuracy_metrics` of the refitted classifier on
-    test (top1, top5 with >= 5 classes, mean_per_class_recall), `cv_top1` (the cross-validated accuracy of
-    the chosen value, %) and `l2`. The torch solver runs on `device`, sklearn always on the CPU. Memory: the
-    training features are held about `folds` times (one rotated copy per fold).
+    train_features [N, D], test_features [M, D]. Metrics: `ranking.accuracy_metrics` of the test logits
+    (top1, top5 with >= 5 classes, mean_per_class_recall), `cv_top1` (the cross-validated accuracy of the
+    chosen value, %) and `l2`. The torch solver runs on `device`, sklearn always on the CPU.
     """
     if solver not in SOLVERS:
         raise UsageError(f"unknown linear-probe solver {solver!r}; valid: {', '.join(SOLVERS)}")
@@ -153,16 +163,21 @@ def linear_probe(
         raise UsageError("the linear probe needs at least 2 training images")
     if solver == "sklearn":
         device = "cpu"
-    x_train, x_test = standardize(train_features.float().to(device), test_features.float().to(device))
-    y_train, y_test = train_labels.long().to(device), test_labels.long().to(device)
-    n_classes = int(max(int(y_train.max()), int(y_test.max())) + 1)
-    fold_of = stratified_folds(y_train, min(folds, len(y_train)), seed).to(device)
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    n_classes = int(max(int(train_labels.max()), int(test_labels.max())) + 1)
+    fold_of = stratified_folds(train_labels, min(folds, len(train_labels)), seed)
+    order = torch.argsort(fold_of, stable=True)  # fold by fold: each fold's training rows are two views
+    ends = torch.cumsum(torch.bincount(fold_of), 0).tolist()
+    starts = [0, *ends[:-1]]
+    scaler = Standardizer.fit(train_features.float())
+    x_train = scaler(train_features.float().to(device), order.to(device))  # [N, D] standardised, fold order
+    y_train = train_labels[order].to(device)
     with cpu_threads_for(x_train):
         splits = []
-        for fold in fold_of.unique().tolist():
-            held_out = fold_of == fold
-            fits = WarmStarts(solver_fit(solver, x_train[~held_out], y_train[~held_out], n_classes))
-            splits.append((fits, x_train[held_out], y_train[held_out]))
+        for start, end in zip(starts, ends):
+            kept = [(x_train[a:b], y_train[a:b]) for a, b in ((0, start), (end, len(y_train))) if b > a]
+            fit = solver_fit(solver, [x for x, _ in kept], [y for _, y in kept], n_classes)
+            splits.append((WarmStarts(fit), x_train[start:end], y_train[start:end]))
 
         def cv_log_likelihood(l2: float) -> float:
             total = 0.0
@@ -178,5 +193,7 @@ def linear_probe(
         for fits, x_val, y_val in splits:
             fold_weight, fold_bias = fits(choice.l2)
             correct += topk_hits((x_val @ fold_weight.T + fold_bias).cpu(), y_val.cpu(), (1,))[1].sum().item()
-    metrics = accuracy_metrics((x_test @ weight.T + bias).cpu(), y_test.cpu())
-    return {**metrics, "cv_top1": 100.0 * correct / len(y_train), "l2": choice.l2}
+        test_logits = (scaler(test_features.float().to(device)) @ weight.T + bias).cpu()
+    metrics = accuracy_metrics(test_logits, test_labels)
+    settings = {"folds": len(splits), "seed": seed, "fewshot_k": -1}
+    return ProbeResult({**metrics, "cv_top1": 100.0 * correct / len(y_train), "l2": choice.l2}, test_logits, settings)

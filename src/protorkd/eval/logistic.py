@@ -1,19 +1,28 @@
-"""Logistic regression on fixed features: the solvers behind the linear probe and ELEVATER's probe.
+"""Logistic regression on fixed features: the solvers behind the cv linear probe and ELEVATER's probe.
 
 Every solver minimises mean cross-entropy + l2/2 * ||W||^2 (bias not penalised) on standardised features:
 - `LogisticRegressionProblem` (solver "torch", the default): full-batch L-BFGS in float32 on any device, in a
   whitened basis computed once per training set;
 - `fit_sklearn` (solver "sklearn"): `LogisticRegression(C=1 / (l2 * n))` on the CPU, the reference;
-- `fit_one_vs_rest`: one sigmoid classifier per class, for multi-label targets (ELEVATER's voc2007).
+- the same problem with `multilabel=True`: one sigmoid classifier per class (the sum of the classes' binary
+  cross-entropies), for multi-label targets (ELEVATER's voc2007).
 
-`standardize` is sklearn's `StandardScaler`, including its rule for near-constant features: their scale
-is 1, so float32 rounding noise in a dimension that does not vary is never blown up to unit variance.
+Every torch fit says whether it converged (`LogisticRegressionProblem.converged`): L-BFGS stopped on its
+gradient or change tolerance, not on its iteration or evaluation budget.
+
+`Standardizer` is sklearn's `StandardScaler` with one deviation: a dimension whose spread is only float
+rounding keeps scale 1 (see its docstring).
+
+Memory: a problem holds no copy of its features. Its training rows are given as row blocks (views, e.g. all
+cross-validation folds but one of one fold-ordered tensor), and every pass over them goes block by block,
+so the temporaries are O(block rows x classes) whatever the number of images (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,40 +31,63 @@ SOLVERS = ("torch", "sklearn")
 SINGLE_THREAD_ELEMENTS = 1 << 24  # CPU feature matrices up to this size are solved on one thread
 EIGENVALUE_FLOOR = 1e-6  # the whitening floor, relative to the largest eigenvalue of the feature covariance
 CONSTANT_TOLERANCE = 4.0  # a dimension is constant when its std <= this many float eps of its magnitude
-ROW_BLOCK = 1 << 16  # rows per block when statistics are accumulated in float64
+ROW_BLOCK = 1 << 13  # rows per block when statistics are accumulated in float64 (16 MB at D = 256)
+BLOCK_ELEMENTS = 1 << 24  # rows x classes of one block of logits (64 MB in float32)
 Params = tuple[torch.Tensor, torch.Tensor]  # (weight [C, D], bias [C])
 Fit = Callable[[float, Params | None], Params]  # (l2, warm start) -> parameters
+Rows = torch.Tensor | Sequence[torch.Tensor]  # one [N, D] tensor, or its row blocks
 
 
-def _blocks(features: torch.Tensor) -> Iterator[torch.Tensor]:
+def _parts(rows: Rows) -> list[torch.Tensor]:
+    return [rows] if isinstance(rows, torch.Tensor) else list(rows)
+
+
+def _blocks(features: torch.Tensor, rows: int = ROW_BLOCK) -> Iterator[torch.Tensor]:
     """Row blocks of `features` in float64 (never the whole matrix in float64 at once)."""
-    for start in range(0, features.shape[0], ROW_BLOCK):
-        yield features[start : start + ROW_BLOCK].double()
+    for start in range(0, features.shape[0], rows):
+        yield features[start : start + rows].double()
+
+
+@dataclass(frozen=True)
+class Standardizer:
+    """Zero mean and unit variance per dimension with train statistics (float64), as sklearn's StandardScaler:
+    the population std (ddof 0), and a dimension whose std is at most 4 float eps of its largest magnitude
+    keeps scale 1.
+
+    The last rule is a deviation from StandardScaler, whose `_handle_zeros_in_scale` keeps scale 1 only for
+    a std below 10 eps *absolute*: a dimension of features near 4.0 that varies by an ulp or two (4.8e-7)
+    has a std far above that, and StandardScaler would blow this rounding noise up to unit variance, as
+    large as any real feature. Here it is centred but not scaled, which is what keeps the probe of a
+    collapsed model stable under rounding-level changes (tests/eval/test_linear_probe.py).
+    """
+
+    mean: torch.Tensor  # [D] float64
+    scale: torch.Tensor  # [D] float64
+
+    @classmethod
+    def fit(cls, train: torch.Tensor) -> Standardizer:
+        n = train.shape[0]
+        mean = sum(block.sum(dim=0) for block in _blocks(train)) / n
+        variance = sum((block - mean).pow(2).sum(dim=0) for block in _blocks(train)) / n
+        magnitude = torch.stack([block.abs().amax(dim=0) for block in _blocks(train)]).amax(dim=0)
+        std = variance.sqrt()
+        constant = std <= CONSTANT_TOLERANCE * torch.finfo(train.dtype).eps * magnitude
+        return cls(mean, torch.where(constant, torch.ones_like(std), std))
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(x[rows] - mean) / scale in the dtype of `x`, written block by block into one new tensor."""
+        count = x.shape[0] if rows is None else len(rows)
+        out = torch.empty((count, x.shape[1]), dtype=x.dtype, device=x.device)
+        for start in range(0, count, ROW_BLOCK):
+            block = x[start : start + ROW_BLOCK] if rows is None else x[rows[start : start + ROW_BLOCK]]
+            out[start : start + ROW_BLOCK] = (block.double() - self.mean) / self.scale
+        return out
 
 
 def standardize(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Zero mean and unit variance per dimension with train statistics (float64), as sklearn's StandardScaler.
-
-    The std is the population std (ddof 0). A dimension whose std is at most 4 float eps (of the
-    features. dtype) of its largest magnitude holds nothing but rounding, and keeps scale 1, as
-    sklearn's `_handle_zeros_in_scale` keeps a near-zero scale at 1; dividing by such a std would turn
-    rounding noise into a unit-variance feature. Returns the tensors in the dtype of `train`.
-    """
-    n = train.shape[0]
-    mean = sum(block.sum(dim=0) for block in _blocks(train)) / n
-    variance = sum((block - mean).pow(2).sum(dim=0) for block in _blocks(train)) / n
-    magnitude = train.abs().amax(dim=0).double()
-    std = variance.sqrt()
-    constant = std <= CONSTANT_TOLERANCE * torch.finfo(train.dtype).eps * magnitude
-    scale = torch.where(constant, torch.ones_like(std), std)
-
-    def transform(x: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=train.dtype, device=x.device)
-        for start, block in zip(range(0, x.shape[0], ROW_BLOCK), _blocks(x)):
-            out[start : start + ROW_BLOCK] = (block - mean) / scale
-        return out
-
-    return tuple(transform(x) for x in (train, *others))
+    """`train` and `others` standardised with the statistics of `train` (`Standardizer`)."""
+    scaler = Standardizer.fit(train)
+    return tuple(scaler(x) for x in (train, *others))
 
 
 class LogisticRegressionProblem:
@@ -68,33 +100,61 @@ class LogisticRegressionProblem:
     becomes l2/2 * sum(V^2 / s): the objective and its minimiser are exactly those of the original
     problem. The floor, max(10 * l2, 1e-6 * the largest eigenvalue), is relative, so directions that hold
     only rounding noise are never stretched to the scale of real ones.
+
+    `features` is one [N, D] tensor or its row blocks (labels [N] or blocks alike); nothing is copied: the
+    gradient in V is the plain gradient in W mapped through U, computed block by block. With
+    `multilabel=True` the targets are multi-hot [N, C] and the data term is the per-image sum of C binary
+    cross-entropies (C independent sigmoid classifiers, the ELEVATER toolkit's BCE loss).
     """
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> None:
-        n = features.shape[0]
-        gram = sum(block.T @ block for block in _blocks(features)) / n  # [D, D] float64
+    def __init__(self, features: Rows, labels: Rows, n_classes: int, *, multilabel: bool = False) -> None:
+        self.parts = _parts(features)
+        self.label_parts = _parts(labels)
+        self.multilabel = multilabel
+        self.converged: dict[float, bool] = {}  # l2 -> whether its last fit converged
+        self.n = sum(part.shape[0] for part in self.parts)
+        gram = sum(block.T @ block for part in self.parts for block in _blocks(part)) / self.n  # [D, D] float64
         eigenvalues, eigenvectors = torch.linalg.eigh(gram)
         eigenvalues = eigenvalues.clamp(min=0)
+        dtype = self.parts[0].dtype
         self.largest_eigenvalue = float(eigenvalues.max()) if eigenvalues.numel() else 0.0
-        self.eigenvalues = eigenvalues.to(features.dtype)  # [D]
-        self.basis = eigenvectors.to(features.dtype)  # [D, D], columns U
-        self.rotated = features @ self.basis  # [N, D]
-        self.labels = labels
+        self.eigenvalues = eigenvalues.to(dtype)  # [D]
+        self.basis = eigenvectors.to(dtype)  # [D, D], columns U
         self.n_classes = n_classes
-        self.columns = torch.arange(n, device=features.device)
+        self.block_rows = max(1024, BLOCK_ELEMENTS // max(n_classes, 1))
 
     def floor(self, l2: float) -> float:
         return max(10.0 * l2, EIGENVALUE_FLOOR * self.largest_eigenvalue, torch.finfo(torch.float32).tiny)
 
+    def _data_term(self, weight: torch.Tensor, bias: torch.Tensor) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """(sum of cross-entropies, its gradient in W [C, D], in b [C]) over every training row, block by block."""
+        total = torch.zeros((), dtype=torch.float64, device=weight.device)
+        grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
+        for part, labels in zip(self.parts, self.label_parts):
+            for start in range(0, part.shape[0], self.block_rows):
+                x, y = part[start : start + self.block_rows], labels[start : start + self.block_rows]
+                logits = torch.addmm(bias, x, weight.T)  # [B, C]
+                if self.multilabel:  # sigmoid - target: the gradient of the binary cross-entropies in the logits
+                    total += F.binary_cross_entropy_with_logits(logits, y, reduction="sum").double()
+                    residual = logits.sigmoid_().sub_(y)
+                else:  # softmax - one hot: the gradient of the cross-entropy in the logits
+                    rows = torch.arange(len(y), device=x.device)
+                    log_probs = torch.log_softmax(logits, dim=1)
+                    total -= log_probs[rows, y].sum(dtype=torch.float64)
+                    residual = log_probs.exp_()
+                    residual[rows, y] -= 1.0
+                grad_weight.addmm_(residual.T, x)
+                grad_bias += residual.sum(dim=0)
+        return float(total), grad_weight, grad_bias
+
     def fit(self, l2: float, init: Params | None = None, *, max_iter: int = 1000, tolerance: float = 1e-4) -> Params:
         """(weight [C, D], bias [C]) at the optimum; stops like sklearn's lbfgs (iterations, max |gradient|)."""
-        n, dim = self.rotated.shape
+        dtype, device = self.basis.dtype, self.basis.device
         scale = self.eigenvalues + self.floor(l2)  # [D]
-        features = self.rotated * scale.rsqrt()  # [N, D] whitened
-        features_t = features.T.contiguous()  # [D, N]: logits as [C, N], softmax over the outer dimension
+        inverse_sqrt = scale.rsqrt()
         if init is None:
-            v = torch.zeros(self.n_classes, dim, dtype=features.dtype, device=features.device)
-            bias = torch.zeros(self.n_classes, dtype=features.dtype, device=features.device)
+            v = torch.zeros(self.n_classes, len(scale), dtype=dtype, device=device)
+            bias = torch.zeros(self.n_classes, dtype=dtype, device=device)
         else:
             v = (init[0] @ self.basis) * scale.sqrt()
             bias = init[1].clone()
@@ -108,22 +168,19 @@ class LogisticRegressionProblem:
             tolerance_change=1e-9,
             line_search_fn="strong_wolfe",
         )
-        labels, columns = self.labels, self.columns
 
         def closure() -> torch.Tensor:
-            log_probs = torch.log_softmax(torch.addmm(bias[:, None], v, features_t), dim=0)  # [C, N]
             v_scaled = v / scale
-            loss = -log_probs[labels, columns].mean() + 0.5 * l2 * (v_scaled * v).sum()
-            residual = log_probs.exp_()  # (softmax - one hot) / N: the gradient of the mean cross-entropy
-            residual[labels, columns] -= 1.0
-            residual /= n
-            v.grad = torch.addmm(v_scaled, residual, features, beta=l2)
-            bias.grad = residual.sum(dim=1)
-            return loss
+            total, grad_weight, grad_bias = self._data_term((v * inverse_sqrt) @ self.basis.T, bias)
+            v.grad = ((grad_weight / self.n) @ self.basis) * inverse_sqrt + l2 * v_scaled
+            bias.grad = grad_bias / self.n
+            return torch.tensor(total / self.n + 0.5 * l2 * float((v_scaled * v).sum()), dtype=dtype)
 
         with torch.no_grad():
             optimizer.step(closure)
-        return (v * scale.rsqrt()) @ self.basis.T, bias
+        state = optimizer.state[v]
+        self.converged[l2] = state["n_iter"] < max_iter and state["func_evals"] < optimizer.defaults["max_eval"]
+        return (v * inverse_sqrt) @ self.basis.T, bias
 
 
 def fit_logistic_regression(
@@ -139,46 +196,6 @@ def fit_logistic_regression(
     """One fit of mean cross-entropy + l2/2 * ||W||^2: features [N, D] -> (weight [C, D], bias [C])."""
     problem = LogisticRegressionProblem(features, labels, n_classes)
     return problem.fit(l2, init, max_iter=max_iter, tolerance=tolerance)
-
-
-def fit_one_vs_rest(
-    features: torch.Tensor,
-    targets: torch.Tensor,
-    l2: float,
-    *,
-    init: Params | None = None,
-    max_iter: int = 150,
-) -> Params:
-    """C independent sigmoid classifiers in one L-BFGS run: features [N, D], multi-hot targets [N, C] ->
-    (weight [C, D], bias [C]) minimising the per-image sum of binary cross-entropies + l2/2 * ||W||^2."""
-    if init is None:
-        weight = torch.zeros(targets.shape[1], features.shape[1], dtype=features.dtype, device=features.device)
-        bias = torch.zeros(targets.shape[1], dtype=features.dtype, device=features.device)
-    else:
-        weight, bias = (t.detach().clone() for t in init)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias],
-        lr=1.0,
-        max_iter=max_iter,
-        history_size=10,
-        tolerance_grad=1e-5,
-        tolerance_change=1e-9,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = torch.addmm(bias, features, weight.T)
-        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / len(features)
-        loss = loss + 0.5 * l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
 
 
 def fit_sklearn(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float) -> Params:
@@ -202,10 +219,12 @@ def fit_sklearn(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2
     return weight.to(features.device), bias.to(features.device)
 
 
-def solver_fit(solver: str, features: torch.Tensor, labels: torch.Tensor, n_classes: int) -> Fit:
-    """The `Fit` (l2, warm start) -> params of `solver` on one training set (sklearn ignores warm starts)."""
+def solver_fit(solver: str, features: Rows, labels: Rows, n_classes: int) -> Fit:
+    """The `Fit` (l2, warm start) -> params of `solver` on one training set (sklearn ignores warm starts and
+    needs the rows in one matrix: it concatenates row blocks)."""
     if solver == "sklearn":
-        return lambda l2, init=None: fit_sklearn(features, labels, n_classes, l2)
+        x, y = torch.cat(_parts(features)), torch.cat(_parts(labels))
+        return lambda l2, init=None: fit_sklearn(x, y, n_classes, l2)
     return LogisticRegressionProblem(features, labels, n_classes).fit
 
 

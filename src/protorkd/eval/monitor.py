@@ -3,8 +3,9 @@
 The evaluation itself is a callable the caller passes (`Evaluator`: checkpoint path -> flat metrics);
 this module only finds checkpoints, keeps the bookkeeping and draws the plot.
 
-Results go to `EXP_DIR/evaluation_metrics_all.csv` (one row per epoch, column `epoch` then every metric
-key; a new metric adds a column) and `EXP_DIR/evaluation_metrics_all.png` (one panel per metric). The CSV
+Results go to `EXP_DIR/evaluation_metrics_all.csv` (one row per epoch, column `epoch`, the caller's `info`
+columns (e.g. `eval_precision`), then every metric key; a new metric adds a column) and
+`EXP_DIR/evaluation_metrics_all.png` (one panel per numeric column). The CSV
 is the monitor's memory: it is rewritten atomically after each evaluation, so a killed or restarted
 monitor neither loses a row nor evaluates an epoch twice.
 """
@@ -58,6 +59,14 @@ def write_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def _numeric(value: object) -> bool:
+    try:
+        float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return value in (None, "")
+    return True
+
+
 def plot_rows(rows: list[dict], path: Path) -> None:
     """One small panel per metric against epoch (matplotlib, Agg backend), written atomically."""
     import matplotlib
@@ -65,7 +74,7 @@ def plot_rows(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = sorted({key for row in rows for key in row if key != "epoch"})
+    metrics = sorted({key for row in rows for key in row if key != "epoch" and _numeric(row[key])})
     if not metrics:
         return
     columns = min(4, len(metrics))
@@ -101,11 +110,17 @@ def _is_stable(path: Path, settle_seconds: float) -> bool:
 
 
 def evaluate_pending(
-    experiment_dir: Path, evaluate: Evaluator, *, settle_seconds: float = 1.0, failed: dict[int, float] | None = None
+    experiment_dir: Path,
+    evaluate: Evaluator,
+    *,
+    settle_seconds: float = 1.0,
+    failed: dict[int, float] | None = None,
+    info: dict[str, str] | None = None,
 ) -> list[int]:
     """Evaluate every checkpoint not yet in the CSV, in epoch order; returns the epochs evaluated now.
 
-    An unreadable checkpoint is skipped with a warning and retried only when its file changes.
+    An unreadable checkpoint is skipped with a warning and retried only when its file changes. `info` columns
+    (strings, e.g. the evaluation's precision) go into every row beside the metrics.
     """
     csv_path = experiment_dir / ALL_CSV
     failed = {} if failed is None else failed
@@ -127,7 +142,7 @@ def evaluate_pending(
             failed[epoch] = mtime
             continue
         rows = read_rows(csv_path)
-        rows.append({"epoch": epoch, **metrics})
+        rows.append({"epoch": epoch, **(info or {}), **metrics})
         rows.sort(key=lambda row: int(row["epoch"]))
         write_rows(csv_path, rows)
         plot_rows(rows, experiment_dir / ALL_PNG)
@@ -144,11 +159,12 @@ def watch(
     interval: float = 10.0,
     once: bool = False,
     settle_seconds: float = 1.0,
+    info: dict[str, str] | None = None,
 ) -> None:
     """Poll for new checkpoints until interrupted, until `last_epoch` is evaluated, or once with `once`."""
     failed: dict[int, float] = {}
     while True:
-        evaluate_pending(experiment_dir, evaluate, settle_seconds=settle_seconds, failed=failed)
+        evaluate_pending(experiment_dir, evaluate, settle_seconds=settle_seconds, failed=failed, info=info)
         evaluated = {int(row["epoch"]) for row in read_rows(experiment_dir / ALL_CSV)}
         if once:
             return
@@ -158,11 +174,13 @@ def watch(
         time.sleep(interval)
 
 
-def evaluate_single(experiment_dir: Path, epoch: int | str, evaluate: Evaluator) -> Path:
+def evaluate_single(
+    experiment_dir: Path, epoch: int | str, evaluate: Evaluator, *, info: dict[str, str] | None = None
+) -> Path:
     """Evaluate `checkpoints/epoch_{epoch}.pt` (epoch N or "latest") and write
     `single_evaluation_metrics@epoch_{epoch}.csv`."""
     path = experiment_dir / "checkpoints" / f"epoch_{epoch}.pt"
     metrics = evaluate(path)
     out = experiment_dir / f"single_evaluation_metrics@epoch_{epoch}.csv"
-    write_rows(out, [{"epoch": epoch, **metrics}])
+    write_rows(out, [{"epoch": epoch, **(info or {}), **metrics}])
     return out

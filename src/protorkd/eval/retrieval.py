@@ -14,6 +14,7 @@ import torch
 from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.features import image_features, text_features
 from protorkd.eval.ranking import hit_probability
+from protorkd.precision import Precision
 
 
 def _captions_of_images(text_to_image: torch.Tensor, n_images: int) -> torch.Tensor:
@@ -27,20 +28,20 @@ def _captions_of_images(text_to_image: torch.Tensor, n_images: int) -> torch.Ten
     return table
 
 
-def retrieval_metrics(
+def retrieval_hits(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     text_to_image: torch.Tensor,
     *,
     ks: tuple[int, ...] = (1, 5, 10),
     block: int = 1024,
-) -> dict[str, float]:
-    """Recall@K (%) both ways, and their mean.
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Expected hits per query: ({"image_to_text_R@K": [I]}, {"text_to_image_R@K": [T]}), float64.
 
     image_features [I, D], text_features [T, D] (normalised); text_to_image [T]: the image of each caption.
     A caption's rank counts the images scoring strictly above its own, an image's rank the captions
     scoring strictly above its best caption; candidates tied with that score are ordered at random in
-    expectation (`ranking.hit_probability`). Images without captions are left out of image->text.
+    expectation (`ranking.hit_probability`). An image without captions has NaN hits (left out of image->text).
     """
     n_images, n_texts = image_features.shape[0], text_features.shape[0]
     text_to_image = text_to_image.long()
@@ -64,14 +65,31 @@ def retrieval_metrics(
         tied_negatives = (sims == best).sum(dim=1) - tied_positives
         for k in ks:
             image_hits[k][start : start + block] = hit_probability(better, tied_negatives, tied_positives, k)
-    has_caption = captions[:, 0] >= 0
-    metrics: dict[str, float] = {}
-    for k in ks:
-        metrics[f"image_to_text_R@{k}"] = 100.0 * image_hits[k][has_caption].mean().item()
-    for k in ks:
-        metrics[f"text_to_image_R@{k}"] = 100.0 * text_hits[k].mean().item()
+    no_caption = captions[:, 0] < 0
+    return (
+        {f"image_to_text_R@{k}": image_hits[k].masked_fill(no_caption, float("nan")) for k in ks},
+        {f"text_to_image_R@{k}": text_hits[k] for k in ks},
+    )
+
+
+def recall_metrics(image_hits: dict[str, torch.Tensor], text_hits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Recall@K (%) both ways from `retrieval_hits`, and `mean_recall`, their mean."""
+    metrics = {name: 100.0 * hits[~hits.isnan()].mean().item() for name, hits in image_hits.items()}
+    metrics.update({name: 100.0 * hits.mean().item() for name, hits in text_hits.items()})
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
+
+
+def retrieval_metrics(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    text_to_image: torch.Tensor,
+    *,
+    ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
+) -> dict[str, float]:
+    """Recall@K (%) both ways, and their mean (`retrieval_hits`, `recall_metrics`)."""
+    return recall_metrics(*retrieval_hits(image_features, text_features, text_to_image, ks=ks, block=block))
 
 
 def encode_captioned_images(
@@ -81,12 +99,19 @@ def encode_captioned_images(
     device: torch.device | str,
     batch_size: int = 256,
     workers: int = 0,
+    precision: Precision = Precision.FP32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(image features [I, D], caption features [T, D]) of a `CaptionedImages` dataset."""
     images, _ = image_features(
-        model, dataset, device=device, batch_size=batch_size, workers=workers, desc="retrieval images"
+        model,
+        dataset,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        desc="retrieval images",
     )
-    texts = text_features(model, dataset.captions, device=device, batch_size=batch_size)
+    texts = text_features(model, dataset.captions, device=device, batch_size=batch_size, precision=precision)
     return images, texts
 
 
@@ -97,7 +122,10 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 256,
     workers: int = 0,
+    precision: Precision = Precision.FP32,
 ) -> dict[str, float]:
     """Retrieval metrics of `model` on a `CaptionedImages` dataset."""
-    images, texts = encode_captioned_images(model, dataset, device=device, batch_size=batch_size, workers=workers)
+    images, texts = encode_captioned_images(
+        model, dataset, device=device, batch_size=batch_size, workers=workers, precision=precision
+    )
     return retrieval_metrics(images, texts, dataset.caption_image)

@@ -17,6 +17,7 @@ import torch
 
 from protorkd.errors import UsageError
 from protorkd.eval.features import text_features
+from protorkd.precision import Precision
 from protorkd.registry import Registry
 
 # SentEval's subsets of each SemEval year (STS13's SMT is not distributed, STS12's ALL is not a subset).
@@ -161,6 +162,7 @@ def evaluate(
     device: torch.device | str,
     batch_size: int = 256,
     tasks: list[str] | None = None,
+    precision: Precision = Precision.FP32,
 ) -> dict[str, float]:
     """STS metrics of the model's text side on the SentEval folders under `root` (`ROOT/sts`).
 
@@ -172,7 +174,7 @@ def evaluate(
         raise UsageError(f"no STS data under {root} (expected {', '.join(TASK_FOLDERS.values())})")
 
     def encode(texts: list[str]) -> torch.Tensor:
-        return text_features(model, texts, device=device, batch_size=batch_size)
+        return text_features(model, texts, device=device, batch_size=batch_size, precision=precision)
 
     metrics: dict[str, float] = {}
     for name in names:

@@ -3,15 +3,18 @@
 Used by `protorkd eval`, `protorkd watch` and the training loop (`run_suite`), so all report the same
 numbers. Each task is one entry of `TASKS` (an `EvalTask`): its runner, the data it needs and its
 CLIP_benchmark task name; `TASK_NAMES` lists them in the order they run. Metric keys are flat
-`task/dataset/metric` (`eval.records`): `zeroshot/cifar10/top1`, `linear_joint/cifar10/top1` (the linear
-probe names the features it read), `retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`,
-`analysis/coco2017/modality_gap`. A task whose data is absent is skipped, with the reason.
+`task/dataset/metric` (`eval.records`): `zeroshot/cifar10/top1`, `linear_clip_benchmark_joint/cifar10/top1`
+(the linear probe names its protocol and the features it read), `retrieval/coco2017/image_to_text_R@5`,
+`sts/STSB/spearman`, `analysis/coco2017/modality_gap`. A task whose data is absent is skipped, with the
+reason. Every result also carries its 95 % intervals and, for classification, its per-class breakdown
+(`eval.intervals`), and the precision its forward passes ran in (`EvalOptions.precision`, resolved once).
 
 Training calls `run_suite(model, root, tasks=due, options=EvalOptions(device=..., batch_size=...,
-workers=..., cache=cache))` with the tasks due this epoch and a `FeatureCache` the run keeps, so zero-shot
-classifiers of a frozen text tower are built once per run. The defaults of `EvalOptions` are the standard
-protocols (CLIP's prompts for every registered dataset, the linear probe on joint features), so training,
-`watch` and `eval` report the same numbers without passing anything else.
+workers=..., cache=cache, precision=..., zeroshot_metadata=...))` with the tasks due this epoch and a
+`FeatureCache` the run keeps, so zero-shot classifiers of a frozen text tower are built once per run. The
+defaults of `EvalOptions` are the standard protocols (CLIP's prompts for every registered dataset,
+CLIP_benchmark's linear probe on joint features), so training, `watch` and `eval` report the same numbers
+without passing anything else.
 """
 
 from __future__ import annotations
@@ -29,9 +32,19 @@ import torch
 from protorkd.errors import UsageError
 from protorkd.eval import analysis, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
-from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
-from protorkd.eval.linear_probe import linear_probe
-from protorkd.eval.records import LINEAR_FEATURES, SuiteResult, TaskResult
+from protorkd.eval.features import (
+    FeatureCache,
+    image_features,
+    resolve_eval_precision,
+    text_features,
+    weights_fingerprint,
+)
+from protorkd.eval.intervals import ClassBreakdown, bootstrap_recall_intervals, classification_extras
+from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
+from protorkd.eval.linear_probe import ProbeResult, cv_linear_probe
+from protorkd.eval.ranking import accuracy_metrics
+from protorkd.eval.records import LINEAR_FEATURES, SuiteResult, TaskResult, linear_names
+from protorkd.precision import Precision
 from protorkd.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -45,10 +58,20 @@ class EvalOptions:
     workers: int = 0
     datasets: list[str] | None = None  # None: every dataset present
     zeroshot_metadata: Path | None = None  # overrides the shipped CLIP prompts and ROOT/zeroshot_metadata.json
-    linear_solver: str = "torch"
+    precision: str | Precision = "auto"  # features.EVAL_PRECISIONS; auto: amp on CUDA (CLIP_benchmark's), else fp32
+    linear_protocol: str = "clip_benchmark"  # records.LINEAR_PROTOCOLS
+    linear_solver: str = "torch"  # the cv protocol's solver
+    linear_val_proportion: float | None = None  # the clip_benchmark protocol's --val_proportion (None: no search)
     linear_features: str = "joint"  # "joint": normalised encode_image (CLIP_benchmark's); "backbone": the tower
     analysis_clusters: int = 10
     cache: FeatureCache | None = None
+
+    def __post_init__(self) -> None:
+        self.precision = resolve_eval_precision(self.precision, self.device)  # resolved once, here
+
+    def record_fields(self) -> dict[str, str]:
+        """What a results line records about how the numbers were made: {"eval_precision": "fp32", ...}."""
+        return {"eval_precision": self.precision.value, "linear_protocol": self.linear_protocol}
 
 
 @dataclass
@@ -60,7 +83,11 @@ class DatasetScore:
     clip_benchmark_name: str = ""
     seconds: float = 0.0
     images: int = 0
-    features: str = ""  # what a linear probe read; its metric keys name it
+    names: tuple[str, str, str] | None = None  # a linear probe's (task, file task, metric prefix): linear_names
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)
+    per_class: ClassBreakdown | None = None
+    class_names: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
 
 
 class Needs(Enum):
@@ -80,6 +107,7 @@ class _Run:
     root: Path
     specs: list
     options: EvalOptions
+    precision: Precision
     memo: dict = field(default_factory=dict)
 
     def transform(self) -> Callable:
@@ -135,6 +163,7 @@ class _Run:
                 device=o.device,
                 batch_size=o.batch_size,
                 workers=o.workers,
+                precision=self.precision,
                 desc="retrieval images",
             )
             self.memo[key] = (images, self.caption_features(dataset.captions), dataset.caption_image)
@@ -146,7 +175,11 @@ class _Run:
         o = self.options
 
         def compute() -> dict[str, torch.Tensor]:
-            return {"features": text_features(self.model, captions, device=o.device, batch_size=o.batch_size)}
+            return {
+                "features": text_features(
+                    self.model, captions, device=o.device, batch_size=o.batch_size, precision=self.precision
+                )
+            }
 
         if o.cache is None:
             return compute()["features"]
@@ -157,6 +190,7 @@ class _Run:
             "text_weights": self.memo["text_fingerprint"],
             "captions": hashlib.sha256("\n".join(captions).encode()).hexdigest(),
             "count": len(captions),
+            "precision": self.precision.value,
         }
         return o.cache.get_or_compute(description, compute)["features"]
 
@@ -172,9 +206,12 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
         dataset = spec.load(run.root, spec.test_split, run.transform())
         if dataset.empty_classes:
             log.warning(
-                "%s: %d empty class folders dropped with their class names: %s",
+                "%s: %d class folders without images (%s): %s",
                 spec.name,
                 len(dataset.empty_classes),
+                "their classes stay, as the dataset's class list is fixed"
+                if spec.registered
+                else "dropped with their class names",
                 ", ".join(dataset.empty_classes),
             )
         prompts = zeroshot.resolve_prompts(
@@ -182,6 +219,7 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
             dataset.class_folders,
             dataset.classes,
             packaged_key=spec.prompts,
+            subset=spec.prompt_classes,
             metadata_files=metadata_files,
         )
         log.info(
@@ -191,7 +229,7 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
             len(prompts.templates),
             prompts.source,
         )
-        metrics = zeroshot.evaluate(
+        logits, labels = zeroshot.logits_and_labels(
             run.model,
             dataset,
             prompts,
@@ -199,14 +237,29 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
             batch_size=o.batch_size,
             workers=o.workers,
             cache=o.cache,
+            precision=run.precision,
         )
-        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(dataset)))
+        intervals, per_class = classification_extras(logits, labels)
+        names = [name if isinstance(name, str) else name[0] for name in prompts.classnames]
+        scores.append(
+            DatasetScore(
+                spec.name,
+                accuracy_metrics(logits, labels),
+                spec.zeroshot_record_name,
+                time.time() - started,
+                len(dataset),
+                intervals=intervals,
+                per_class=per_class,
+                class_names=names,
+            )
+        )
     return scores
 
 
-def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[str, torch.Tensor]:
-    """{"features" [N, D], "labels" [N]} of one split, from the feature cache when it has them: normalised
-    joint features (`encode_image`) or the image tower's, as `EvalOptions.linear_features` says."""
+def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """({"features" [N, D], "labels" [N]}, class names) of one split, the features from the feature cache when
+    it has them: normalised joint features (`encode_image`) or the image tower's, as
+    `EvalOptions.linear_features` says."""
     o = run.options
     joint = o.linear_features == "joint"
     dataset = spec.load(run.root, split, run.transform())
@@ -219,12 +272,13 @@ def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[st
             batch_size=o.batch_size,
             workers=o.workers,
             normalize=joint,
+            precision=run.precision,
             desc=f"linear-probe {split} images",
         )
         return {"features": x, "labels": y}
 
     if o.cache is None:
-        return compute()
+        return compute(), dataset.classes
     description = {
         "kind": "linear_features" if not joint else "linear_joint_features",
         "image_weights": run.image_fingerprint() if not joint else run.image_joint_fingerprint(),
@@ -233,33 +287,70 @@ def _linear_features(run: _Run, spec: ClassificationSpec, split: str) -> dict[st
         "split": split,
         "size": len(dataset),
         "classes": dataset.classes,
+        "precision": run.precision.value,
     }
-    return o.cache.get_or_compute(description, compute)
+    return o.cache.get_or_compute(description, compute), dataset.classes
 
 
 def _linear(run: _Run) -> list[DatasetScore]:
     o = run.options
     if o.linear_features not in LINEAR_FEATURES:
         raise UsageError(f"linear-probe features {o.linear_features!r}: valid: {', '.join(LINEAR_FEATURES)}")
+    protocol = LINEAR_PROTOCOL_RUNNERS.get(o.linear_protocol)
     scores = []
     for spec in run.classification(with_train=True):
         started = time.time()
-        train = _linear_features(run, spec, spec.train_split)
-        test = _linear_features(run, spec, spec.test_split)
-        metrics = linear_probe(
-            train["features"],
-            train["labels"],
-            test["features"],
-            test["labels"],
-            solver=o.linear_solver,
-            device=o.device,
-        )
+        train, train_classes = _linear_features(run, spec, spec.train_split)
+        test, classes = _linear_features(run, spec, spec.test_split)
+        if train_classes != classes:  # labels are positions in these lists: they must be the same list
+            only = sorted(set(train_classes) ^ set(classes))
+            raise UsageError(
+                f"{spec.name}: its {spec.train_split} and {spec.test_split} splits have different class folders "
+                f"({', '.join(only[:3]) or 'in another order'}); give both the same classes"
+            )
+        result = protocol(train["features"], train["labels"], test["features"], test["labels"], run)
+        intervals, per_class = classification_extras(result.test_logits, test["labels"])
         images = len(train["labels"]) + len(test["labels"])
         seconds = time.time() - started
         scores.append(
-            DatasetScore(spec.name, metrics, spec.clip_benchmark_name, seconds, images, features=o.linear_features)
+            DatasetScore(
+                spec.name,
+                result.metrics,
+                spec.clip_benchmark_name,
+                seconds,
+                images,
+                names=linear_names(o.linear_protocol, o.linear_features),
+                intervals=intervals,
+                per_class=per_class,
+                class_names=list(classes),
+                extra={**result.settings, "normalized": o.linear_features == "joint"},
+            )
         )
     return scores
+
+
+def _clip_benchmark_protocol(train_x, train_y, test_x, test_y, run: _Run) -> ProbeResult:
+    o = run.options
+    return clip_benchmark_linear_probe(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        val_proportion=o.linear_val_proportion,
+        precision=run.precision,
+        device=o.device,
+    )
+
+
+def _cv_protocol(train_x, train_y, test_x, test_y, run: _Run) -> ProbeResult:
+    return cv_linear_probe(
+        train_x, train_y, test_x, test_y, solver=run.options.linear_solver, device=run.options.device
+    )
+
+
+LINEAR_PROTOCOL_RUNNERS: Registry[Callable[..., ProbeResult]] = Registry("linear-probe protocol")
+LINEAR_PROTOCOL_RUNNERS.register("clip_benchmark")(_clip_benchmark_protocol)
+LINEAR_PROTOCOL_RUNNERS.register("cv")(_cv_protocol)
 
 
 def _retrieval(run: _Run) -> list[DatasetScore]:
@@ -267,8 +358,17 @@ def _retrieval(run: _Run) -> list[DatasetScore]:
     for spec in run.captioned():
         started = time.time()
         images, texts, caption_image = run.captioned_features(spec)
-        metrics = retrieval.retrieval_metrics(images, texts, caption_image)
-        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, len(images)))
+        image_hits, text_hits = retrieval.retrieval_hits(images, texts, caption_image)
+        scores.append(
+            DatasetScore(
+                spec.name,
+                retrieval.recall_metrics(image_hits, text_hits),
+                spec.clip_benchmark_name,
+                time.time() - started,
+                len(images),
+                intervals=bootstrap_recall_intervals(image_hits, text_hits, caption_image),
+            )
+        )
     return scores
 
 
@@ -285,7 +385,9 @@ def _analysis(run: _Run) -> list[DatasetScore]:
 def _sts(run: _Run) -> list[DatasetScore]:
     o = run.options
     started = time.time()
-    metrics = sts.evaluate(run.model, run.root / "sts", device=o.device, batch_size=o.batch_size)
+    metrics = sts.evaluate(
+        run.model, run.root / "sts", device=o.device, batch_size=o.batch_size, precision=run.precision
+    )
     by_task: dict[str, dict[str, float]] = {}
     for key, value in metrics.items():
         name, metric = key.split("/", 1)
@@ -326,8 +428,10 @@ def run_suite(
     chosen = tasks or list(TASK_NAMES)
     for name in chosen:
         TASKS.get(name)  # an unknown name is an error that lists the valid ones
-    run = _Run(model, root, select(root, options.datasets), options)
-    result = SuiteResult()
+    LINEAR_PROTOCOL_RUNNERS.get(options.linear_protocol)
+    precision = options.precision
+    run = _Run(model, root, select(root, options.datasets), options, precision)
+    result = SuiteResult(precision=precision.value)
     for task in _TASK_LIST:
         if task.name not in chosen:
             continue
@@ -340,16 +444,22 @@ def run_suite(
             if score.seconds:
                 rate = f", {score.images / score.seconds:.0f} images/s" if score.images else ""
                 log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
+            name, file_task, prefix = score.names or (task.name, task.clip_benchmark_task, "")
             result.results.append(
                 TaskResult(
-                    f"{task.name}_{score.features}" if score.features else task.name,
+                    name,
                     score.dataset,
                     score.metrics,
-                    task.clip_benchmark_task,
+                    file_task,
                     score.clip_benchmark_name,
                     score.seconds,
                     score.images,
-                    score.features,
+                    prefix=prefix,
+                    intervals=score.intervals,
+                    per_class=score.per_class,
+                    class_names=score.class_names,
+                    precision=precision.value,
+                    extra=score.extra,
                 )
             )
     return result

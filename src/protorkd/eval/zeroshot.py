@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,6 +26,7 @@ from protorkd.errors import UsageError
 from protorkd.eval.datasets import ImageFolderDataset, TorchvisionDataset, load_zeroshot_metadata
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 from protorkd.eval.ranking import accuracy_metrics
+from protorkd.precision import Precision
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
@@ -82,24 +84,33 @@ def resolve_prompts(
     kept_classes: list[str],
     *,
     packaged_key: str | None = None,
-    metadata_files: list[Path] = (),
+    subset: Sequence[int] | None = None,
+    metadata_files: Sequence[Path] = (),
 ) -> ZeroShotPrompts:
     """Class names and templates for `dataset` (see the module docstring for the order of sources).
 
     `packaged_key` is the dataset's entry in the shipped CLIP prompts (its registry entry's `prompts`);
-    a metadata file is searched for `dataset` and `packaged_key`, ignoring case, '_' and '-'.
+    a metadata file is searched for `dataset` and `packaged_key`, ignoring case, '_' and '-'. `subset`
+    (ImageNet-A/-R: their 200 of ImageNet's 1000) picks the dataset's classes from a list of the packaged
+    entry's length; a metadata list of the dataset's own length is taken as it is.
     """
+
+    def chosen(classes: list[ClassName]) -> list[ClassName]:
+        if subset is not None and len(classes) != len(class_folders) and len(classes) > max(subset):
+            return [classes[i] for i in subset]
+        return classes
+
     names = (dataset, packaged_key) if packaged_key else (dataset,)
     for path in metadata_files:
         entry = find_metadata_entry(load_zeroshot_metadata(path), names)
         if entry is not None:
             source = f"{path} [{dataset}]"
-            classnames = align_classnames(class_folders, kept_classes, entry["classes"], source)
+            classnames = align_classnames(class_folders, kept_classes, chosen(entry["classes"]), source)
             return ZeroShotPrompts(classnames, list(entry.get("templates", DEFAULT_TEMPLATES)), source)
     if packaged_key is not None:
         entry = packaged_prompts(CLIP_PROMPTS_FILE)[packaged_key]
         source = f"OpenAI CLIP's prompts for {packaged_key} (protorkd/eval/prompts/{CLIP_PROMPTS_FILE})"
-        classnames = align_classnames(class_folders, kept_classes, entry["classes"], source)
+        classnames = align_classnames(class_folders, kept_classes, chosen(entry["classes"]), source)
         return ZeroShotPrompts(classnames, list(entry["templates"]), source)
     log.warning(
         "zero-shot %s: no class names for this dataset (not a registered dataset, and no %s entry in a "
@@ -119,6 +130,7 @@ def build_zeroshot_classifier(
     *,
     device: torch.device | str,
     batch_size: int = 256,
+    precision: Precision = Precision.FP32,
 ) -> torch.Tensor:
     """[D, C]: per class, the normalised mean of its normalised template embeddings (CLIP's recipe).
 
@@ -130,7 +142,9 @@ def build_zeroshot_classifier(
             for template in templates:
                 prompts.append(template.replace("{c}", name).replace("{}", name))
                 owners.append(index)
-    embeddings = F.normalize(text_features(model, prompts, device=device, batch_size=batch_size), dim=-1)
+    embeddings = F.normalize(
+        text_features(model, prompts, device=device, batch_size=batch_size, precision=precision), dim=-1
+    )
     owner = torch.tensor(owners)
     sums = torch.zeros(len(classnames), embeddings.shape[1]).index_add_(0, owner, embeddings)
     return F.normalize(sums / torch.bincount(owner, minlength=len(classnames))[:, None], dim=-1).T
@@ -147,13 +161,15 @@ def cached_classifier(
     device: torch.device | str,
     batch_size: int,
     cache: FeatureCache | None,
+    precision: Precision = Precision.FP32,
 ) -> torch.Tensor:
-    """The classifier, reused from `cache` when the same text tower + head already embedded the same prompts."""
+    """The classifier, reused from `cache` when the same text tower + head already embedded the same prompts
+    in the same precision."""
 
     def compute() -> dict[str, torch.Tensor]:
         return {
             "classifier": build_zeroshot_classifier(
-                model, prompts.classnames, prompts.templates, device=device, batch_size=batch_size
+                model, prompts.classnames, prompts.templates, device=device, batch_size=batch_size, precision=precision
             )
         }
 
@@ -164,6 +180,7 @@ def cached_classifier(
         "text_weights": text_side_fingerprint(model),
         "classnames": prompts.classnames,
         "templates": prompts.templates,
+        "precision": precision.value,
     }
     return cache.get_or_compute(description, compute)["classifier"]
 
@@ -173,7 +190,7 @@ def zeroshot_scores(image_features: torch.Tensor, classifier: torch.Tensor) -> t
     return 100.0 * image_features @ classifier
 
 
-def evaluate(
+def logits_and_labels(
     model: torch.nn.Module,
     dataset: ImageFolderDataset | TorchvisionDataset,
     prompts: ZeroShotPrompts,
@@ -182,12 +199,32 @@ def evaluate(
     batch_size: int = 256,
     workers: int = 0,
     cache: FeatureCache | None = None,
-) -> dict[str, float]:
-    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall"}."""
+    precision: Precision = Precision.FP32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(zero-shot logits [N, C], labels [N]) of `model` on a labelled image dataset."""
     if len(prompts.classnames) != len(dataset.classes):
         raise UsageError(f"{len(prompts.classnames)} class names for {len(dataset.classes)} classes")
-    classifier = cached_classifier(model, prompts, device=device, batch_size=batch_size, cache=cache)
-    features, labels = image_features(
-        model, dataset, device=device, batch_size=batch_size, workers=workers, desc="zero-shot images"
+    classifier = cached_classifier(
+        model, prompts, device=device, batch_size=batch_size, cache=cache, precision=precision
     )
-    return accuracy_metrics(zeroshot_scores(features, classifier.cpu()), labels)
+    features, labels = image_features(
+        model,
+        dataset,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        precision=precision,
+        desc="zero-shot images",
+    )
+    return zeroshot_scores(features, classifier.cpu()), labels
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataset: ImageFolderDataset | TorchvisionDataset,
+    prompts: ZeroShotPrompts,
+    **options,
+) -> dict[str, float]:
+    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall"};
+    `options` are `logits_and_labels`'s (device, batch_size, workers, cache, precision)."""
+    return accuracy_metrics(*logits_and_labels(model, dataset, prompts, **options))

@@ -68,8 +68,9 @@ class MetricWriter:
         if self.wandb:
             self.wandb.log(values, step=step)
 
-    def results(self, metrics: dict[str, float], *, epoch: int, step: int) -> None:
-        line = {"epoch": epoch, "step": step, **without_float_noise(metrics)}
+    def results(self, metrics: dict[str, float], *, epoch: int, step: int, **fields: str) -> None:
+        """One results.jsonl line: epoch, step, `fields` (what the evaluation ran in), the metrics."""
+        line = {"epoch": epoch, "step": step, **fields, **without_float_noise(metrics)}
         append_line(self.results_path, json.dumps(line))  # fsynced
         self.scalars({f"eval/{key}": value for key, value in metrics.items()}, step)
 

@@ -256,7 +256,13 @@ def _evaluate(run: Run, completed: int) -> dict[str, float]:
     if not due:
         return {}
     started = time.time()
-    options = EvalOptions(device=run.device, batch_size=plan.batch_size, workers=plan.workers, cache=run.eval_cache)
+    options = EvalOptions(
+        device=run.device,
+        batch_size=plan.batch_size,
+        workers=plan.workers,
+        cache=run.eval_cache,
+        **run.cfg.eval.suite_options(),
+    )
     metrics = run_suite(run.task.model, plan.root, tasks=due, options=options).metrics
     if metrics:
         log.info(
@@ -265,5 +271,5 @@ def _evaluate(run: Run, completed: int) -> dict[str, float]:
             time.time() - started,
             "  ".join(f"{k} {v:.2f}" for k, v in sorted(metrics.items())),
         )
-        run.writer.results(metrics, epoch=completed, step=completed * run.steps_per_epoch)
+        run.writer.results(metrics, epoch=completed, step=completed * run.steps_per_epoch, **options.record_fields())
     return metrics
