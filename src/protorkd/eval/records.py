@@ -39,6 +39,7 @@ PERCENT_METRICS = {
     "spearman_wmean",
     "image_text_cluster_ari",
     "image_text_cluster_ami",
+    "top_class_share",
 }
 LINEAR_FEATURES = ("joint", "backbone")  # what the linear probe reads (--linear-features)
 

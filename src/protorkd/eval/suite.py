@@ -7,6 +7,11 @@ CLIP_benchmark task name; `TASK_NAMES` lists them in the order they run. Metric 
 probe names the features it read), `retrieval/coco2017/image_to_text_R@5`, `sts/STSB/spearman`,
 `analysis/coco2017/modality_gap`. A task whose data is absent is skipped, with the reason.
 
+The representation diagnostics (`eval.diagnostics`: effective ranks, alignment, uniformity, student-teacher
+cosine on a fixed sample of each captioned dataset, `diagnostics/shapes/image_effective_rank`) run with
+every suite run that runs a task reading images, so training, `watch` and `eval` log them at every
+evaluation (`EvalOptions.diagnostics_sample` 0: only when asked for). A collapse logs one WARNING per metric.
+
 Training calls `run_suite(model, root, tasks=due, options=EvalOptions(device=..., batch_size=...,
 workers=..., cache=cache))` with the tasks due this epoch and a `FeatureCache` the run keeps, so zero-shot
 classifiers of a frozen text tower are built once per run. The defaults of `EvalOptions` are the standard
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 
 from protorkd.errors import UsageError
-from protorkd.eval import analysis, retrieval, sts, zeroshot
+from protorkd.eval import analysis, diagnostics, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 from protorkd.eval.linear_probe import linear_probe
@@ -49,6 +54,7 @@ class EvalOptions:
     linear_features: str = "joint"  # "joint": normalised encode_image (CLIP_benchmark's); "backbone": the tower
     analysis_clusters: int = 10
     cache: FeatureCache | None = None
+    diagnostics_sample: int = diagnostics.DEFAULT_SAMPLE  # images per captioned dataset; 0: not run unasked
 
 
 @dataclass
@@ -282,6 +288,28 @@ def _analysis(run: _Run) -> list[DatasetScore]:
     return scores
 
 
+def _diagnostics(run: _Run) -> list[DatasetScore]:
+    o = run.options
+    scores = []
+    for spec in run.captioned():
+        started = time.time()
+        dataset = spec.load(run.root, run.transform())
+        data_key = f"{(run.root / spec.annotations).resolve()} {run.preprocess_key()}"
+        metrics = diagnostics.evaluate(
+            run.model,
+            dataset,
+            device=o.device,
+            batch_size=o.batch_size,
+            workers=o.workers,
+            sample=o.diagnostics_sample,
+            cache=o.cache,
+            data_key=data_key,
+        )
+        images = min(len(dataset), o.diagnostics_sample)
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, images))
+    return scores
+
+
 def _sts(run: _Run) -> list[DatasetScore]:
     o = run.options
     started = time.time()
@@ -310,7 +338,9 @@ _TASK_LIST = (  # in the order they run and are printed
     EvalTask("retrieval", _retrieval, Needs.CAPTIONS, "zeroshot_retrieval"),
     EvalTask("sts", _sts, Needs.STS, "sts"),
     EvalTask("analysis", _analysis, Needs.CAPTIONS, "feature_analysis"),
+    EvalTask("diagnostics", _diagnostics, Needs.CAPTIONS, "representation_diagnostics"),
 )
+IMAGE_TASKS = frozenset({"zeroshot", "linear", "retrieval", "analysis"})  # the diagnostics run with any of these
 TASKS: Registry[EvalTask] = Registry("evaluation task")
 for _task in _TASK_LIST:
     TASKS.register(_task.name)(_task)
@@ -323,9 +353,12 @@ def run_suite(
     """Run `tasks` (default: all) on the datasets under `root`; tasks without data are skipped, not failed."""
     options = options or EvalOptions()
     root = Path(root)
-    chosen = tasks or list(TASK_NAMES)
+    chosen = list(tasks or TASK_NAMES)
     for name in chosen:
         TASKS.get(name)  # an unknown name is an error that lists the valid ones
+    if options.diagnostics_sample > 0 and IMAGE_TASKS.intersection(chosen) and "diagnostics" not in chosen:
+        chosen.append("diagnostics")  # at every evaluation
+    student = diagnostics.student_side(model)
     run = _Run(model, root, select(root, options.datasets), options)
     result = SuiteResult()
     for task in _TASK_LIST:
@@ -340,6 +373,10 @@ def run_suite(
             if score.seconds:
                 rate = f", {score.images / score.seconds:.0f} images/s" if score.images else ""
                 log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
+            for message in diagnostics.collapse_warnings(
+                f"{task.name}/{score.dataset}", score.metrics, student=student
+            ):
+                log.warning(message)
             result.results.append(
                 TaskResult(
                     f"{task.name}_{score.features}" if score.features else task.name,

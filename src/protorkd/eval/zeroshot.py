@@ -5,7 +5,8 @@ root's `zeroshot_metadata.json`), from the CLIP prompts shipped with the package
 dataset (`prompts/clip_zeroshot_prompts.json`: OpenAI CLIP's names and templates, named by the dataset's
 registry entry), or, for a generic folder dataset only, from its folder names with "a photo of a {}." and
 a warning. Names always follow the dataset's label order; names of empty class folders are dropped with
-them. Metrics: `ranking.accuracy_metrics` (top1, top5 with >= 5 classes, mean per-class recall).
+them. Metrics: `ranking.accuracy_metrics` (top1, top5 with >= 5 classes, mean per-class recall), and
+`diagnostics.prediction_diagnostics` of the predicted classes (prediction_entropy, top_class_share).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import ImageFolderDataset, TorchvisionDataset, load_zeroshot_metadata
+from protorkd.eval.diagnostics import prediction_diagnostics
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 from protorkd.eval.ranking import accuracy_metrics
 
@@ -183,11 +185,13 @@ def evaluate(
     workers: int = 0,
     cache: FeatureCache | None = None,
 ) -> dict[str, float]:
-    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall"}."""
+    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall",
+    "prediction_entropy", "top_class_share"}."""
     if len(prompts.classnames) != len(dataset.classes):
         raise UsageError(f"{len(prompts.classnames)} class names for {len(dataset.classes)} classes")
     classifier = cached_classifier(model, prompts, device=device, batch_size=batch_size, cache=cache)
     features, labels = image_features(
         model, dataset, device=device, batch_size=batch_size, workers=workers, desc="zero-shot images"
     )
-    return accuracy_metrics(zeroshot_scores(features, classifier.cpu()), labels)
+    scores = zeroshot_scores(features, classifier.cpu())
+    return {**accuracy_metrics(scores, labels), **prediction_diagnostics(scores)}
