@@ -271,8 +271,8 @@ PREDICTIONS = [("prediction entropy", "prediction_entropy"), ("top-class share %
 
 
 def reported(dataset: str) -> list[tuple[str, str]]:
-    """(column, metric key) of the classification and retrieval table: per split, zero-shot top-1 beside its
-    mean per-class recall (the balanced metric), the linear probe likewise, then retrieval R@1 both ways."""
+    """(column, metric key) of the classification table: per split, zero-shot top-1 beside its mean per-class
+    recall (mpcr, the balanced metric), the linear probe likewise."""
     columns = []
     for split, _, probed in SPLITS[dataset]:
         columns += [(f"{split} zero-shot", f"zeroshot/{split}/top1"),
@@ -280,6 +280,12 @@ def reported(dataset: str) -> list[tuple[str, str]]:
         if probed:
             columns += [(f"{split} linear", f"linear_joint/{split}/top1"),
                         (f"{split} linear mpcr", f"linear_joint/{split}/mean_per_class_recall")]  # fmt: skip
+    return columns
+
+
+def retrieval_columns(dataset: str) -> list[tuple[str, str]]:
+    """(column, metric key) of the retrieval table: R@1 both ways on every captioned split."""
+    columns = []
     for split, captioned, _ in SPLITS[dataset]:
         if captioned:
             columns += [(f"{split} R@1 i->t", f"retrieval/{split}/image_to_text_R@1"),
@@ -406,7 +412,7 @@ def test(
             shown = (
                 run["error"]
                 if "error" in run
-                else {n: round(run["metrics"].get(k, -1), 2) for n, k in reported(dataset)}
+                else {n: round(run["metrics"].get(k, -1), 2) for n, k in reported(dataset) + retrieval_columns(dataset)}
             )
             print(f"{dataset} test {key}: {shown}", flush=True)
     return results
@@ -444,13 +450,13 @@ def verdict(entries: list[dict], baseline: list[dict], dataset: str) -> str:
     return "; ".join(parts) or "within the noise"
 
 
-def _cell(values: list[float], reference: list[float] | None) -> str:
+def _cell(values: list[float], reference: list[float] | None, digits: int = 1) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
+        return f"{values[0]:.{digits}f}"
     mark = {1: " ▲", -1: " ▼", 0: ""}[compare(values, reference)] if reference is not None else ""
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}{mark}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{mark}"
 
 
 def _rows(study: Study, dataset: str) -> dict[str, list[dict]]:
@@ -473,30 +479,39 @@ def _markdown(header: list[str], lines: list[list[str]], text: set[int]) -> str:
 
 def table(study: Study, dataset: str) -> str:
     """Mean +- sample std over seeds of the runs at the study's budget: zero-shot and linear top-1 beside their
-    mean per-class recall (mpcr), retrieval R@1, each marked ▲ (▼) when outside the seed noise above (below)
-    InfoNCE's (`compare`); the balanced verdict (`verdict`); then the diagnostics of every split."""
+    mean per-class recall (mpcr) with the balanced verdict (`verdict`), then retrieval R@1, each number marked
+    ▲ (▼) when outside the seed noise above (below) InfoNCE's (`compare`); then the diagnostics of every split
+    (unmarked: a higher or lower value is not better by itself)."""
     rows = _rows(study, dataset)
     baseline = rows.get("InfoNCE", [])
-    columns = reported(dataset)
-    lines = []
-    for label, entries in rows.items():
-        reference = None if label == "InfoNCE" else baseline
-        cells = [_cell(_values(entries, key), reference and _values(reference, key)) for _, key in columns]
-        seeds = len([e for e in entries if "error" not in e])
-        judged = "(the reference)" if label == "InfoNCE" else verdict(entries, baseline, dataset)
-        lines.append([entries[0]["family"], label, str(entries[0]["epochs"]), *cells, str(seeds), judged])
-    header = ["family", "loss", "epochs", *(name for name, _ in columns), "seeds", "balanced verdict vs InfoNCE"]
-    out = [_markdown(header, lines, {0, 1, len(header) - 1})]
+    out = []
+    for columns, judged in ((reported(dataset), True), (retrieval_columns(dataset), False)):
+        if not columns:
+            continue
+        lines = []
+        for label, entries in rows.items():
+            reference = None if label == "InfoNCE" else baseline
+            cells = [_cell(_values(entries, key), reference and _values(reference, key)) for _, key in columns]
+            line = [entries[0]["family"], label, str(entries[0]["epochs"]), *cells]
+            line.append(str(len([e for e in entries if "error" not in e])))
+            if judged:
+                line.append("(the reference)" if label == "InfoNCE" else verdict(entries, baseline, dataset))
+            lines.append(line)
+        header = ["family", "loss", "epochs", *(name for name, _ in columns), "seeds"]
+        header += ["balanced verdict vs InfoNCE"] if judged else []
+        title = "" if judged else "Retrieval, recall@1 % (▲ / ▼ as above):\n\n"
+        out.append(title + _markdown(header, lines, {0, 1, len(header) - 1} if judged else {0, 1}))
     for split, captioned, _ in SPLITS[dataset]:
         diagnostics = [(n, f"zeroshot/{split}/{m}") for n, m in PREDICTIONS]
         if captioned:
             diagnostics += [(n, f"diagnostics/{split}/{m}") for n, m in DIAGNOSTICS]
         lines = [
-            [label, *(_cell(_values(entries, key), None) for _, key in diagnostics)] for label, entries in rows.items()
+            [label, *(_cell(_values(entries, key), None, digits=2) for _, key in diagnostics)]
+            for label, entries in rows.items()
         ]
-        out.append(f"\nDiagnostics on `{split}` (docs/evaluation.md):\n")
-        out.append(_markdown(["loss", *(name for name, _ in diagnostics)], lines, {0}))
-    return "\n".join(out)
+        out.append(f"Diagnostics on `{split}` (docs/evaluation.md):\n\n")
+        out[-1] += _markdown(["loss", *(name for name, _ in diagnostics)], lines, {0})
+    return "\n\n".join(out)
 
 
 def report(study: Study, dataset: str) -> str:

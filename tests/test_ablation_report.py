@@ -53,19 +53,22 @@ def test_the_report_shows_balanced_metrics_retrieval_and_diagnostics_for_every_r
     runs = {}
     for label, family, shift in (("InfoNCE", "contrastive", 0.0), ("SimReg-L1", "regression", 5.0)):
         for seed in (0, 1):
-            metrics = {key: 50.0 + shift + seed for _, key in ablation.reported("demo")}
+            keys = ablation.reported("demo") + ablation.retrieval_columns("demo")
+            metrics = {key: 50.0 + shift + seed for _, key in keys}
             metrics["diagnostics/shapes_skewed/image_effective_rank"] = 7.0 + seed
             metrics["zeroshot/shapes_skewed/top_class_share"] = 30.0
             runs[f"{label} {seed}"] = _run(label, family, seed, **metrics)
     study.state = {"demo": {"budget_epochs": 4, "relative_cost": {}, "test": runs}}
     text = ablation.table(study, "demo")
     header = text.splitlines()[0]
-    for column in ("shapes zero-shot mpcr", "shapes_skewed zero-shot mpcr", "shapes_skewed R@1 t->i", "linear mpcr"):
+    for column in ("shapes zero-shot mpcr", "shapes_skewed zero-shot mpcr", "linear mpcr", "balanced verdict"):
         assert column in header
+    retrieval = text[text.index("Retrieval, recall@1") : text.index("Diagnostics on")]
+    assert "shapes_skewed R@1 t->i" in retrieval and "55.5 ± 0.7 ▲" in retrieval
     simreg = next(line for line in text.splitlines() if line.startswith("| regression | SimReg-L1"))
     assert "55.5 ± 0.7 ▲" in simreg and simreg.endswith(
         "wins zero-shot shapes, linear shapes, zero-shot shapes_unseen, zero-shot shapes_skewed |"
     )
     assert "Diagnostics on `shapes_skewed`" in text
     skewed = text[text.index("Diagnostics on `shapes_skewed`") :]
-    assert "| SimReg-L1 | - | 30.0 ± 0.0 | 7.5 ± 0.7 |" in skewed  # entropy not measured; share; image erank
+    assert "| SimReg-L1 | - | 30.00 ± 0.00 | 7.50 ± 0.71 |" in skewed  # entropy not measured; share; image erank
