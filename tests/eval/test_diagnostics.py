@@ -22,6 +22,7 @@ from protorkd.eval.diagnostics import (
 )
 from protorkd.eval.suite import EvalOptions, run_suite
 from protorkd.models.build import build_dual_encoder
+from protorkd.models.options import TeacherSide
 from tests.conftest import TINY_TOWERS
 
 
@@ -90,12 +91,19 @@ def test_prediction_entropy_and_top_class_share_by_hand():
 
 def test_collapse_warnings_name_the_metric_and_keep_to_their_thresholds():
     healthy = {"image_effective_rank": 3.0, "teacher_effective_rank": 30.0, "top_class_share": 50.0}
-    assert collapse_warnings("diagnostics/x", healthy, student="image") == []
+    assert collapse_warnings("diagnostics/x", healthy, teacher=TeacherSide.TEXT) == []
     collapsed = {"image_effective_rank": 2.9, "teacher_effective_rank": 30.0, "top_class_share": 50.1}
-    messages = collapse_warnings("diagnostics/x", collapsed, student="image")
+    messages = collapse_warnings("diagnostics/x", collapsed, teacher=TeacherSide.TEXT)
     assert len(messages) == 2
     assert "diagnostics/x/image_effective_rank 2.90" in messages[0] and "diagnostics/x/top_class_share" in messages[1]
-    assert collapse_warnings("diagnostics/x", collapsed, student=None) == [messages[1]]  # no teacher: no rank rule
+    assert collapse_warnings("diagnostics/x", collapsed, teacher=TeacherSide.NONE) == [messages[1]]  # no rank rule
+    # an image teacher: the student is the text side
+    assert collapse_warnings("diagnostics/x", collapsed, teacher=TeacherSide.IMAGE) == [messages[1]]
+    text_collapsed = {"text_effective_rank": 2.0, "teacher_effective_rank": 30.0}
+    assert (
+        "diagnostics/x/text_effective_rank"
+        in collapse_warnings("diagnostics/x", text_collapsed, teacher=TeacherSide.IMAGE)[0]
+    )
 
 
 def test_the_fixed_sample_is_evenly_spaced_and_needs_no_random_numbers():
@@ -143,6 +151,25 @@ def test_diagnostics_on_a_captioned_split_equal_the_formulas_on_the_models_own_f
     assert metrics["alignment"] == pytest.approx(float(align_loss(images.double(), texts.double())), rel=1e-5)
     assert metrics["image_uniformity"] == pytest.approx(float(uniform_loss(images.double())), rel=1e-5)
     assert metrics["student_teacher_cosine"] == pytest.approx(1 - metrics["alignment"] / 2, abs=1e-6)
+
+
+def test_a_locked_image_teachers_rank_is_its_image_towers_on_the_sampled_images(tiny_corpus):
+    """`--teacher image`: the teacher's features are the locked image tower's, of the images; the collapse rule
+    then watches the text side."""
+    from protorkd.data.transforms import eval_transform
+    from protorkd.eval.catalog import RetrievalSpec, select
+    from protorkd.eval.features import image_features
+
+    torch.manual_seed(0)
+    model = build_dual_encoder(TINY_TOWERS.__class__(**{**TINY_TOWERS.__dict__, "teacher": "image"})).eval()
+    assert diagnostics.teacher_side(model) is TeacherSide.IMAGE
+    root = tiny_corpus / "eval"
+    spec = next(s for s in select(root, ["shapes"]) if isinstance(s, RetrievalSpec))
+    dataset = spec.load(root, eval_transform(model.image_preprocess))
+    metrics = diagnostics.evaluate(model, dataset, device="cpu", sample=20)
+    subset = torch.utils.data.Subset(dataset, sample_indices(len(dataset), 20).tolist())
+    tower = image_features(model, subset, device="cpu", normalize=False)[0]
+    assert metrics["teacher_effective_rank"] == pytest.approx(effective_rank(F.normalize(tower, dim=-1)), rel=1e-5)
 
 
 def test_a_locked_teachers_sample_features_are_computed_once(text_teacher_model, tiny_corpus):

@@ -43,6 +43,7 @@ from torch.utils.data import Subset
 from protorkd.eval.datasets import CaptionedImages
 from protorkd.eval.features import FeatureCache, default_eval_precision, image_features, weights_fingerprint
 from protorkd.models.dual_encoder import DualEncoder
+from protorkd.models.options import TeacherSide
 
 COLLAPSE_RANK_FRACTION = 0.1  # a student's effective rank below this fraction of the teacher's
 COLLAPSE_CLASS_SHARE = 50.0  # % of the zero-shot predictions going to one class
@@ -100,23 +101,23 @@ def prediction_diagnostics(logits: torch.Tensor) -> dict[str, float]:
     }
 
 
-def teacher_side(model: DualEncoder) -> str | None:
-    """ "text" or "image": the one tower the model holds locked (its teacher); None when neither or both are."""
-    if model.lock_text != model.lock_image:
-        return "text" if model.lock_text else "image"
-    return None
+# the side a locked teacher tower distils into, which the effective-rank rule compares with the teacher
+STUDENT_OF = {TeacherSide.TEXT: "image", TeacherSide.IMAGE: "text"}
 
 
-def student_side(model: DualEncoder) -> str | None:
-    """The side a locked teacher distils into ("image" for a text teacher); None without one teacher tower."""
-    return {"text": "image", "image": "text", None: None}[teacher_side(model)]
+def teacher_side(model: DualEncoder) -> TeacherSide:
+    """The one tower the model holds locked, its teacher; NONE when neither or both towers are locked."""
+    if model.lock_text == model.lock_image:
+        return TeacherSide.NONE
+    return TeacherSide.TEXT if model.lock_text else TeacherSide.IMAGE
 
 
-def collapse_warnings(prefix: str, metrics: Mapping[str, float], *, student: str | None) -> list[str]:
+def collapse_warnings(prefix: str, metrics: Mapping[str, float], *, teacher: TeacherSide) -> list[str]:
     """One message per collapsed metric in one dataset's `metrics` (keys without `prefix`, the `task/dataset`
-    they are logged under): `{student}_effective_rank` below COLLAPSE_RANK_FRACTION of `teacher_effective_rank`,
-    `top_class_share` above COLLAPSE_CLASS_SHARE."""
+    they are logged under): the student side's effective rank (`image_effective_rank` for a text teacher)
+    below COLLAPSE_RANK_FRACTION of `teacher_effective_rank`, `top_class_share` above COLLAPSE_CLASS_SHARE."""
     messages = []
+    student = STUDENT_OF.get(teacher)
     rank_key = f"{student}_effective_rank"
     if student is not None and rank_key in metrics and "teacher_effective_rank" in metrics:
         rank, teacher = metrics[rank_key], metrics["teacher_effective_rank"]
@@ -238,8 +239,8 @@ def evaluate(
         "text_uniformity": uniformity(text_joint),
     }
     side = teacher_side(model)
-    if side is not None:
-        teacher = text_backbone if side == "text" else image_backbone
+    if side is not TeacherSide.NONE:
+        teacher = text_backbone if side is TeacherSide.TEXT else image_backbone
         metrics["teacher_effective_rank"] = effective_rank(F.normalize(teacher.double(), dim=-1))
         metrics["student_teacher_cosine"] = mean_cosine(image_joint, text_joint)
     return metrics

@@ -358,7 +358,7 @@ def run_suite(
         TASKS.get(name)  # an unknown name is an error that lists the valid ones
     if options.diagnostics_sample > 0 and IMAGE_TASKS.intersection(chosen) and "diagnostics" not in chosen:
         chosen.append("diagnostics")  # at every evaluation
-    student = diagnostics.student_side(model)
+    teacher = diagnostics.teacher_side(model)
     run = _Run(model, root, select(root, options.datasets), options)
     result = SuiteResult()
     for task in _TASK_LIST:
@@ -374,7 +374,7 @@ def run_suite(
                 rate = f", {score.images / score.seconds:.0f} images/s" if score.images else ""
                 log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
             for message in diagnostics.collapse_warnings(
-                f"{task.name}/{score.dataset}", score.metrics, student=student
+                f"{task.name}/{score.dataset}", score.metrics, teacher=teacher
             ):
                 log.warning(message)
             result.results.append(
