@@ -17,11 +17,18 @@ a killed study resumes where it stopped; OUT/study.json holds everything measure
   tune       each family's key hyperparameter (SEARCH below), seed 0, --tune-fraction of the budget, scored
              on the VALIDATION split (validation zero-shot top-1); the best value of each family goes on.
   test       every family with its chosen value, plus the combinations, --seeds each, on the TEST split:
-             mean +- std (sample std over seeds) of zero-shot, linear probe and retrieval R@1.
+             mean +- std (sample std over seeds) of zero-shot and linear-probe top-1 beside their mean
+             per-class recall, retrieval R@1, and the representation diagnostics of every row.
+
+A loss "wins" only where its balanced metric (mean per-class recall) is more than 2 standard errors of the
+difference above InfoNCE's (`verdict`); a top-1 win without one is reported as "top-1 only", never as a win.
+`--candidates InfoNCE,SimReg-L1 --budget-epochs N` is a quick check instead of the study: those candidates
+only, N epochs each (no cost or tuning stage).
 
 Datasets:
-  demo     the built-in shapes corpus (`--demo-size` rows, seed 0). Test: its held-out split `shapes` and the
-           compositional split `shapes_unseen` (shape-colour pairs and phrasings never seen in training).
+  demo     the built-in shapes corpus (`--demo-size` rows, seed 0). Test: its held-out split `shapes`, the
+           compositional split `shapes_unseen` (shape-colour pairs and phrasings never seen in training), both
+           balanced, and the unbalanced `shapes_skewed` (seen pairs, Zipf-sized classes, 200 down to 25 images).
            Validation: the held-out split of the demo corpus drawn with seed 1 (other scenes, same
            distribution), never the test scenes.
   cifar10  a real-photo proxy: CIFAR-10 train photos (../shared/data/cifar10_jpg), each captioned with one
@@ -248,17 +255,54 @@ def zeroshot_key(dataset: str) -> str:
     return {"demo": "zeroshot/shapes/top1", "cifar10": "zeroshot/cifar10/top1"}[dataset]
 
 
-REPORTED = {
-    "demo": [
-        ("zero-shot", "zeroshot/shapes/top1"),
-        ("zero-shot unseen", "zeroshot/shapes_unseen/top1"),
-        ("linear", "linear_joint/shapes/top1"),
-        ("R@1 i->t", "retrieval/shapes/image_to_text_R@1"),
-        ("unseen R@1 t->i", "retrieval/shapes_unseen/text_to_image_R@1"),
-        ("unseen R@1 i->t", "retrieval/shapes_unseen/image_to_text_R@1"),
-    ],
-    "cifar10": [("zero-shot", "zeroshot/cifar10/top1"), ("linear", "linear_joint/cifar10/top1")],
+# dataset -> its test splits: (split, has captions, has a linear probe)
+SPLITS = {
+    "demo": [("shapes", True, True), ("shapes_unseen", True, False), ("shapes_skewed", True, False)],
+    "cifar10": [("cifar10", False, True)],
 }
+DIAGNOSTICS = [  # (column, metric of the `diagnostics` task)
+    ("image erank", "image_effective_rank"),
+    ("teacher erank", "teacher_effective_rank"),
+    ("alignment", "alignment"),
+    ("image uniformity", "image_uniformity"),
+    ("student-teacher cos", "student_teacher_cosine"),
+]
+PREDICTIONS = [("prediction entropy", "prediction_entropy"), ("top-class share %", "top_class_share")]
+
+
+def reported(dataset: str) -> list[tuple[str, str]]:
+    """(column, metric key) of the classification table: per split, zero-shot top-1 beside its mean per-class
+    recall (mpcr, the balanced metric), the linear probe likewise."""
+    columns = []
+    for split, _, probed in SPLITS[dataset]:
+        columns += [(f"{split} zero-shot", f"zeroshot/{split}/top1"),
+                    (f"{split} zero-shot mpcr", f"zeroshot/{split}/mean_per_class_recall")]  # fmt: skip
+        if probed:
+            columns += [(f"{split} linear", f"linear_joint/{split}/top1"),
+                        (f"{split} linear mpcr", f"linear_joint/{split}/mean_per_class_recall")]  # fmt: skip
+    return columns
+
+
+def retrieval_columns(dataset: str) -> list[tuple[str, str]]:
+    """(column, metric key) of the retrieval table: R@1 both ways on every captioned split."""
+    columns = []
+    for split, captioned, _ in SPLITS[dataset]:
+        if captioned:
+            columns += [(f"{split} R@1 i->t", f"retrieval/{split}/image_to_text_R@1"),
+                        (f"{split} R@1 t->i", f"retrieval/{split}/text_to_image_R@1")]  # fmt: skip
+    return columns
+
+
+def balanced_pairs(dataset: str) -> list[tuple[str, str, str]]:
+    """(what, top-1 key, balanced key) of every classification result the verdict reads."""
+    pairs = []
+    for split, _, probed in SPLITS[dataset]:
+        pairs.append((f"zero-shot {split}", f"zeroshot/{split}/top1", f"zeroshot/{split}/mean_per_class_recall"))
+        if probed:
+            pairs.append(
+                (f"linear {split}", f"linear_joint/{split}/top1", f"linear_joint/{split}/mean_per_class_recall")
+            )
+    return pairs
 
 
 def plateau(study: Study, dataset: str, data: dict, epochs: int, tolerance: float) -> int:
@@ -368,20 +412,55 @@ def test(
             shown = (
                 run["error"]
                 if "error" in run
-                else {n: round(run["metrics"].get(k, -1), 2) for n, k in REPORTED[dataset]}
+                else {n: round(run["metrics"].get(k, -1), 2) for n, k in reported(dataset) + retrieval_columns(dataset)}
             )
             print(f"{dataset} test {key}: {shown}", flush=True)
     return results
 
 
 def _values(entries: list[dict], key: str) -> list[float]:
-    return [e["metrics"][key] for e in entries if "error" not in e and key in e.get("metrics", {})]
+    return [e["metrics"][key] for e in entries if "error" not in e and e.get("metrics", {}).get(key) is not None]
 
 
-def table(study: Study, dataset: str) -> str:
-    """Mean +- sample std over seeds (n seeds in the last column) of the runs at the study's budget. A mean
-    more than 2 standard errors of the difference above (below) InfoNCE's is marked ▲ (▼): outside the seed
-    noise."""
+def compare(values: list[float], reference: list[float]) -> int:
+    """+1 (-1) when the mean of `values` is more than 2 standard errors of the difference above (below) the
+    mean of `reference` (sample std over seeds): outside the seed noise. 0 within it or below 2 seeds each."""
+    if len(values) < 2 or len(reference) < 2:
+        return 0
+    error = (statistics.stdev(values) ** 2 / len(values) + statistics.stdev(reference) ** 2 / len(reference)) ** 0.5
+    difference = statistics.mean(values) - statistics.mean(reference)
+    return 1 if difference > 2 * error else -1 if difference < -2 * error else 0
+
+
+def verdict(entries: list[dict], baseline: list[dict], dataset: str) -> str:
+    """The balanced rule: a win (loss) is a balanced metric (mean per-class recall) outside the seed noise above
+    (below) InfoNCE's; a top-1 win whose balanced metric does not win is "top-1 only", not a win."""
+    wins, losses, top1_only = [], [], []
+    for what, top1, balanced in balanced_pairs(dataset):
+        outcome = compare(_values(entries, balanced), _values(baseline, balanced))
+        if outcome > 0:
+            wins.append(what)
+        elif outcome < 0:
+            losses.append(what)
+        if outcome <= 0 and compare(_values(entries, top1), _values(baseline, top1)) > 0:
+            top1_only.append(what)
+    parts = [f"wins {', '.join(wins)}"] if wins else []
+    parts += [f"loses {', '.join(losses)}"] if losses else []
+    parts += [f"top-1 only (not a win) {', '.join(top1_only)}"] if top1_only else []
+    return "; ".join(parts) or "within the noise"
+
+
+def _cell(values: list[float], reference: list[float] | None, digits: int = 1) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    mark = {1: " ▲", -1: " ▼", 0: ""}[compare(values, reference)] if reference is not None else ""
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}{mark}"
+
+
+def _rows(study: Study, dataset: str) -> dict[str, list[dict]]:
+    """{label: its test runs at the study's budget}, in SEARCH's order."""
     state = study.state[dataset]
     budget, relative = state.get("budget_epochs", 0), state.get("relative_cost", {})
     rows: dict[str, list[dict]] = {}
@@ -389,34 +468,58 @@ def table(study: Study, dataset: str) -> str:
         if not budget or entry["epochs"] == epochs_for(budget, relative.get(entry["label"], 1.0)):
             rows.setdefault(entry["label"], []).append(entry)
     order = [label for candidates in SEARCH.values() for label, _ in candidates]
-    rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-    names = " | ".join(n for n, _ in REPORTED[dataset])
-    lines = [f"| family | loss (chosen on validation) | epochs | {names} | seeds |"]
-    lines.append("|---|---|---:|" + "---:|" * len(REPORTED[dataset]) + "---:|")
+    return dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
+
+
+def _markdown(header: list[str], lines: list[list[str]], text: set[int]) -> str:
+    """A markdown table; the columns in `text` are left-aligned, the others (numbers) right-aligned."""
+    rule = "|" + "".join("---|" if index in text else "---:|" for index in range(len(header)))
+    return "\n".join(["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(line) + " |" for line in lines])
+
+
+def table(study: Study, dataset: str) -> str:
+    """Mean +- sample std over seeds of the runs at the study's budget: zero-shot and linear top-1 beside their
+    mean per-class recall (mpcr) with the balanced verdict (`verdict`), then retrieval R@1, each number marked
+    ▲ (▼) when outside the seed noise above (below) InfoNCE's (`compare`); then the diagnostics of every split
+    (unmarked: a higher or lower value is not better by itself)."""
+    rows = _rows(study, dataset)
     baseline = rows.get("InfoNCE", [])
-    for label, entries in rows.items():
-        cells = []
-        for _, key in REPORTED[dataset]:
-            values, reference = _values(entries, key), _values(baseline, key)
-            if len(values) >= 2:
-                mean, std = statistics.mean(values), statistics.stdev(values)
-                mark = ""
-                if label != "InfoNCE" and len(reference) >= 2:
-                    error = (std**2 / len(values) + statistics.stdev(reference) ** 2 / len(reference)) ** 0.5
-                    difference = mean - statistics.mean(reference)
-                    mark = " ▲" if difference > 2 * error else " ▼" if difference < -2 * error else ""
-                cells.append(f"{mean:.1f} ± {std:.1f}{mark}")
-            else:
-                cells.append(f"{values[0]:.1f}" if values else "-")
-        seeds = len([e for e in entries if "error" not in e])
-        lines.append(f"| {entries[0]['family']} | {label} | {entries[0]['epochs']} | {' | '.join(cells)} | {seeds} |")
-    return "\n".join(lines)
+    out = []
+    for columns, judged in ((reported(dataset), True), (retrieval_columns(dataset), False)):
+        if not columns:
+            continue
+        lines = []
+        for label, entries in rows.items():
+            reference = None if label == "InfoNCE" else baseline
+            cells = [_cell(_values(entries, key), reference and _values(reference, key)) for _, key in columns]
+            line = [entries[0]["family"], label, str(entries[0]["epochs"]), *cells]
+            line.append(str(len([e for e in entries if "error" not in e])))
+            if judged:
+                line.append("(the reference)" if label == "InfoNCE" else verdict(entries, baseline, dataset))
+            lines.append(line)
+        header = ["family", "loss", "epochs", *(name for name, _ in columns), "seeds"]
+        header += ["balanced verdict vs InfoNCE"] if judged else []
+        title = "" if judged else "Retrieval, recall@1 % (▲ / ▼ as above):\n\n"
+        out.append(title + _markdown(header, lines, {0, 1, len(header) - 1} if judged else {0, 1}))
+    for split, captioned, _ in SPLITS[dataset]:
+        diagnostics = [(n, f"zeroshot/{split}/{m}") for n, m in PREDICTIONS]
+        if captioned:
+            diagnostics += [(n, f"diagnostics/{split}/{m}") for n, m in DIAGNOSTICS]
+        lines = [
+            [label, *(_cell(_values(entries, key), None, digits=2) for _, key in diagnostics)]
+            for label, entries in rows.items()
+        ]
+        out.append(f"Diagnostics on `{split}` (docs/evaluation.md):\n\n")
+        out[-1] += _markdown(["loss", *(name for name, _ in diagnostics)], lines, {0})
+    return "\n\n".join(out)
 
 
 def report(study: Study, dataset: str) -> str:
     """Markdown of everything measured for `dataset`: plateau, costs and epochs, the validation search, results."""
     state = study.state.get(dataset, {})
     out = [f"### {dataset}\n"]
+    if state.get("check"):
+        out.append(f"A quick check (`--candidates`), not the study: {state['budget_epochs']} epochs each, no tuning.\n")
     plateau_state = state.get("plateau")
     if plateau_state and "validation_zeroshot_by_budget" in plateau_state:
         scores = dict(sorted(plateau_state["validation_zeroshot_by_budget"].items(), key=lambda item: int(item[0])))
@@ -488,7 +591,15 @@ def main() -> int:
     )
     parser.add_argument("--n-prototypes", type=int, default=16384, help="DINO/ProtoCPC/ProtoRKD prototypes")
     parser.add_argument("--train-args", default="", help="extra `protorkd train` flags for every run, one string")
+    parser.add_argument(
+        "--candidates",
+        default="",
+        help="a quick check instead of the study: only these candidates (SEARCH labels, comma-separated), each "
+        "trained --budget-epochs epochs on the test splits (no plateau, cost or tuning stage)",
+    )
     args = parser.parse_args()
+    if args.candidates and not args.budget_epochs:
+        parser.error("--candidates needs --budget-epochs")
 
     args.out.mkdir(parents=True, exist_ok=True)
     common = ["--n-prototypes", str(args.n_prototypes), *args.train_args.split()]
@@ -512,6 +623,16 @@ def main() -> int:
             print(f"{dataset}: training {' '.join(data['train'])}, validation {data['val']}, test {data['test']}")
             continue
         state = study.state.setdefault(dataset, {})
+        if args.candidates:  # the quick check: equal epochs, the candidates named
+            family_of = {label: family for family, candidates in SEARCH.items() for label, _ in candidates}
+            labels = [label.strip() for label in args.candidates.split(",") if label.strip()]
+            unknown = [label for label in labels if label not in family_of]
+            if unknown:
+                raise SystemExit(f"--candidates: unknown {', '.join(unknown)}; valid: {', '.join(family_of)}")
+            state.update(budget_epochs=args.budget_epochs, relative_cost={}, check=True)
+            test(study, dataset, data, args.budget_epochs, {}, {family_of[label]: label for label in labels}, seeds)
+            print(f"\n### {dataset} (check: {args.budget_epochs} epochs each)\n\n{table(study, dataset)}\n", flush=True)
+            continue
         budget = args.budget_epochs or state.get("plateau", {}).get("budget_epochs")
         if args.stage in ("all", "plateau") and not args.budget_epochs:
             budget = plateau(study, dataset, data, args.plateau_epochs, args.plateau_tolerance)

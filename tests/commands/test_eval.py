@@ -64,12 +64,14 @@ def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_ben
     assert line["epoch"] == 1 and "zeroshot/shapes/top1" in line and "linear_clip_benchmark_joint/shapes/top1" in line
     assert line["eval_precision"] == "fp32" and line["linear_protocol"] == "clip_benchmark"
     # one CLIP_benchmark file per (dataset, task), named as `clip_benchmark eval` names them
-    # (shapes_unseen, the compositional split, is test-only: no linear probe)
+    # (shapes_unseen, the compositional split, and shapes_skewed are test-only: no linear probe)
+    TEST_ONLY = ("feature_analysis", "representation_diagnostics", "zeroshot_classification", "zeroshot_retrieval")
     assert sorted(p.name for p in output.iterdir()) == [
         f"{dataset}_epoch_1.pt_protorkd_exp_en_{task}.json"
         for dataset, tasks in (
-            ("shapes", ("feature_analysis", "linear_probe", "zeroshot_classification", "zeroshot_retrieval")),
-            ("shapes_unseen", ("feature_analysis", "zeroshot_classification", "zeroshot_retrieval")),
+            ("shapes", sorted(("linear_probe", *TEST_ONLY))),
+            ("shapes_skewed", TEST_ONLY),
+            ("shapes_unseen", TEST_ONLY),
         )
         for task in tasks
     ]
@@ -81,6 +83,8 @@ def test_eval_of_a_checkpoint_prints_a_table_appends_results_and_writes_clip_ben
         "acc1": pytest.approx(line["zeroshot/shapes/top1"] / 100, abs=1e-12),
         "acc5": pytest.approx(line["zeroshot/shapes/top5"] / 100, abs=1e-12),
         "mean_per_class_recall": pytest.approx(line["zeroshot/shapes/mean_per_class_recall"] / 100, abs=1e-12),
+        "prediction_entropy": pytest.approx(line["zeroshot/shapes/prediction_entropy"], abs=1e-12),
+        "top_class_share": pytest.approx(line["zeroshot/shapes/top_class_share"] / 100, abs=1e-12),
     }
     # the 95 % Wilson interval of acc1 (80 test images), beside it
     low, high = zeroshot["metrics"]["acc1_ci95_low"], zeroshot["metrics"]["acc1_ci95_high"]
@@ -99,9 +103,15 @@ def test_clip_benchmarks_own_build_command_reads_our_files_into_its_csv(tiny_cor
     cli.main_build(argparse.Namespace(files=[str(output)], output=str(tmp_path / "benchmark.csv")))
     with open(tmp_path / "benchmark.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert {row["dataset"] for row in table} == {"shapes", "shapes_unseen"}
+    assert {row["dataset"] for row in table} == {"shapes", "shapes_skewed", "shapes_unseen"}
     rows = {row["task"]: row for row in table if row["dataset"] == "shapes"}
-    assert set(rows) == {"zeroshot_classification", "linear_probe", "zeroshot_retrieval", "feature_analysis"}
+    assert set(rows) == {
+        "zeroshot_classification",
+        "linear_probe",
+        "zeroshot_retrieval",
+        "feature_analysis",
+        "representation_diagnostics",
+    }
     rows = {task: row for task, row in rows.items() if row["dataset"] == "shapes"}  # shapes_unseen's rows aside
     assert rows["zeroshot_classification"]["model_fullname"] == f"protorkd:exp {checkpoint}"
     expected = {
@@ -114,6 +124,7 @@ def test_clip_benchmarks_own_build_command_reads_our_files_into_its_csv(tiny_cor
         ("zeroshot_retrieval", "text_retrieval_recall@1"): line["retrieval/shapes/image_to_text_R@1"] / 100,
         ("feature_analysis", "image_text_cluster_ari"): line["analysis/shapes/image_text_cluster_ari"] / 100,
         ("feature_analysis", "modality_gap"): line["analysis/shapes/modality_gap"],
+        ("representation_diagnostics", "image_effective_rank"): line["diagnostics/shapes/image_effective_rank"],
     }
     assert {key: float(rows[key[0]][key[1]]) for key in expected} == pytest.approx(expected, abs=1e-12)
     assert rows["linear_probe"]["normalized"] == "True"
@@ -127,7 +138,7 @@ def test_probe_files_are_named_by_protocol_and_features_and_never_overwrite_each
         for features in ("joint", "backbone"):
             args = ("--linear-protocol", protocol, "--linear-features", features, "--output", str(output))
             assert eval_cli(*common, *args) == 0
-    records = {p.name.split("_en_")[1]: json.loads(p.read_text()) for p in output.iterdir()}
+    records = {p.name.split("_en_")[1]: json.loads(p.read_text()) for p in output.iterdir() if "linear" in p.name}
     assert set(records) == {
         "linear_probe.json",
         "linear_probe_backbone.json",
@@ -163,8 +174,9 @@ def test_the_precision_that_ran_is_recorded(tiny_corpus, tmp_path, asked, record
     output = tmp_path / "out"
     args = ("--eval-data-dir", str(tiny_corpus / "eval"), "--tasks", "zeroshot", "--datasets", "shapes")
     assert eval_cli(*TINY_FLAGS, *args, "--eval-precision", asked, "--output", str(output), "--no-cache") == 0
-    [record] = [json.loads(p.read_text()) for p in output.iterdir()]
-    assert record["precision"] == recorded  # amp is fp16 autocast, which the CPU does not have: fp32 ran
+    records = [json.loads(p.read_text()) for p in output.iterdir()]  # zero-shot's, and the diagnostics beside it
+    assert {r["task"] for r in records} == {"zeroshot_classification", "representation_diagnostics"}
+    assert all(r["precision"] == recorded for r in records)  # amp on the CPU: fp32 ran (no fp16 autocast)
 
 
 def test_tower_flags_evaluate_a_model_without_training(tiny_corpus, capsys):

@@ -39,6 +39,15 @@ def test_training_writes_the_experiment_layout(tiny_corpus, tmp_path, capsys):
     assert checkpoint["config"]["batch_size"] == 16
     lines = (root / "results.jsonl").read_text().splitlines()
     assert len(lines) == 2 and '"epoch": 2' in lines[1] and "zeroshot/shapes/top1" in lines[1]
+    for line in map(json.loads, lines):  # the diagnostics at every evaluation, in results.jsonl and tensorboard
+        assert {"diagnostics/shapes_skewed/image_effective_rank", "zeroshot/shapes_skewed/top_class_share"} <= set(line)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(root / "tensorboard")).Reload()
+    steps = events.Scalars("eval/diagnostics/shapes/teacher_effective_rank")
+    assert [event.value for event in steps] == pytest.approx(
+        [json.loads(line)["diagnostics/shapes/teacher_effective_rank"] for line in lines]
+    )
     assert "experiment:" in capsys.readouterr().out
 
 

@@ -15,7 +15,18 @@ from PIL import Image
 from protorkd.cli import main
 from tests.conftest import tiny_train_args
 
-ZEROSHOT = ("top1", "top5", "mean_per_class_recall")
+ZEROSHOT = ("top1", "top5", "mean_per_class_recall", "prediction_entropy", "top_class_share")
+# the representation diagnostics come with every evaluation; the tiny run's text tower is its locked teacher
+DIAGNOSTICS = (
+    "image_effective_rank",
+    "text_effective_rank",
+    "alignment",
+    "image_uniformity",
+    "text_uniformity",
+    "teacher_effective_rank",
+    "student_teacher_cosine",
+)
+DATASETS = ("shapes", "shapes_skewed", "shapes_unseen")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,10 +88,11 @@ def test_watch_beside_training_survives_a_kill_and_writes_each_epoch_once(tiny_c
     assert train.returncode == 0
     assert _epochs(csv_path) == [1, 2, 3]  # every saved epoch once, in order, nothing lost
     header = csv_path.read_text().splitlines()[0].split(",")
-    metrics = [f"zeroshot/{dataset}/{metric}" for dataset in ("shapes", "shapes_unseen") for metric in ZEROSHOT]
+    metrics = [f"zeroshot/{dataset}/{metric}" for dataset in DATASETS for metric in ZEROSHOT]
+    metrics += [f"diagnostics/{dataset}/{metric}" for dataset in DATASETS for metric in DIAGNOSTICS]
     assert header == ["epoch", "eval_precision", "linear_protocol", *metrics]  # what ran, then the numbers
-    with Image.open(experiment / "evaluation_metrics_all.png") as plot:  # 6 panels of 3.2 x 2.4 in, 4 a row, 90 dpi
-        assert plot.format == "PNG" and plot.size == (1152, 432)
+    with Image.open(experiment / "evaluation_metrics_all.png") as plot:  # 36 panels of 3.2 x 2.4 in, 4 a row, 90 dpi
+        assert plot.format == "PNG" and plot.size == (1152, 1944)
     assert "the last epoch (3) is evaluated" in second.stderr
 
 

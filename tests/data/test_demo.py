@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def test_demo_corpus_is_deterministic(tmp_path):
@@ -78,3 +79,52 @@ def test_a_quick_demo_run_uses_its_own_rows_or_the_whole_corpus_when_it_exists(t
     (tmp_path / "demo-v2-n10240-seed0").mkdir()
     (tmp_path / "demo-v2-n10240-seed0" / "train.tsv").write_text("filepath\ttitle\n")
     assert demo_eval_root(10240, 1024, 0) == tmp_path / "demo-v2-n10240-seed0" / "eval"  # generated before: reused
+
+
+def test_the_skewed_split_has_zipf_sized_classes_of_seen_pairs_and_phrasings(tmp_path):
+    from protorkd.data.demo import HELD_OUT_COLOURS, write_demo_corpus
+
+    root = write_demo_corpus(tmp_path / "demo", size=20, seed=2, eval_per_class=3, progress=False) / "eval"
+    sizes = {folder.name: len(list(folder.iterdir())) for folder in (root / "shapes_skewed" / "test").iterdir()}
+    # round(2 * 3 / r) for ranks r = 1..8 in SHAPES order, at least 1
+    assert sizes == {
+        "circle": 6,
+        "square": 3,
+        "triangle": 2,
+        "diamond": 2,
+        "star": 1,
+        "cross": 1,
+        "ring": 1,
+        "hexagon": 1,
+    }
+    captions = json.loads((root / "shapes_skewed" / "captions_test.json").read_text())
+    assert len(captions["images"]) == 17 and len(captions["annotations"]) == 34
+    assert not (root / "shapes_skewed" / "train").exists()
+    markers = ("an illustration showing", "each one painted")
+    assert not any(marker in a["caption"] for a in captions["annotations"] for marker in markers)
+    by_image = {image["id"]: image["file_name"].split("/")[0] for image in captions["images"]}
+    for annotation in captions["annotations"]:  # a held-out colour never names its shape's images
+        shape = by_image[annotation["image_id"]]
+        assert f"{HELD_OUT_COLOURS[shape]} {shape}" not in annotation["caption"]
+    metadata = json.loads((root / "zeroshot_metadata.json").read_text())
+    assert metadata["shapes_skewed"] == metadata["shapes"]
+
+
+def test_a_corpus_written_before_the_skewed_split_gains_the_same_bytes_in_place(tmp_path):
+    import shutil
+
+    from protorkd.data.demo import write_demo_corpus
+
+    fresh = write_demo_corpus(tmp_path / "fresh", size=20, seed=4, eval_per_class=2, progress=False)
+    old = tmp_path / "old"
+    shutil.copytree(fresh, old)
+    shutil.rmtree(old / "eval" / "shapes_skewed")  # what corpus version 2 held
+    metadata = json.loads((old / "eval" / "zeroshot_metadata.json").read_text())
+    del metadata["shapes_skewed"]
+    (old / "eval" / "zeroshot_metadata.json").write_text(json.dumps(metadata, indent=1))
+    before = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    write_demo_corpus(old, size=20, seed=4, eval_per_class=2, progress=False)
+    after = {p.relative_to(old): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    assert after == {p.relative_to(fresh): p.read_bytes() for p in fresh.rglob("*") if p.is_file()}
+    changed = {path for path in before if before[path] != after[path]}
+    assert changed == {Path("eval/zeroshot_metadata.json")}  # train.tsv, shapes, shapes_unseen untouched

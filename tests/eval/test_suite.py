@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from math import comb
 
 import pytest
@@ -26,6 +27,7 @@ def test_suite_runs_every_task_with_data_and_skips_the_rest(tiny_model, tiny_cor
         "linear_clip_benchmark_joint",
         "retrieval",
         "analysis",
+        "diagnostics",
     }
     assert result.precision == "fp32"  # auto on the CPU
     assert set(result.skipped) == {"sts"} and "sts" in result.skipped["sts"]
@@ -60,7 +62,7 @@ def test_caption_features_are_encoded_once_while_the_text_side_is_unchanged(tiny
     options = EvalOptions(batch_size=64, cache=cache)
     first = run_suite(tiny_model, root, tasks=["retrieval"], options=options).metrics
     misses = cache.misses
-    assert misses == 2  # shapes and shapes_unseen
+    assert misses == 3  # shapes, shapes_skewed and shapes_unseen
     again = run_suite(tiny_model, root, tasks=["retrieval"], options=options).metrics
     assert cache.misses == misses and again == first
     spec = next(s for s in select(root, ["shapes"]) if isinstance(s, RetrievalSpec))
@@ -71,7 +73,7 @@ def test_caption_features_are_encoded_once_while_the_text_side_is_unchanged(tiny
     with torch.no_grad():  # the text side changes: its captions are encoded again
         next(changed.text_tower.parameters()).add_(0.01)
     run_suite(changed, root, tasks=["retrieval"], options=options)
-    assert cache.misses == misses + 2
+    assert cache.misses == misses + 3
 
 
 def test_the_suite_runs_only_the_tasks_it_is_given(tiny_model, tiny_corpus):
@@ -116,6 +118,13 @@ def test_a_model_that_embeds_everything_alike_scores_exactly_chance_on_every_tas
         assert metrics[f"retrieval/shapes/image_to_text_R@{k}"] == pytest.approx(100 * chance)
     assert metrics["analysis/shapes/modality_gap"] == pytest.approx(0.0, abs=1e-6)
     assert metrics["analysis/shapes/image_avg_self_similarity"] == pytest.approx(1.0)
+    # every logit tied: the predictions spread evenly in expectation; every feature one point: rank 1
+    assert metrics["zeroshot/shapes/top_class_share"] == pytest.approx(100 / 8)
+    assert metrics["zeroshot/shapes/prediction_entropy"] == pytest.approx(math.log(8))
+    for side in ("image", "text"):
+        assert metrics[f"diagnostics/shapes/{side}_effective_rank"] == pytest.approx(1.0)
+        assert metrics[f"diagnostics/shapes/{side}_uniformity"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["diagnostics/shapes/alignment"] == pytest.approx(0.0, abs=1e-9)
 
 
 def test_backbone_features_are_probed_on_request_and_named_in_the_keys(tiny_model, tiny_corpus):
@@ -125,7 +134,7 @@ def test_backbone_features_are_probed_on_request_and_named_in_the_keys(tiny_mode
     from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
 
     model = _degenerate(tiny_model)  # its head is constant, its tower is not
-    options = EvalOptions(batch_size=64, linear_features="backbone")
+    options = EvalOptions(batch_size=64, linear_features="backbone", diagnostics_sample=0)
     metrics = run_suite(model, tiny_corpus / "eval", tasks=["linear"], options=options).metrics
     transform = eval_transform(model.image_preprocess)
     train, test = (

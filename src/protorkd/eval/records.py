@@ -46,6 +46,7 @@ PERCENT_METRICS = {
     "spearman_wmean",
     "image_text_cluster_ari",
     "image_text_cluster_ami",
+    "top_class_share",
 }
 LINEAR_FEATURES = ("joint", "backbone")  # what the linear probe reads (--linear-features)
 LINEAR_PROTOCOLS = ("clip_benchmark", "cv")  # how it is trained (--linear-protocol); ELEVATER's is "elevater"

@@ -9,6 +9,11 @@ CLIP_benchmark task name; `TASK_NAMES` lists them in the order they run. Metric 
 reason. Every result also carries its 95 % intervals and, for classification, its per-class breakdown
 (`eval.intervals`), and the precision its forward passes ran in (`EvalOptions.precision`, resolved once).
 
+The representation diagnostics (`eval.diagnostics`: effective ranks, alignment, uniformity, student-teacher
+cosine on a fixed sample of each captioned dataset, `diagnostics/shapes/image_effective_rank`) run with
+every suite run that runs a task reading images, so training, `watch` and `eval` log them at every
+evaluation (`EvalOptions.diagnostics_sample` 0: only when asked for). A collapse logs one WARNING per metric.
+
 Training calls `run_suite(model, root, tasks=due, options=EvalOptions(device=..., batch_size=...,
 workers=..., cache=cache, precision=..., zeroshot_metadata=...))` with the tasks due this epoch and a
 `FeatureCache` the run keeps, so zero-shot classifiers of a frozen text tower are built once per run. The
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 from protorkd.errors import UsageError
-from protorkd.eval import analysis, retrieval, sts, zeroshot
+from protorkd.eval import analysis, diagnostics, retrieval, sts, zeroshot
 from protorkd.eval.catalog import ClassificationSpec, RetrievalSpec, select
 from protorkd.eval.features import (
     FeatureCache,
@@ -42,7 +47,6 @@ from protorkd.eval.features import (
 from protorkd.eval.intervals import ClassBreakdown, bootstrap_recall_intervals, classification_extras
 from protorkd.eval.linear_clip_benchmark import clip_benchmark_linear_probe
 from protorkd.eval.linear_probe import ProbeResult, cv_linear_probe
-from protorkd.eval.ranking import accuracy_metrics
 from protorkd.eval.records import LINEAR_FEATURES, SuiteResult, TaskResult, linear_names
 from protorkd.precision import Precision
 from protorkd.registry import Registry
@@ -65,6 +69,7 @@ class EvalOptions:
     linear_features: str = "joint"  # "joint": normalised encode_image (CLIP_benchmark's); "backbone": the tower
     analysis_clusters: int = 10
     cache: FeatureCache | None = None
+    diagnostics_sample: int = diagnostics.DEFAULT_SAMPLE  # images per captioned dataset; 0: not run unasked
 
     def __post_init__(self) -> None:
         self.precision = resolve_eval_precision(self.precision, self.device)  # resolved once, here
@@ -244,7 +249,7 @@ def _zeroshot(run: _Run) -> list[DatasetScore]:
         scores.append(
             DatasetScore(
                 spec.name,
-                accuracy_metrics(logits, labels),
+                zeroshot.zeroshot_metrics(logits, labels),
                 spec.zeroshot_record_name,
                 time.time() - started,
                 len(dataset),
@@ -382,6 +387,29 @@ def _analysis(run: _Run) -> list[DatasetScore]:
     return scores
 
 
+def _diagnostics(run: _Run) -> list[DatasetScore]:
+    o = run.options
+    scores = []
+    for spec in run.captioned():
+        started = time.time()
+        dataset = spec.load(run.root, run.transform())
+        data_key = f"{(run.root / spec.annotations).resolve()} {run.preprocess_key()}"
+        metrics = diagnostics.evaluate(
+            run.model,
+            dataset,
+            device=o.device,
+            batch_size=o.batch_size,
+            workers=o.workers,
+            sample=o.diagnostics_sample,
+            cache=o.cache,
+            data_key=data_key,
+            precision=run.precision,
+        )
+        images = min(len(dataset), o.diagnostics_sample)
+        scores.append(DatasetScore(spec.name, metrics, spec.clip_benchmark_name, time.time() - started, images))
+    return scores
+
+
 def _sts(run: _Run) -> list[DatasetScore]:
     o = run.options
     started = time.time()
@@ -412,7 +440,9 @@ _TASK_LIST = (  # in the order they run and are printed
     EvalTask("retrieval", _retrieval, Needs.CAPTIONS, "zeroshot_retrieval"),
     EvalTask("sts", _sts, Needs.STS, "sts"),
     EvalTask("analysis", _analysis, Needs.CAPTIONS, "feature_analysis"),
+    EvalTask("diagnostics", _diagnostics, Needs.CAPTIONS, "representation_diagnostics"),
 )
+IMAGE_TASKS = frozenset({"zeroshot", "linear", "retrieval", "analysis"})  # the diagnostics run with any of these
 TASKS: Registry[EvalTask] = Registry("evaluation task")
 for _task in _TASK_LIST:
     TASKS.register(_task.name)(_task)
@@ -425,11 +455,14 @@ def run_suite(
     """Run `tasks` (default: all) on the datasets under `root`; tasks without data are skipped, not failed."""
     options = options or EvalOptions()
     root = Path(root)
-    chosen = tasks or list(TASK_NAMES)
+    chosen = list(tasks or TASK_NAMES)
     for name in chosen:
         TASKS.get(name)  # an unknown name is an error that lists the valid ones
     LINEAR_PROTOCOL_RUNNERS.get(options.linear_protocol)
     precision = options.precision
+    if options.diagnostics_sample > 0 and IMAGE_TASKS.intersection(chosen) and "diagnostics" not in chosen:
+        chosen.append("diagnostics")  # at every evaluation
+    teacher = diagnostics.teacher_side(model)
     run = _Run(model, root, select(root, options.datasets), options, precision)
     result = SuiteResult(precision=precision.value)
     for task in _TASK_LIST:
@@ -444,6 +477,10 @@ def run_suite(
             if score.seconds:
                 rate = f", {score.images / score.seconds:.0f} images/s" if score.images else ""
                 log.info("%s %s: %.1f s%s", task.name, score.dataset, score.seconds, rate)
+            for message in diagnostics.collapse_warnings(
+                f"{task.name}/{score.dataset}", score.metrics, teacher=teacher
+            ):
+                log.warning(message)
             name, file_task, prefix = score.names or (task.name, task.clip_benchmark_task, "")
             result.results.append(
                 TaskResult(

@@ -5,7 +5,8 @@ root's `zeroshot_metadata.json`), from the CLIP prompts shipped with the package
 dataset (`prompts/clip_zeroshot_prompts.json`: OpenAI CLIP's names and templates, named by the dataset's
 registry entry), or, for a generic folder dataset only, from its folder names with "a photo of a {}." and
 a warning. Names always follow the dataset's label order; names of empty class folders are dropped with
-them. Metrics: `ranking.accuracy_metrics` (top1, top5 with >= 5 classes, mean per-class recall).
+them. Metrics: `ranking.accuracy_metrics` (top1, top5 with >= 5 classes, mean per-class recall), and
+`diagnostics.prediction_diagnostics` of the predicted classes (prediction_entropy, top_class_share).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from protorkd.errors import UsageError
 from protorkd.eval.datasets import ImageFolderDataset, TorchvisionDataset, load_zeroshot_metadata
+from protorkd.eval.diagnostics import prediction_diagnostics
 from protorkd.eval.features import FeatureCache, image_features, text_features, weights_fingerprint
 from protorkd.eval.ranking import accuracy_metrics
 from protorkd.precision import Precision
@@ -225,6 +227,13 @@ def evaluate(
     prompts: ZeroShotPrompts,
     **options,
 ) -> dict[str, float]:
-    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall"};
-    `options` are `logits_and_labels`'s (device, batch_size, workers, cache, precision)."""
-    return accuracy_metrics(*logits_and_labels(model, dataset, prompts, **options))
+    """Zero-shot metrics of `model` on a labelled image dataset: {"top1", ["top5"], "mean_per_class_recall",
+    "prediction_entropy", "top_class_share"}; `options` are `logits_and_labels`'s (device, batch_size, workers,
+    cache, precision)."""
+    return zeroshot_metrics(*logits_and_labels(model, dataset, prompts, **options))
+
+
+def zeroshot_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{"top1", ["top5"], "mean_per_class_recall", "prediction_entropy", "top_class_share"} of zero-shot logits
+    [N, C] against labels [N]."""
+    return {**accuracy_metrics(logits, labels), **prediction_diagnostics(logits)}
