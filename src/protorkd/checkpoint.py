@@ -17,6 +17,7 @@ anything (see `train.loop`), which is what makes a resumed run identical to an u
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
 import zipfile
@@ -33,6 +34,7 @@ from protorkd.models.locked import check_locked_towers, locked_tower_records, wi
 from protorkd.models.options import ModelOptions
 
 LATEST = "epoch_latest.pt"
+CHECKSUM = "tensors_sha256"  # every checkpoint's key for the sha256 of its tensors (`tensors_sha256`)
 NEVER_UNPICKLES = "protorkd loads only plain dicts of tensors, numbers and strings and never unpickles objects"
 TRAINING_STATE = ("loss_state", "optimizer", "scaler")  # what only `epoch_latest.pt` holds
 NUMBERED = re.compile(r"epoch_(\d+)\.pt")
@@ -120,9 +122,33 @@ def is_weights_only(checkpoint: dict[str, Any]) -> bool:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write `payload` (plus the protorkd version) atomically: a kill mid-write never leaves a truncated file."""
+    """Write `payload` (plus the protorkd version and the sha256 of every tensor it holds) atomically: a kill
+    mid-write never leaves a truncated file, and a changed bit is refused on load (`load_checkpoint`)."""
+    payload = {**payload, "version": __version__}
     with atomic_path(Path(path)) as tmp:
-        torch.save({**payload, "version": __version__}, tmp)
+        torch.save({**payload, CHECKSUM: tensors_sha256(payload)}, tmp)
+
+
+def tensors_sha256(payload: Any) -> str:
+    """sha256 over every tensor in `payload` (nested dicts and lists, keys in sorted order): each one's place,
+    dtype, shape and bytes. Numbers and strings are not hashed: a flipped bit in them is a changed flag, epoch or
+    name, which resumes refuse or print; it is the tensors that would change a model without a word."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any, where: str) -> None:
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous().reshape(-1)  # 0-d tensors too
+            digest.update(f"{where}|{value.dtype}|{tuple(value.shape)}|".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                visit(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                visit(item, f"{where}[{index}]")
+
+    visit({key: value for key, value in payload.items() if key != CHECKSUM}, "")
+    return digest.hexdigest()
 
 
 def _problem(path: Path, error: BaseException) -> str:
@@ -150,6 +176,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError(f"cannot load checkpoint {path}: {_problem(path, error)}; {NEVER_UNPICKLES}") from None
     if not isinstance(checkpoint, dict):
         raise UsageError(f"cannot load checkpoint {path}: it holds a {type(checkpoint).__name__}, not a dict")
+    recorded = checkpoint.pop(CHECKSUM, None)  # absent in checkpoints written before checksums: not checked
+    if recorded is not None and recorded != tensors_sha256(checkpoint):
+        raise UsageError(
+            f"checkpoint {path} is corrupt: its tensors do not match the sha256 written with them (a changed bit "
+            "on disk or in transfer); use another checkpoint, e.g. the previous epoch_N.pt"
+        )
     return checkpoint
 
 

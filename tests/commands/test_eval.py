@@ -256,3 +256,45 @@ def test_a_checkpoint_is_evaluated_on_its_training_runs_data_root_by_default(tmp
     torch.save({"epoch": 2, "state_dict": state, "config": config.to_flat_dict()}, experiment / "checkpoints" / "e.pt")
     code = eval_cli("--checkpoint", str(experiment / "checkpoints" / "e.pt"), "--tasks", "zeroshot", "--no-cache")
     assert code == 0 and re.search(r"^zeroshot +shapes +top1", capsys.readouterr().out, re.M)
+
+
+def _root_with_classes(root, train_classes, test_classes):
+    """ROOT/things/{train,test}/<class>/ with two small images per class (issue 25's mislabelled probe)."""
+    from PIL import Image
+
+    for split, classes in (("train", train_classes), ("test", test_classes)):
+        for index, name in enumerate(classes):
+            folder = root / "things" / split / name
+            folder.mkdir(parents=True)
+            for k in range(2):
+                Image.new("RGB", (32, 32), (40 * index, 10 * k, 200)).save(folder / f"{k}.png")
+    return root
+
+
+@pytest.mark.parametrize("missing", ["train", "test"])
+def test_a_probe_on_splits_that_disagree_on_classes_is_refused_in_one_line(tmp_path, capsys, missing):
+    """Issue 25: a test split without one class scored 33.33 and a train split without one 25.00, exit 0."""
+    full, fewer = ["ant", "bee", "cat", "dog"], ["ant", "bee", "cat"]
+    train, test = (fewer, full) if missing == "train" else (full, fewer)
+    root = _root_with_classes(tmp_path / "root", train, test)
+    code = eval_cli(*TINY_FLAGS, "--eval-data-dir", str(root), "--tasks", "linear", "--no-cache")
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(error) == 1
+    assert error[0] == (
+        "protorkd eval: error: things: its train and test splits have different class folders (dog); give both the "
+        "same classes"
+    )
+
+
+def test_zero_shot_names_that_do_not_fit_the_class_folders_are_refused_in_one_line(tmp_path, capsys):
+    root = _root_with_classes(tmp_path / "root", ["ant", "bee", "cat", "dog"], ["ant", "bee", "cat"])
+    (root / "zeroshot_metadata.json").write_text(
+        json.dumps({"things": {"classes": ["ant", "bee", "cat", "dog"], "templates": ["a photo of a {}."]}})
+    )
+    code = eval_cli(*TINY_FLAGS, "--eval-data-dir", str(root), "--tasks", "zeroshot", "--no-cache")
+    error = capsys.readouterr().err.strip().splitlines()
+    assert (
+        code == 2
+        and error[-1].startswith("protorkd eval: error: ")
+        and "lists 4 classes but the dataset has 3" in error[-1]
+    )

@@ -10,7 +10,7 @@ import torch
 
 from protorkd.errors import UsageError
 from protorkd.eval.linear_probe import CLIP_BENCHMARK_GRID, L2Grid, cv_linear_probe, stratified_folds, sweep_l2
-from protorkd.eval.logistic import fit_logistic_regression, standardize
+from protorkd.eval.logistic import LogisticRegressionProblem, standardize
 
 
 def _blobs(n_per_class: int, n_classes: int, dim: int, spread: float, seed: int):
@@ -48,7 +48,7 @@ def test_the_l2_strength_never_depends_on_the_test_set():
 
 def test_lbfgs_reaches_the_regularised_optimum():
     x, y = _blobs(30, 3, 5, 2.0, 4)
-    weight, bias = fit_logistic_regression(x, y, 3, l2=0.1, tolerance=1e-6)
+    weight, bias = LogisticRegressionProblem(x, y, 3).fit(0.1, None, max_iter=1000, tolerance=1e-6)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y) + 0.05 * weight.pow(2).sum()
@@ -61,7 +61,7 @@ def test_the_torch_fit_is_sklearns_logistic_regression_with_c_equal_1_over_l2_n(
 
     x, y = _blobs(50, 4, 6, 3.0, 5)
     x = standardize(x.double())[0]
-    weight, bias = fit_logistic_regression(x, y, 4, l2=0.01, tolerance=1e-10)
+    weight, bias = LogisticRegressionProblem(x, y, 4).fit(0.01, None, max_iter=1000, tolerance=1e-10)
     reference = LogisticRegression(C=1.0 / (0.01 * len(y)), tol=1e-12, max_iter=10_000).fit(x.numpy(), y.numpy())
     # the softmax model is defined up to a common shift of the biases; sklearn's sum to zero. L-BFGS stops when
     # the loss changes by < 1e-9 (gradient ~2e-6 here), i.e. within ~1e-4 of the optimum at this L2

@@ -17,10 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protorkd.eval.datasets import CaptionedImages
-from protorkd.eval.retrieval import encode_captioned_images
-from protorkd.precision import Precision
-
 
 def average_self_similarity(features: torch.Tensor) -> float:
     """Mean cosine similarity over all ordered pairs i != j of [N, D] features."""
@@ -95,20 +91,3 @@ def analyze(
     texts, has_caption = first_caption_features(text_features, caption_image, image_features.shape[0])
     images = image_features[has_caption]
     return {**feature_statistics(images, texts), **cluster_agreement(images, texts, n_clusters)}
-
-
-def evaluate(
-    model: torch.nn.Module,
-    dataset: CaptionedImages,
-    *,
-    device: torch.device | str,
-    batch_size: int = 256,
-    workers: int = 0,
-    n_clusters: int = 10,
-    precision: Precision = Precision.FP32,
-) -> dict[str, float]:
-    """Analysis metrics of `model` on a `CaptionedImages` dataset."""
-    images, texts = encode_captioned_images(
-        model, dataset, device=device, batch_size=batch_size, workers=workers, precision=precision
-    )
-    return analyze(images, texts, dataset.caption_image, n_clusters=n_clusters)

@@ -183,21 +183,6 @@ class LogisticRegressionProblem:
         return (v * inverse_sqrt) @ self.basis.T, bias
 
 
-def fit_logistic_regression(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    n_classes: int,
-    l2: float,
-    *,
-    init: Params | None = None,
-    max_iter: int = 1000,
-    tolerance: float = 1e-4,
-) -> Params:
-    """One fit of mean cross-entropy + l2/2 * ||W||^2: features [N, D] -> (weight [C, D], bias [C])."""
-    problem = LogisticRegressionProblem(features, labels, n_classes)
-    return problem.fit(l2, init, max_iter=max_iter, tolerance=tolerance)
-
-
 def fit_sklearn(features: torch.Tensor, labels: torch.Tensor, n_classes: int, l2: float) -> Params:
     """sklearn's lbfgs `LogisticRegression(C=1 / (l2 * n), max_iter=1000)` on the CPU, as (weight, bias)."""
     from sklearn.linear_model import LogisticRegression
