@@ -33,7 +33,16 @@ def test_training_writes_the_experiment_layout(tiny_corpus, tmp_path, capsys):
     assert any(p.name.startswith("teacher-text-") for p in (root / "cache").iterdir())
     checkpoint = torch.load(root / "checkpoints" / "epoch_2.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and checkpoint["name"] == "run"
-    assert set(checkpoint) == {"epoch", "name", "config", "version", "state_dict", "locked_towers", "logit_scale"}
+    assert set(checkpoint) == {
+        "epoch",
+        "name",
+        "config",
+        "version",
+        "state_dict",
+        "locked_towers",
+        "logit_scale",
+        "tensors_sha256",
+    }
     latest = torch.load(root / "checkpoints" / "epoch_latest.pt", weights_only=True)
     assert set(latest) == {*checkpoint, "loss_state", "optimizer"}  # + what a resume needs
     assert checkpoint["config"]["batch_size"] == 16

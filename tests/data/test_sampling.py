@@ -32,6 +32,7 @@ def test_positions_address_the_episode_so_a_row_drawn_twice_has_two():
     episode = episode_indices(5, 12, 3, 2).tolist()
     assert [position for _, position, _ in keys] == list(range(12))
     assert [row for _, _, row in keys] == episode  # position j holds the j-th draw
+    assert all(type(row) is int for _, _, row in keys)  # Python ints, read one at a time from the episode array
     assert len(set(episode)) < len(episode)  # 12 draws from 5 rows repeat some
 
 

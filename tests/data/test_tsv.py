@@ -34,7 +34,7 @@ def test_ninety_five_rows_stay_ninety_five_rows_whatever_their_quotes(tmp_path):
     _write(path, [f"images/{i:03d}.jpg\t{caption}\n".encode() for i, caption in enumerate(captions)])
     table = read_corpus_table(path, "filepath", "title")
     assert len(table.captions) == 95 and table.captions == captions and table.problems == {}
-    assert table.lines == list(range(2, 97))
+    assert table.lines.tolist() == list(range(2, 97))
     with open(path, newline="", encoding="utf-8") as handle:
         reference = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
     assert table.captions == [caption for _, caption in reference]
@@ -57,7 +57,7 @@ def test_bad_rows_are_kept_with_their_reason_and_line(tmp_path):
     )
     table = read_corpus_table(path, "filepath", "title")
     assert table.captions[0] == "a cat" and table.captions[3] == "a dog" and table.captions[5].endswith("newline")
-    assert table.lines == [2, 4, 5, 6, 7, 8]
+    assert table.lines.tolist() == [2, 4, 5, 6, 7, 8]
     assert table.problems == {
         1: "3 '\\t'-separated fields where the header has 2 (a separator inside a caption?)",
         2: "not UTF-8 (byte 0xe9 at column 10)",
@@ -87,7 +87,7 @@ def test_minimal_quoting_parses_each_line_as_csv_on_its_own(tmp_path):
     table = read_corpus_table(path, "filepath", "title", separator=",", quoting="minimal")
     assert table.captions[0] == "a cat, a dog" and table.captions[2] == 'the "best" view'
     assert list(table.problems) == [1] and table.problems[1].startswith("bad quoting")
-    assert table.lines == [2, 3, 4]
+    assert table.lines.tolist() == [2, 3, 4]
 
 
 def test_a_header_that_is_not_utf8_is_a_usage_error(tmp_path):

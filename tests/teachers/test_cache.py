@@ -151,3 +151,34 @@ def test_features_reach_the_disk_before_the_manifest_records_them(tmp_path, monk
     )
     _image_cache(tmp_path / "c", ["0", "1", "2"], int)
     assert events == ["fsync features.npy", "manifest 2", "fsync features.npy", "manifest 3"]
+
+
+def test_a_complete_cache_reads_its_row_map_instead_of_indexing_the_corpus(tmp_path, monkeypatch):
+    import protorkd.teachers.cache as tc
+    from protorkd.data.columns import StringColumn
+
+    keys = StringColumn.of(["a cat", "a dog", "a cat", "banana"])
+    spec = {"model": "toy"}
+    first = build_teacher_cache(tmp_path, modality="text", keys=keys, spec=spec, encode=_encode_counting([]), dim=2,
+                                progress=False)  # fmt: skip
+    assert first.rows.tolist() == [0, 1, 0, 2]
+
+    def never(keys):
+        raise AssertionError("a complete cache indexed the corpus again")
+
+    monkeypatch.setattr(tc, "distinct_keys", never)
+    again = build_teacher_cache(tmp_path, modality="text", keys=keys, spec=spec, encode=never, dim=2, progress=False)
+    assert isinstance(again.rows, np.memmap) and again.rows.tolist() == [0, 1, 0, 2]
+    assert torch.equal(again.lookup(torch.arange(4)), first.lookup(torch.arange(4)))
+
+    monkeypatch.undo()
+    other = StringColumn.of(["a cat", "a dog", "a cat", "cherry"])  # another corpus: its hash is refused, not reused
+    with pytest.raises(UsageError, match="corpus_sha256"):
+        build_teacher_cache(
+            tmp_path, modality="text", keys=other, spec=spec, encode=_encode_counting([]), dim=2, progress=False
+        )
+    (tmp_path / "rows.npy").unlink()  # killed between the last chunk and the row map: indexed again, map written
+    calls: list[int] = []
+    rebuilt = build_teacher_cache(tmp_path, modality="text", keys=keys, spec=spec, encode=_encode_counting(calls),
+                                  dim=2, progress=False)  # fmt: skip
+    assert calls == [] and rebuilt.rows.tolist() == [0, 1, 0, 2] and (tmp_path / "rows.npy").is_file()

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +32,14 @@ Transform = Callable[[Image.Image], torch.Tensor]
 
 @dataclass(frozen=True)
 class TsvCorpus:
-    """Rows of a tab-separated corpus: image paths (resolved) and captions, in file order; `lines` holds each
-    row's line in the file and `problems` the rows that could not be parsed (row -> reason)."""
+    """Rows of a tab-separated corpus: image paths (resolved) and captions, in file order (columns of bytes,
+    `data.columns`); `lines` holds each row's line in the file and `problems` the rows that could not be parsed
+    (row -> reason)."""
 
-    images: list[str]
-    captions: list[str]
+    images: Sequence[str]
+    captions: Sequence[str]
     source: str  # the file, as users know it
-    lines: list[int] | None = None
+    lines: Sequence[int] | None = None
     problems: dict[int, str] = field(default_factory=dict)
 
     @property

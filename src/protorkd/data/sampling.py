@@ -65,11 +65,11 @@ class EpisodeSampler(Sampler[tuple[int, int, int]]):
         return -(-self.episode_length // self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        rows = self.episode().tolist()
+        rows = self.episode().numpy()  # an int64 array: a list of 12M Python ints would be ~430 MB
         total = len(rows)
         positions = range(self.rank, len(self) * self.world_size, self.world_size)
         stream = self.epoch + self.stream
-        return iter((stream, position % total, rows[position % total]) for position in positions)
+        return iter((stream, position % total, int(rows[position % total])) for position in positions)
 
     def extraction_pass(self) -> EpisodeSampler:
         """The same episode, split across ranks the same way, with its own augmentation draws."""

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
 from protorkd.data.captions import DEFAULT_MAX_CAPTION_BYTES, cut_caption
+from protorkd.data.columns import StringColumn, StringColumnBuilder
 from protorkd.data.images import DEFAULT_MAX_PIXELS, NotARegularFile, TooManyPixels, read_image
 from protorkd.errors import BadDataError, UsageError
 
@@ -33,11 +36,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class CorpusTable:
     """The rows of a corpus file: image paths (resolved against the file's folder) and captions, the file
-    line of each row, and the rows that cannot be used (`problems`: row -> reason)."""
+    line of each row, and the rows that cannot be used (`problems`: row -> reason). The strings are columns of
+    bytes and the lines an int64 array (`data.columns`): no Python object per row."""
 
-    images: list[str]
-    captions: list[str]
-    lines: list[int]
+    images: StringColumn
+    captions: StringColumn
+    lines: np.ndarray  # [N] int64
     problems: dict[int, str] = field(default_factory=dict)
 
     def describe(self, path: Path, index: int) -> str:
@@ -93,7 +97,7 @@ def read_corpus_table(
         raise UsageError(f"{flag} {path}: no such file (expected a {separator!r}-separated CSV)")
     if not path.is_file():
         raise UsageError(f"{flag} {path}: not a regular file (a FIFO or a device is never waited on)")
-    table = CorpusTable([], [], [])
+    problems: dict[int, str] = {}
     quoted: list[int] = []
     cut: list[int] = []
     with open(path, "rb") as handle:
@@ -112,8 +116,10 @@ def read_corpus_table(
             )
         img_col, cap_col = header.index(img_key), header.index(caption_key)
         root = path.parent
+        folder = "" if str(root) == "." else str(root).rstrip("/") + "/"
+        images, captions, lines = StringColumnBuilder(prefix=folder), StringColumnBuilder(), array("q")
         for line_number, raw in enumerate(handle, start=2):
-            if dataset_size is not None and len(table.images) >= dataset_size:
+            if dataset_size is not None and len(images) >= dataset_size:
                 break
             line = raw.rstrip(b"\n").rstrip(b"\r")
             if not line.strip():
@@ -132,18 +138,19 @@ def read_corpus_table(
             image = fields[img_col] if img_col < len(fields) else ""
             caption = fields[cap_col] if cap_col < len(fields) else ""
             if problem is not None:
-                table.problems[len(table.images)] = problem
+                problems[len(images)] = problem
             elif quoting == "none" and _looks_csv_quoted(caption):
-                quoted.append(len(table.images))
+                quoted.append(len(images))
             shortened = cut_caption(caption, max_caption_bytes)
             if shortened is not None:
-                cut.append(len(table.images))
+                cut.append(len(images))
                 caption = shortened
-            table.images.append(str(root / image) if image and not Path(image).is_absolute() else image)
-            table.captions.append(caption.strip())
-            table.lines.append(line_number)
-    if not table.images:
+            images.append(str(root / image) if image and not Path(image).is_absolute() else image)
+            captions.append(caption.strip())
+            lines.append(line_number)
+    if not len(images):
         raise UsageError(f"{path}: no data rows")
+    table = CorpusTable(images.build(), captions.build(), np.frombuffer(lines, dtype=np.int64), problems)
     if cut:
         log.warning(
             "%s: %d captions longer than %d bytes were cut to that length before tokenizing (first: %s; "
@@ -191,8 +198,8 @@ class CsvCorpus(Dataset):
 
     def __init__(
         self,
-        images: list[str],
-        captions: list[str],
+        images: Sequence[str],
+        captions: Sequence[str],
         transform: Callable[[Image.Image], torch.Tensor] | None,
         *,
         load_images: bool = True,
@@ -200,7 +207,7 @@ class CsvCorpus(Dataset):
         source: str = "corpus",
         bad_rows: set[int] | None = None,
         problems: dict[int, str] | None = None,
-        lines: list[int] | None = None,
+        lines: Sequence[int] | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         seed: int = 0,
         view_replay: ViewReplay | None = None,

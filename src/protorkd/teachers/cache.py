@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from protorkd.data.columns import StringColumn
 from protorkd.data.images import DEFAULT_MAX_PIXELS, read_image
 from protorkd.errors import UsageError
 from protorkd.failpoints import failpoint
@@ -56,12 +57,42 @@ class TeacherFeatures:
         return torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
 
 
-def corpus_hash(keys: list[str]) -> str:
+def corpus_hash(keys: Sequence[str]) -> str:
+    """The hex sha256 of every key's UTF-8 bytes, each followed by a NUL (a column of bytes hashes its buffer)."""
+    if isinstance(keys, StringColumn):
+        return keys.sha256()
     digest = hashlib.sha256()
     for key in keys:
         digest.update(key.encode("utf-8", "replace"))
         digest.update(b"\0")
     return digest.hexdigest()
+
+
+def distinct_keys(keys: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(the distinct keys in first-seen order, [N] int64 row -> its key's index among them)."""
+    position: dict[str, int] = {}
+    rows = np.fromiter((position.setdefault(key, len(position)) for key in keys), dtype=np.int64, count=len(keys))
+    return list(position), rows
+
+
+def stored_rows(folder: Path, manifest: dict | None, keys_hash: str, count: int) -> np.ndarray | None:
+    """The row map (`rows.npy`, memory mapped) of a complete cache of this corpus, None for any other cache.
+
+    A run on a complete cache reads the map its fill wrote instead of indexing the keys again: no dictionary of
+    millions of captions at every start. The corpus hash pins the keys, so the map is the one they would give.
+    """
+    if not manifest or manifest.get("complete") is not True:
+        return None
+    unique = manifest.get("unique")
+    if manifest.get("corpus_sha256") != keys_hash or manifest.get("rows") != count or not isinstance(unique, int):
+        return None
+    try:
+        rows = np.load(Path(folder) / "rows.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None  # never written (a kill right after the last chunk): indexed again and written
+    if rows.shape != (count,) or rows.dtype != np.int64 or (count and not 0 <= rows.min() <= rows.max() < unique):
+        return None
+    return rows
 
 
 def cache_folder(root: Path, modality: str, spec: dict[str, Any], keys_hash: str) -> Path:
@@ -153,7 +184,7 @@ def build_teacher_cache(
     folder: Path,
     *,
     modality: str,
-    keys: list[str],
+    keys: Sequence[str],
     spec: dict[str, Any],
     encode: Callable[[list[Any]], torch.Tensor],
     dim: int | Callable[[], int],
@@ -178,24 +209,30 @@ def build_teacher_cache(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unique = list(dict.fromkeys(keys))
-    position = {key: i for i, key in enumerate(unique)}
-    rows = np.fromiter((position[key] for key in keys), dtype=np.int64, count=len(keys))
+    keys_hash, manifest = corpus_hash(keys), read_manifest(folder)
+    rows = stored_rows(folder, manifest, keys_hash, len(keys))
+    if rows is None:
+        unique, rows = distinct_keys(keys)
+        count = len(unique)
+    else:  # complete: nothing to encode
+        unique, count = [], int(manifest["unique"])  # type: ignore[index]
     expected = {
         "format": FORMAT_VERSION,
         "modality": modality,
         "teacher": spec,
-        "corpus_sha256": corpus_hash(keys),
+        "corpus_sha256": keys_hash,
         "rows": len(keys),
-        "unique": len(unique),
+        "unique": count,
     }
-    manifest = read_manifest(folder)
     features_path = folder / "features.npy"
     if manifest is not None:
         _check_manifest(manifest, expected, folder)
-        width, done = _check_progress(manifest, folder, len(unique))
+        width, done = _check_progress(manifest, folder, count)
         bad_unique: list[int] = list(manifest.get("bad_unique", []))
         if manifest["complete"]:
+            if not isinstance(rows, np.memmap):  # the fill's row map was never written: now, for the next run
+                with atomic_path(folder / "rows.npy") as tmp:
+                    np.save(tmp, rows)
             features = np.load(features_path, mmap_mode="r")
             return TeacherFeatures(features, rows, _bad_rows(rows, bad_unique), folder, manifest.get("info", {}))
         features = np.load(features_path, mmap_mode="r+")

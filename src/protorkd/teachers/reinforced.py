@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,9 @@ from protorkd.teachers.cache import (
     _check_manifest,
     _refusal,
     corpus_hash,
+    distinct_keys,
     read_manifest,
+    stored_rows,
     write_manifest,
 )
 
@@ -88,7 +90,7 @@ class ReinforcedFeatures:
 def build_reinforced_cache(
     folder: Path,
     *,
-    keys: list[str],
+    keys: Sequence[str],
     spec: dict[str, Any],
     views: int,
     seed: int,
@@ -118,17 +120,22 @@ def build_reinforced_cache(
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    unique = list(dict.fromkeys(keys))
-    position = {key: i for i, key in enumerate(unique)}
-    rows = np.fromiter((position[key] for key in keys), dtype=np.int64, count=len(keys))
+    keys_hash = corpus_hash(keys)
+    with _locked(folder):
+        rows = stored_rows(folder, read_manifest(folder), keys_hash, len(keys))
+    if rows is None:
+        unique, rows = distinct_keys(keys)
+        count = len(unique)
+    else:  # complete: the row map its fill wrote, nothing to encode
+        unique, count = [], int(read_manifest(folder)["unique"])  # type: ignore[index]
     width = view_width(transform)
     expected = {
         "format": FORMAT_VERSION,
         "modality": "image-views",
         "teacher": spec,
-        "corpus_sha256": corpus_hash(keys),
+        "corpus_sha256": keys_hash,
         "rows": len(keys),
-        "unique": len(unique),
+        "unique": count,
         "views": views,
         "seed": seed,
         "view_width": width,
@@ -143,7 +150,7 @@ def build_reinforced_cache(
             manifest = {**expected, "dim": dim_, "complete": False}
             write_manifest(folder, manifest)
     _check_manifest(manifest, expected, folder)
-    dim_ = _check_arrays(manifest, folder, len(unique), views, width)
+    dim_ = _check_arrays(manifest, folder, count, views, width)
     if manifest["complete"]:
         return _open(folder, rows, list(manifest.get("bad_unique", [])), seed, manifest)
     chunks = range(-(-len(unique) // chunk))
