@@ -3,9 +3,11 @@ InfoNCE with the same student, side by side (interleaved rounds), plus the reinf
 
     python benchmarks/bench_reinforced.py --out /tmp/bench-reinforced [--rows 2048] [--views 10] [--rounds 2]
         [--teacher-model protorkd-tiny-clip --teacher-tag FILE]   # default: a random protorkd-tiny-clip saved once
+        [--student vit-b-32 --batch-size 256]   # on a GPU (benchmarks/gpu_check.sh): ViT-B-32 at 224 px, amp_bf16
 
-Every configuration trains the same student (tiny-cnn at 64 px and the hashed bag-of-words text tower, both
-trainable, batch 64) on the first --rows rows of the built-in demo corpus, decoded in memory. The CLIP-KD runs add the
+Every configuration trains the same student (by default tiny-cnn at 64 px and the hashed bag-of-words text tower,
+both trainable, batch 64; `--student vit-b-32`: open_clip's ViT-B-32 image tower at 224 px, bf16 autocast) on the
+first --rows rows of the built-in demo corpus, decoded in memory. The CLIP-KD runs add the
 teacher's terms; their teacher caches are filled before the timed epochs (the fill is reported on its own). Epoch
 times are the "epoch N trained in X s" lines of out.log, epoch 1 dropped (warm-up), median over the rest and over
 rounds; rounds interleave the configurations so a drift of the machine affects all alike. Prints a markdown table.
@@ -25,6 +27,11 @@ import sys
 import time
 from pathlib import Path
 
+STUDENTS = {
+    "tiny": ["--image-model-builder", "custom", "--image-model", "tiny-cnn"],
+    "vit-b-32": ["--image-model-builder", "open_clip", "--image-model", "ViT-B-32", "--image-size", "224",
+                 "--precision", "amp_bf16"],
+}  # fmt: skip
 CONFIGS = {
     "InfoNCE (no teacher)": ["--loss", "InfoNCE"],
     "CLIP-KD, online teacher": ["--loss", "CLIP-KD", "--clip-teacher-images", "online"],
@@ -41,6 +48,14 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def device_name() -> str:
+    """The CPU model and cores, and the GPU a run would use when there is one."""
+    import torch
+
+    gpu = f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu_model()}, {os.cpu_count()} cores{gpu}"
 
 
 def teacher_checkpoint(out: Path, model: str) -> Path:
@@ -97,13 +112,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default: 2)")
     parser.add_argument("--teacher-model", default="protorkd-tiny-clip", help="open_clip teacher architecture")
     parser.add_argument("--teacher-tag", default=None, help="its weights (default: a random one saved once)")
+    parser.add_argument("--student", choices=sorted(STUDENTS), default="tiny", help="the student's image tower")
+    parser.add_argument("--batch-size", type=int, default=64, help="batch size of every run (default: 64)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     tag = args.teacher_tag or str(teacher_checkpoint(args.out, args.teacher_model))
     data = corpus(args.out, args.rows)
-    common = ["--train-data", str(data), "--image-model-builder", "custom", "--image-model", "tiny-cnn"]
+    common = ["--train-data", str(data), *STUDENTS[args.student]]
     common += ["--text-model-builder", "custom", "--text-model", "tiny-text", "--teacher", "none", "--in-memory", "on"]
-    common += ["--batch-size", "64", "--zeroshot-frequency", "0", "--report-to", "", "--workers", "0"]
+    common += ["--batch-size", str(args.batch_size), "--zeroshot-frequency", "0", "--report-to", "", "--workers", "0"]
     teacher = ["--clip-teacher-model", args.teacher_model, "--clip-teacher-tag", tag]
     results: dict[str, list[dict]] = {name: [] for name in CONFIGS}
     for round_number in range(args.rounds):
@@ -117,7 +134,7 @@ def main() -> None:
             )
     baseline = statistics.median(t for r in results["InfoNCE (no teacher)"] for t in r["epochs"][1:])
     print(
-        f"\n{cpu_model()}, {os.cpu_count()} cores; {args.rows} rows, batch 64, tiny-cnn 64 px; "
+        f"\n{device_name()}; {args.rows} rows, batch {args.batch_size}, student {args.student}; "
         f"teacher {args.teacher_model}"
     )
     print("| configuration | epoch s (median) | vs InfoNCE |\n|---|---:|---:|")
@@ -137,7 +154,7 @@ def main() -> None:
         f"{images * views / fill:.0f} views/s"
     )
     summary["cache"] = {"bytes_per_image_view": size / (images * views), "fill_seconds": fill, "views": views}
-    (args.out / "results.json").write_text(json.dumps({"machine": cpu_model(), **summary}, indent=1))
+    (args.out / "results.json").write_text(json.dumps({"machine": device_name(), **summary}, indent=1))
 
 
 if __name__ == "__main__":
