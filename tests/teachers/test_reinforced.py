@@ -114,7 +114,9 @@ def test_a_cache_of_another_transform_is_refused_in_one_line(tiny_corpus, micro_
     assert not (tmp_path / "other").exists()
 
 
-def test_shards_fill_one_cache_side_by_side_as_one_process_does(tiny_corpus, micro_cnn_checkpoint, tmp_path, capsys):
+def test_shards_fill_one_cache_side_by_side_as_one_process_does(
+    tiny_corpus, micro_cnn_checkpoint, tmp_path, capsys, monkeypatch
+):
     image_teacher = ["--teacher", "image", "--image-model-tag", str(micro_cnn_checkpoint), "--zeroshot-frequency", "0"]
 
     def fill(cache, *extra):
@@ -122,7 +124,9 @@ def test_shards_fill_one_cache_side_by_side_as_one_process_does(tiny_corpus, mic
         return main(["cache-teacher", *args, "--views", str(VIEWS), *extra])
 
     assert fill(tmp_path / "one") == 0
-    assert fill(tmp_path / "sharded", "--shard", "1/2") == 0  # chunk 1 (images 64-95) only
+    with monkeypatch.context() as env:  # what torchrun sets for the second of two processes
+        env.setenv("RANK", "1"), env.setenv("WORLD_SIZE", "2"), env.setenv("LOCAL_RANK", "1")
+        assert fill(tmp_path / "sharded", "--shard", "auto") == 0  # chunk 1 (images 64-95) only
     assert "shard 1/2 filled; other shards' chunks are still missing" in capsys.readouterr().out
     (folder,) = (tmp_path / "sharded").glob("teacher-image-views-*")
     assert not json.loads((folder / "manifest.json").read_text())["complete"]

@@ -24,10 +24,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from protorkd.commands.flag_types import integer
 from protorkd.config import add_config_arguments, config_from_namespace, validate_config
 from protorkd.models.options import TOWER_FLAGS
+
+if TYPE_CHECKING:
+    from protorkd.distributed import DistState
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +113,8 @@ def add_parser(subparsers) -> None:
         default=None,
         metavar="I/N",
         help="with --views: fill only every N-th chunk of the reinforced cache, starting at chunk I (run N processes, "
-        "e.g. one per GPU, with 0/N ... N-1/N; the last to finish completes the cache)",
+        "e.g. one per GPU, with 0/N ... N-1/N; the last to finish completes the cache). `auto`: this process's "
+        "RANK/WORLD_SIZE under torchrun or SLURM, on its LOCAL_RANK's GPU",
     )
     add_config_arguments(parser, shown=CACHE_FLAGS)
     parser.set_defaults(func=run)
@@ -120,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from protorkd.data.corpus import ShardCorpus
-    from protorkd.distributed import resolve_device
+    from protorkd.distributed import resolve_device, state_from_env
     from protorkd.errors import UsageError
     from protorkd.models.build import build_dual_encoder
     from protorkd.models.options import TeacherSide
@@ -132,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.views is not None:  # --views K is --teacher-views K
         args.teacher_views = args.views
-    shard = _shard(args.shard)
+    state = state_from_env()
+    shard = _shard(args.shard, state)
     if args.shard is not None and not args.teacher_views:
         raise UsageError("--shard splits the fill of a reinforced cache: give --views K too")
     cfg = config_from_namespace(args)
@@ -152,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     corpus = open_run_corpus(cfg.data)
     if isinstance(corpus, ShardCorpus):
         raise UsageError("cache-teacher needs a TSV corpus: teacher features are cached per row, shards have no rows")
-    device = resolve_device(cfg.optim.device)
+    device = resolve_device(cfg.optim.device, state if args.shard == "auto" else None)
     root = Path(cfg.log.teacher_cache)
     recipe, student = None, None
     if cfg.model.teacher_views:  # a reinforced cache for the image teacher: views drawn as training draws them
@@ -194,13 +200,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shard(text: str | None) -> tuple[int, int]:
-    """`--shard I/N` -> (I, N); none -> (0, 1)."""
+def _shard(text: str | None, state: DistState) -> tuple[int, int]:
+    """`--shard I/N` -> (I, N); `auto` -> (rank, world size) of the launcher's environment; none -> (0, 1)."""
     from protorkd.errors import UsageError
 
     if text is None:
         return 0, 1
+    if text == "auto":
+        return state.rank, state.world_size
     index, _, count = text.partition("/")
     if not (index.isdigit() and count.isdigit() and 0 <= int(index) < int(count)):
-        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+        raise UsageError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4, or auto under torchrun")
     return int(index), int(count)
