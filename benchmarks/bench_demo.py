@@ -109,6 +109,8 @@ def run_once(extra: list[str], work: Path) -> dict:
         "other_seconds": round(wall - accounted, 1),
         "zeroshot_top1": final.get("zeroshot/shapes/top1"),
         "zeroshot_unseen_top1": final.get("zeroshot/shapes_unseen/top1"),
+        "zeroshot_skewed_top1": final.get("zeroshot/shapes_skewed/top1"),
+        "zeroshot_skewed_mean_per_class_recall": final.get("zeroshot/shapes_skewed/mean_per_class_recall"),
         "linear_top1": final.get("linear_clip_benchmark_joint/shapes/top1"),
         "unseen_text_to_image_R@1": final.get("retrieval/shapes_unseen/text_to_image_R@1"),
         "unseen_image_to_text_R@1": final.get("retrieval/shapes_unseen/image_to_text_R@1"),

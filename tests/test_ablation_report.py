@@ -72,3 +72,11 @@ def test_the_report_shows_balanced_metrics_retrieval_and_diagnostics_for_every_r
     assert "Diagnostics on `shapes_skewed`" in text
     skewed = text[text.index("Diagnostics on `shapes_skewed`") :]
     assert "| SimReg-L1 | - | 30.00 ± 0.00 | 7.50 ± 0.71 |" in skewed  # entropy not measured; share; image erank
+
+
+def test_infonce_spends_the_whole_budget_whatever_its_own_timing_noise(ablation):
+    """The budget is InfoNCE's epochs: its measured ratio to the reference epochs (1.17 in the demo study: the
+    fastest of 2 epochs against the fastest of 12) is noise, and must not cut the baseline to 21 of 24 epochs."""
+    relative = {"InfoNCE": 1.17, "CLIP-KD (CLIP teacher online)": 2.04}
+    assert ablation.epochs_for(24, ablation.cost_of(relative, "InfoNCE")) == 24
+    assert ablation.epochs_for(24, ablation.cost_of(relative, "CLIP-KD (CLIP teacher online)")) == 12  # 24 / 2.04
