@@ -504,7 +504,7 @@ def test(
         epochs = epochs_for(budget, cost_of(relative, label))
         for seed in seeds:
             key = f"{label} seed {seed} epochs {epochs}"  # another budget in the same folder is another run
-            if key in results:
+            if key in results and "error" not in results[key]:  # a failed run is tried again
                 continue
             run = study.train(f"{dataset}-test-{_slug(label)}-s{seed}-e{epochs}", flags[label], data=data["train"],
                               eval_root=data["test"], epochs=epochs, seed=seed)  # fmt: skip

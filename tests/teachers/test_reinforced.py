@@ -138,3 +138,18 @@ def test_shards_fill_one_cache_side_by_side_as_one_process_does(
     assert fill(tmp_path / "x", "--shard", "2/2") == 2
     with pytest.raises(SystemExit, match="2"):  # argparse's range check
         fill(tmp_path / "x", "--shard", "0/2", "--views", "0")
+
+
+def test_one_cache_serves_every_training_seed_and_another_view_seed_is_refused(
+    tiny_corpus, micro_cnn_checkpoint, tmp_path, capsys
+):
+    """The views are drawn with --teacher-views-seed, the cache's own: runs of --seed 0 and 1 read one cache under
+    one --teacher-cache root (the loss study's 3 seeds had been refused by a seed-0 cache)."""
+    image_teacher = ["--teacher", "image", "--image-model-tag", str(micro_cnn_checkpoint), "--zeroshot-frequency", "0"]
+    flags = [*image_teacher, "--teacher-views", str(VIEWS), "--teacher-cache", str(tmp_path / "cache"), "--epochs", "1"]
+    assert main(tiny_train_args(tiny_corpus, tmp_path, "seed0", *flags)) == 0
+    assert main(tiny_train_args(tiny_corpus, tmp_path, "seed1", *flags, "--seed", "1")) == 0
+    (folder,) = (tmp_path / "cache").glob("teacher-image-views-*")  # no second fill
+    assert main(tiny_train_args(tiny_corpus, tmp_path, "other", *flags, "--teacher-views-seed", "1")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"teacher cache {folder} does not match this run" in line and "seed: cache has 0, this run needs 1" in line

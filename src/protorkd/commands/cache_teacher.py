@@ -62,6 +62,7 @@ CACHE_FLAGS = (
     "extra_text_teacher",
     "extra_text_teacher_builder",
     "teacher_views",
+    "teacher_views_seed",
     "seed",
     "device",
     "teacher_cache",

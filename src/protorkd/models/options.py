@@ -132,6 +132,14 @@ class ModelOptions:
         minimum=0,
         maximum=1000,
     )
+    teacher_views_seed: int = flag(
+        0,
+        "the seed the reinforced cache's views are drawn with: a property of the cache, not of the run, so one cache "
+        "serves runs of every --seed (as MobileCLIP's reinforced datasets do); each run's --seed picks which stored "
+        "view a row replays in each epoch",
+        minimum=0,
+        maximum=2**63 - 1,
+    )
     extra_text_teacher: str = flag(
         "", "CLIP-KD: a locked text-only teacher distilled alongside (e.g. all-MiniLM-L6-v2; '' = none)"
     )

@@ -2,7 +2,8 @@
 
 `tiny-cnn` (~1.2M parameters): a 4x4 stride-4 patchify stem followed by depthwise-separable blocks,
 which trains to high zero-shot accuracy on the demo corpus in a couple of CPU minutes.
-`resnet9-tiny` (~0.9M parameters): Page's ResNet-9 at 3/8 width for 32 px photos (the caption-supervised CIFAR-10 speed benchmark).
+`resnet9-tiny` (~0.9M parameters): Page's ResNet-9 at 3/8 width for 32 px photos (the caption-supervised CIFAR-10
+speed benchmark).
 `tiny-vit`: timm's ViT-Tiny shrunk (`TINY_VIT_ARGS`), for code paths that need a transformer.
 `tiny-text`: a hashed word-embedding text tower (no download, no tokenizer files) for fast tests.
 """

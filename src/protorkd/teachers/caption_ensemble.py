@@ -3,10 +3,10 @@
 A corpus may list an image in several rows, one per caption (COCO has five per image; the caption-supervised
 CIFAR-10 benchmark can caption each photo with every CLIP template). By default each row is its own pair and
 trains towards its own caption. With a caption ensemble, every row of an image trains towards one target: the
-L2-normalised mean of the L2-normalised teacher features of all its captions. That is how CLIP's zero-shot classifier combines its
-prompt templates (Radford et al. 2021, "prompt ensembling"), here applied to the training targets of a locked
-text teacher. The mean is taken over the cached backbone features, before the text head (an identity by
-default, where it makes no difference).
+L2-normalised mean of the L2-normalised teacher features of all its captions. That is how CLIP's zero-shot
+classifier combines its prompt templates (Radford et al. 2021, "prompt ensembling"), here applied to the training
+targets of a locked text teacher. The mean is taken over the cached backbone features, before the text head (an
+identity by default, where it makes no difference).
 """
 
 from __future__ import annotations

@@ -68,13 +68,13 @@ class Teachers:
                 rows |= features.bad_rows
         return rows
 
-    @property
-    def view_replay(self) -> ViewReplay | None:
-        """The stored views the student's images replay (`--teacher-views`), None without a reinforced cache.
-        Several reinforced caches of one run draw the same views (same seed, transform and images)."""
+    def view_replay(self, seed: int) -> ViewReplay | None:
+        """The stored views the student's images replay (`--teacher-views`), each row's view in each epoch picked
+        with the run's `seed`; None without a reinforced cache. Several reinforced caches of one run hold the
+        same views (same view seed, transform and images)."""
         for features in (self.tower, *self.extra.values()):
             if isinstance(features, ReinforcedFeatures):
-                return features.replay()
+                return features.replay(seed)
         return None
 
     @property
@@ -204,7 +204,8 @@ class OnlineImageTeacher:
 
 @dataclass(frozen=True)
 class ViewRecipe:
-    """How a reinforced cache draws its views (`--teacher-views`): K views per image, the run's seed, the student's
+    """How a reinforced cache draws its views (`--teacher-views`): K views per image, their seed
+    (`--teacher-views-seed`, the cache's own: every training seed reads the same cache), the student's
     training transform (`spec` names it and the source geometry, for the manifest), and `load`: path -> the source
     image that transform gets in training (the file's PIL image, or the in-memory corpus' decoded square)."""
 

@@ -1,19 +1,21 @@
 """The reinforced teacher cache: K stored augmented views per image and a locked image teacher's features of each.
 
 MobileCLIP's dataset reinforcement (Vasu et al., CVPR 2024) for any image teacher: for every image the fill draws K
-augmentations from the run's own training transform, seeded by (seed, image, view) (`data.views`), keeps their
+augmentations from the run's own training transform, seeded by (the cache's view seed, `--teacher-views-seed`,
+image, view) (`data.views`; not the run's --seed, so one cache serves runs of every seed), keeps their
 parameters, and encodes each view with the teacher, exactly the tensor the student will see, prepared for the
 teacher as an online teacher prepares it (`OnlineImageTeacher.view`). Training then picks one view per (epoch, row)
-(`data.views.view_of_row`), rebuilds the student's input from the stored parameters, bit for bit, and reads the
-teacher's features of that view: what CLIP-KD's online teacher computes, without running the teacher every epoch.
+(`data.views.view_of_row`, with the run's --seed), rebuilds the student's input from the stored parameters, bit for
+bit, and reads the teacher's features of that view: what CLIP-KD's online teacher computes, without running the
+teacher every epoch.
 
 A folder (`teacher-image-views-<hash>`) holds `views.npy` ([U, K, P] float32 view parameters), `features.npy`
 ([U, K, D] float16, memory mapped), `rows.npy` ([N] corpus row -> unique image) and `manifest.json` (corpus hash,
-teacher, view transform, source geometry, K, seed, chunk size, complete). It is filled in chunks of images, each
+teacher, view transform, source geometry, K, view seed, chunk size, complete). It is filled in chunks of images, each
 flushed and fsynced before it is marked done (`chunks/<c>.json`), so a killed fill resumes at the chunks not
 marked; N processes can fill disjoint chunks of one cache side by side (`shard`; `protorkd cache-teacher --views K
---shard i/N`). A cache built for another transform, source, teacher, image size, K, seed or chunk size is
-refused in one line.
+--shard i/N`). A cache built for another transform, source, teacher, image size, K, view seed or chunk size
+is refused in one line.
 """
 
 from __future__ import annotations
@@ -71,9 +73,10 @@ class ReinforcedFeatures:
     def dim(self) -> int:
         return int(self.features.shape[2])
 
-    def replay(self) -> ViewReplay:
-        """What the training data path needs to replay these views."""
-        return ViewReplay(self.view_params, self.views, self.seed)
+    def replay(self, seed: int) -> ViewReplay:
+        """What the training data path needs to replay these views; the run's `seed` picks each row's view in each
+        epoch (the cache's own `seed` drew the views)."""
+        return ViewReplay(self.view_params, self.views, seed)
 
     def view_params(self, row: int, view: int) -> np.ndarray:
         """[P] float32: the stored parameters of view `view` of corpus row `row`'s image."""

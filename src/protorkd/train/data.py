@@ -73,7 +73,7 @@ def build_batches(
         max_member_bytes=d.max_member_bytes,
         max_caption_bytes=d.max_caption_bytes,
         in_memory_size=in_memory_size,
-        view_replay=task.teachers.view_replay,
+        view_replay=task.teachers.view_replay(cfg.optim.seed),
     )
     log.info("training batches ready in %.1f s", time.perf_counter() - started)
     warn_without_projection_heads(cfg.model.add_projection_head, task.needs.clustering, cfg.loss.loss)

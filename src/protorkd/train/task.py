@@ -274,7 +274,7 @@ def view_recipe(cfg: Config, model: DualEncoder, in_memory_size: int | None) -> 
         "source": source,
     }
     transform = train_transform(preprocess, cfg.data.augmentation)
-    return ViewRecipe(cfg.model.teacher_views, cfg.optim.seed, transform, spec, load)
+    return ViewRecipe(cfg.model.teacher_views, cfg.model.teacher_views_seed, transform, spec, load)
 
 
 def _load_teachers(
