@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,9 @@ def test_an_export_holds_safetensors_open_clip_files_and_a_model_card(exports, d
     assert {"README.md", "open_clip_config.json", "open_clip_model.safetensors", "config.json", "timm/config.json",
             "tokenizer.json", "tokenizer_config.json"} <= set(names)  # fmt: skip
     assert not [n for n in names if n.endswith((".pt", ".pth", ".bin", ".pkl", ".ckpt"))]  # never a pickle
+    umask = os.umask(0)
+    os.umask(umask)  # safetensors alone would leave the weights 0600, unreadable to whoever the folder is shared with
+    assert stat.S_IMODE((folder / "open_clip_model.safetensors").stat().st_mode) == 0o666 & ~umask
     config = json.loads((folder / "open_clip_config.json").read_text())
     assert set(config) == {"model_cfg", "preprocess_cfg"} and config["preprocess_cfg"]["size"] == 64
     card = (folder / "README.md").read_text()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,9 @@ def write_files(form: OpenCLIPModel, folder: Path) -> None:
     state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in form.state.items()}  # fmt: skip
     save_file(state, str(folder / WEIGHTS), metadata={"format": "pt", "producer": "protorkd export"})
+    umask = os.umask(0)  # safetensors creates its file 0600 whatever the umask: as readable as the export's others
+    os.umask(umask)
+    os.chmod(folder / WEIGHTS, 0o666 & ~umask)
     if form.text.hf_files is not None:
         config, tokenizer = form.text.hf_files
         config.save_pretrained(folder)
