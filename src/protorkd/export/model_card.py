@@ -104,7 +104,11 @@ def render_card(facts: CardFacts, *, export_format: str) -> str:
     lines += ["", "Trained with:", "", "```", facts.command, "```", ""]
     lines += ["## Evaluation", ""]
     if facts.results:
-        lines += [f"From {facts.results_source}; percentages except `l2` and the feature statistics.", ""]
+        lines += [
+            f"From {facts.results_source}; percentages except the probes' chosen `l2` and `weight_decay` and the "
+            "feature statistics.",
+            "",
+        ]
         lines += ["| metric | value | protocol |", "|---|---|---|"]
         shown_protocols = set()
         for key, value in sorted(facts.results.items()):
