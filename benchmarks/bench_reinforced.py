@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -26,6 +25,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_demo import cpu_model
 
 STUDENTS = {
     "tiny": ["--image-model-builder", "custom", "--image-model", "tiny-cnn"],
@@ -38,16 +39,6 @@ CONFIGS = {
     "CLIP-KD, cached centre crops": ["--loss", "CLIP-KD", "--clip-teacher-images", "cached"],
     "CLIP-KD, reinforced (K views)": ["--loss", "CLIP-KD", "--teacher-views", "{views}"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_name() -> str:

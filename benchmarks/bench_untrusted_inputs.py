@@ -24,6 +24,7 @@ import tempfile
 import threading
 from pathlib import Path
 
+from bench_demo import cpu_model
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,8 +98,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--decode-threads", type=int, default=None)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} CPUs, {platform.python_version()}; load {os.getloadavg()[0]:.1f}")
+    print(f"machine: {cpu_model()}, {os.cpu_count()} CPUs, {platform.python_version()}; load {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         if args.case == "caption":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,7 @@ from protorkd.eval.suite import TASK_NAMES
 from protorkd.params import read_params
 
 if TYPE_CHECKING:
+    from protorkd.eval.suite import EvalOptions
     from protorkd.loading import LoadedCheckpoint
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,30 @@ def parse_tasks(text: str | None) -> list[str] | None:
 
 def device_from(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device)
+
+
+def check_zeroshot_metadata(path: Path | None) -> None:
+    """--zeroshot-metadata names a file: checked before a model is loaded."""
+    if path is not None and not path.is_file():
+        raise UsageError(f"--zeroshot-metadata {path}: no such file")
+
+
+def eval_options(args: argparse.Namespace, device: torch.device, **extra: Any) -> EvalOptions:
+    """The evaluation options of the flags `eval` and `watch` share (`extra`: the command's own)."""
+    from protorkd.eval.suite import EvalOptions
+
+    return EvalOptions(
+        device=device,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        zeroshot_metadata=args.zeroshot_metadata,
+        precision=args.eval_precision,
+        linear_protocol=args.linear_protocol,
+        linear_solver=args.linear_solver,
+        linear_val_proportion=args.linear_val_proportion,
+        linear_features=args.linear_features,
+        **extra,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

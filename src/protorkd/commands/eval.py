@@ -159,11 +159,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from protorkd.eval.features import FeatureCache
     from protorkd.eval.records import per_class_rows, suite_records, write_records
-    from protorkd.eval.suite import EvalOptions, run_suite
+    from protorkd.eval.suite import run_suite
 
     tasks = common.parse_tasks(args.tasks)
-    if args.zeroshot_metadata is not None and not args.zeroshot_metadata.is_file():
-        raise UsageError(f"--zeroshot-metadata {args.zeroshot_metadata}: no such file")
+    common.check_zeroshot_metadata(args.zeroshot_metadata)
     if args.output is not None and args.output.exists() and not args.output.is_dir():
         raise UsageError(f"--output {args.output}: not a folder (CLIP_benchmark results are one file each)")
     if args.per_class and args.output is None:
@@ -188,19 +187,8 @@ def run(args: argparse.Namespace) -> int:
         cache = FeatureCache(
             args.cache_dir or (experiment / "cache" / "eval" if experiment else default_cache_root() / "eval")
         )
-    options = EvalOptions(
-        device=device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        datasets=common.split_list(args.datasets),
-        zeroshot_metadata=args.zeroshot_metadata,
-        precision=args.eval_precision,
-        linear_protocol=args.linear_protocol,
-        linear_solver=args.linear_solver,
-        linear_val_proportion=args.linear_val_proportion,
-        linear_features=args.linear_features,
-        analysis_clusters=args.analysis_clusters,
-        cache=cache,
+    options = common.eval_options(
+        args, device, datasets=common.split_list(args.datasets), analysis_clusters=args.analysis_clusters, cache=cache
     )
     result = run_suite(model, root, tasks=tasks, options=options)
     print(format_table(result))

@@ -62,7 +62,7 @@ def _ask(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from protorkd.errors import UsageError
     from protorkd.eval.monitor import ALL_CSV, evaluate_single, watch
-    from protorkd.eval.suite import EvalOptions, run_suite
+    from protorkd.eval.suite import run_suite
     from protorkd.loading import load_model_from_checkpoint
     from protorkd.params import read_params
     from protorkd.train.logs import without_float_noise
@@ -84,19 +84,8 @@ def run(args: argparse.Namespace) -> int:
     root = common.eval_root(args.eval_data_dir, training_run)
     device = common.device_from(args)
     tasks = common.parse_tasks(args.tasks)
-    if args.zeroshot_metadata is not None and not args.zeroshot_metadata.is_file():
-        raise UsageError(f"--zeroshot-metadata {args.zeroshot_metadata}: no such file")
-    options = EvalOptions(
-        device=device,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        zeroshot_metadata=args.zeroshot_metadata,
-        precision=args.eval_precision,
-        linear_protocol=args.linear_protocol,
-        linear_solver=args.linear_solver,
-        linear_val_proportion=args.linear_val_proportion,
-        linear_features=args.linear_features,
-    )
+    common.check_zeroshot_metadata(args.zeroshot_metadata)
+    options = common.eval_options(args, device)
     info = options.record_fields()
 
     def evaluate(path: Path) -> dict[str, float]:

@@ -27,6 +27,7 @@ class StringColumn(Sequence[str]):
 
     def __init__(self, data: np.ndarray, ends: np.ndarray, prefix: str = "", prefixed: np.ndarray | None = None):
         self.data, self.ends, self.prefix, self.prefixed = data, ends, prefix, prefixed
+        self._sha256: str | None = None  # the column never changes: hashed once for every cache that keys on it
 
     @classmethod
     def of(cls, strings: Sequence[str]) -> StringColumn:
@@ -84,14 +85,18 @@ class StringColumn(Sequence[str]):
 
     def sha256(self) -> str:
         """The hex sha256 of every string's UTF-8 bytes, each followed by a NUL (`teachers.cache.corpus_hash`):
-        of the buffer itself when no row is prefixed."""
-        if self.prefixed is None or not self.prefixed.any():
-            return hashlib.sha256(memoryview(self.data)).hexdigest()
-        digest = hashlib.sha256()
-        for text in self:
-            digest.update(text.encode("utf-8"))
-            digest.update(b"\0")
-        return digest.hexdigest()
+        of the buffer itself when no row is prefixed. Computed once (each teacher's cache and the reinforced
+        cache's own check key on it)."""
+        if self._sha256 is None:
+            if self.prefixed is None or not self.prefixed.any():
+                self._sha256 = hashlib.sha256(memoryview(self.data)).hexdigest()
+            else:
+                digest = hashlib.sha256()
+                for text in self:
+                    digest.update(text.encode("utf-8"))
+                    digest.update(b"\0")
+                self._sha256 = digest.hexdigest()
+        return self._sha256
 
 
 class StringColumnBuilder:

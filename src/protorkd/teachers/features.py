@@ -350,50 +350,37 @@ def load_teachers(
         [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     )
     with torch.random.fork_rng(devices=devices):
-        return _load_teachers(model, corpus, options, cache_root, device, progress=progress, views=views)
-
-
-def _load_teachers(
-    model: DualEncoder,
-    corpus: TsvCorpus,
-    options: ModelOptions,
-    cache_root: Path,
-    device: torch.device,
-    *,
-    progress: bool,
-    views: ViewRecipe | None,
-) -> Teachers:
-    definitions = teacher_definitions(options)
-    teachers = Teachers()
-    for definition, key in definitions:
-        own_tower = None
-        if key is None:
-            own_tower = model.text_tower if definition.modality == "text" else model.image_tower
-        if views is not None and definition.modality == "image":
-            features = reinforced_teacher_features(
-                definition, corpus, cache_root, device, views, model.image_preprocess, tower=own_tower,
-                needed=len(definitions), progress=progress,
-            )  # fmt: skip
-            if features is None:  # cannot happen: one process fills every chunk
-                raise RuntimeError(f"the reinforced cache of {definition.name} was left incomplete")
-        else:
-            features = cached_teacher_features(
-                definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
+        definitions = teacher_definitions(options)
+        teachers = Teachers()
+        for definition, key in definitions:
+            own_tower = None
+            if key is None:
+                own_tower = model.text_tower if definition.modality == "text" else model.image_tower
+            if views is not None and definition.modality == "image":
+                features = reinforced_teacher_features(
+                    definition, corpus, cache_root, device, views, model.image_preprocess, tower=own_tower,
+                    needed=len(definitions), progress=progress,
+                )  # fmt: skip
+                if features is None:  # cannot happen: one process fills every chunk
+                    raise RuntimeError(f"the reinforced cache of {definition.name} was left incomplete")
+            else:
+                features = cached_teacher_features(
+                    definition, corpus, cache_root, device, tower=own_tower, needed=len(definitions), progress=progress
+                )
+            log.info(
+                "teacher %s features: %s (%d unique x %s)",
+                definition.name,
+                features.folder,
+                features.features.shape[0],
+                " x ".join(str(size) for size in features.features.shape[1:]),
             )
-        log.info(
-            "teacher %s features: %s (%d unique x %s)",
-            definition.name,
-            features.folder,
-            features.features.shape[0],
-            " x ".join(str(size) for size in features.features.shape[1:]),
-        )
-        if key is None:
-            teachers.tower = features
-        else:
-            teachers.extra[key] = features
-        if key == CLIP_TEXT_KEY and "logit_scale" in features.info:
-            teachers.scalars[CLIP_LOGIT_SCALE_KEY] = float(features.info["logit_scale"])
-    for definition, key in online_teacher_definitions(options):
-        log.info("teacher %s runs online on the student's augmented batches", definition.name)
-        teachers.online[key] = OnlineImageTeacher(build_teacher_tower(definition), model.image_preprocess, device)
-    return teachers
+            if key is None:
+                teachers.tower = features
+            else:
+                teachers.extra[key] = features
+            if key == CLIP_TEXT_KEY and "logit_scale" in features.info:
+                teachers.scalars[CLIP_LOGIT_SCALE_KEY] = float(features.info["logit_scale"])
+        for definition, key in online_teacher_definitions(options):
+            log.info("teacher %s runs online on the student's augmented batches", definition.name)
+            teachers.online[key] = OnlineImageTeacher(build_teacher_tower(definition), model.image_preprocess, device)
+        return teachers
